@@ -1,0 +1,5 @@
+"""``python -m vprompt`` runs the CLI."""
+
+from vprompt.cli import main
+
+main()

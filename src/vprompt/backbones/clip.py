@@ -1,0 +1,346 @@
+"""CLIP-family backbones over open_clip: the image-text seam every text-prompt method uses."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vprompt.backbones.preprocess import Preprocess, build_eval_transform
+from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, BackboneFamily
+from vprompt.errors import WeightsError
+from vprompt.utils.registry import close_matches
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Short public names → the open_clip config names our bundled configs register under.
+TINY_ARCHS = {"tiny": "vprompt-tiny"}
+_CHECKPOINT_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "pytorch_model.bin",
+    "model.pth",
+)
+_registered_configs = False
+
+
+def _open_clip() -> Any:
+    global _registered_configs
+    import open_clip
+
+    if not _registered_configs:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered_configs = True
+    return open_clip
+
+
+def list_archs() -> list[str]:
+    oc = _open_clip()
+    internal = set(TINY_ARCHS.values())
+    return list(TINY_ARCHS) + [m for m in oc.list_models() if m not in internal]
+
+
+def list_tags(arch: str) -> list[str]:
+    if arch in TINY_ARCHS:
+        return []
+    return list(_open_clip().list_pretrained_tags_by_model(arch))
+
+
+def default_weights(arch: str) -> str:
+    tags = list_tags(arch)
+    if "openai" in tags:
+        return "openai"
+    return tags[0] if tags else RANDOM_INIT
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip model behind vprompt's :class:`ImageTextBackbone` protocol.
+
+    Shapes: B images, T texts, L tokens, W text width, D joint embedding size.
+    """
+
+    def __init__(
+        self, *, model: nn.Module, tokenizer: Any, name: str, weights: str, preprocess: Preprocess
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.weights = weights
+        self.preprocess = preprocess
+        self._tokenizer = tokenizer
+        self._transform = build_eval_transform(preprocess)
+        text = getattr(model, "text", None)
+        # CLIP keeps the text tower's parts on the model itself; CustomTextCLIP nests them.
+        self._text: nn.Module = model if text is None else text
+        self._seam_problem = self._check_seam()
+        self.context_length = int(getattr(tokenizer, "context_length", 77))
+        self.embed_dim = int(self._infer_embed_dim())
+        self.text_width = (
+            int(self._text.token_embedding.weight.shape[1]) if self._seam_problem is None else 0
+        )
+
+    # ------------------------------------------------------------------ images
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image → 3 x H x W tensor, exactly as the weights were trained to expect."""
+        return self._transform
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        visual = self.model.visual
+        transformer = getattr(visual, "transformer", None)
+        if transformer is not None and hasattr(transformer, "resblocks"):
+            return transformer.resblocks
+        trunk = getattr(visual, "trunk", None)
+        if trunk is not None and hasattr(trunk, "blocks"):
+            return trunk.blocks
+        raise WeightsError(
+            f"{self.name}: its vision tower ({type(visual).__name__}) has no transformer blocks"
+        )
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._tokenizer(list(texts)).to(self.logit_scale.device)
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        pool = self._pool_type
+        if pool == "argmax":
+            return tokens.argmax(dim=-1)
+        if pool == "eos":
+            return (tokens == self._text_attr("text_eos_id", "eos_id")).int().argmax(dim=-1)
+        # first/last pooling: the last real (non-pad) token bounds the useful length.
+        pad = self._text_attr(None, "pad_id", default=0)
+        return ((tokens != pad).int().cumsum(-1).argmax(-1)).long()
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._require_seam()
+        return self._text.token_embedding(tokens)
+
+    def encode_text_embeddings(
+        self, embeddings: torch.Tensor, eot_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Text features from token embeddings (the CoOp seam).
+
+        Args:
+            embeddings: T x L x W token embeddings, L ≤ context length (positions are added here).
+            eot_index: T positions of the pooled token.
+
+        Returns:
+            T x D text features, equal to open_clip's ``encode_text`` for the same tokens.
+        """
+        self._require_seam()
+        t = self._text
+        cast = t.transformer.get_cast_dtype()
+        n = embeddings.shape[1]
+        x = embeddings.to(cast) + t.positional_embedding[:n].to(cast)
+        mask = t.attn_mask
+        if mask is not None:
+            mask = mask[:n, :n]
+        if getattr(t, "use_pad_mask", False):
+            keep = torch.arange(n, device=x.device)[None, :] <= eot_index[:, None]  # T x L
+            pad = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~keep, float("-inf")
+            )
+            pad = pad[:, None, :].expand(-1, n, -1).repeat_interleave(t.heads, 0)
+            mask = pad if mask is None else mask[None] + pad
+        x = t.transformer(x, attn_mask=mask)
+        x = t.ln_final(x)
+        pool = self._pool_type
+        if pool in ("argmax", "eos"):
+            x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        elif pool == "first":
+            x = x[:, 0]
+        elif pool == "last":
+            x = x[:, -1]
+        proj = t.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return x
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._seam_problem is not None:
+            return self.model.encode_text(tokens)
+        eot = self.eot_index(tokens)
+        if self.truncatable:
+            # Causal tower: tokens after the pooled one cannot change its feature.
+            tokens = tokens[:, : int(eot.max()) + 1]
+        return self.encode_text_embeddings(self.embed_tokens(tokens), eot)
+
+    @property
+    def truncatable(self) -> bool:
+        """Whether text batches may be cut to the longest real prompt without changing results."""
+        return (
+            self._seam_problem is None
+            and self._text.attn_mask is not None
+            and self._pool_type in ("argmax", "eos")
+        )
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().reshape(())
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else bias.reshape(())
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """A short hash of the weights, to check that a prompt pack meets the same backbone."""
+        h = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if flat.numel() and flat.is_floating_point():
+                k = min(16, flat.numel())
+                idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
+                h.update(flat[idx].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ internals
+    @property
+    def _pool_type(self) -> str:
+        return str(self._text_attr("text_pool_type", "pool_type", default="argmax"))
+
+    def _text_attr(self, clip_name: str | None, tower_name: str, default: Any = None) -> Any:
+        if self._text is self.model and clip_name is not None:
+            return getattr(self.model, clip_name, default)
+        return getattr(self._text, tower_name, default)
+
+    def _check_seam(self) -> str | None:
+        t = self._text
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        if not all(hasattr(t, a) for a in needed):
+            return f"its text tower ({type(t).__name__}) is not open_clip's TextTransformer"
+        if getattr(t, "cls_emb", None) is not None:
+            return "its text tower appends a CLS embedding (CoCa-style)"
+        if self._text_attr("text_pool_type", "pool_type", default="argmax") == "none":
+            return "its text tower does not pool tokens"
+        return None
+
+    def _require_seam(self) -> None:
+        if self._seam_problem is not None:
+            raise WeightsError(
+                f"{self.name}: token-embedding prompts are not supported because "
+                f"{self._seam_problem}; zero-shot classification still works"
+            )
+
+    def _infer_embed_dim(self) -> int:
+        proj = getattr(self._text, "text_projection", None)
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[1])
+        with torch.no_grad():
+            return int(self.model.encode_text(self._tokenizer(["x"])).shape[-1])
+
+
+def _resolve_source(arch: str, weights: str) -> dict[str, Any]:
+    """Turn a weight source into open_clip ``create_model`` arguments."""
+    oc = _open_clip()
+    oc_arch = TINY_ARCHS.get(arch, arch)
+    if weights == RANDOM_INIT:
+        return {"model_name": oc_arch, "pretrained": None, "tokenizer": oc_arch}
+    if weights.startswith("hf-hub:"):
+        return {"model_name": weights, "pretrained": None, "tokenizer": weights}
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            name = f"local-dir:{path}"
+            return {"model_name": name, "pretrained": None, "tokenizer": name}
+        found = [path / n for n in _CHECKPOINT_NAMES if (path / n).is_file()]
+        if not found:
+            raise WeightsError(
+                f"weights folder {path} has neither open_clip_config.json nor one of "
+                f"{', '.join(_CHECKPOINT_NAMES)}"
+            )
+        path = found[0]
+    if path.is_file():
+        return {"model_name": oc_arch, "pretrained": str(path), "tokenizer": oc_arch}
+    tags = list_tags(arch)
+    if weights in tags:
+        cfg = oc.get_pretrained_cfg(oc_arch, weights)
+        quick = bool(cfg.get("quick_gelu", False)) and not oc_arch.endswith("quickgelu")
+        return {
+            "model_name": oc_arch,
+            "pretrained": weights,
+            "tokenizer": oc_arch,
+            "force_quick_gelu": quick,
+        }
+    guesses = close_matches(weights, tags)
+    hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
+    looks_like_path = any(sep in weights for sep in ("/", "\\", ".")) and not weights.startswith(
+        "hf-hub:"
+    )
+    what = f"no such file or folder {weights!r}" if looks_like_path else f"unknown tag {weights!r}"
+    raise WeightsError(
+        f"clip:{arch}: {what}{hint}; weights must be one of the tags "
+        f"[{', '.join(tags) or 'none registered'}], 'none', 'hf-hub:ORG/REPO', or an existing "
+        "file or folder"
+    )
+
+
+def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
+    oc = _open_clip()
+    args = _resolve_source(arch, weights)
+    tokenizer_name = args.pop("tokenizer")
+    previous_disable = logging.root.manager.disable
+    # open_clip logs "initialized randomly" and similar notes as root warnings; we report
+    # failures as exceptions instead.
+    logging.disable(logging.WARNING)
+    try:
+        if args["pretrained"] is None and args["model_name"] == TINY_ARCHS.get(arch, arch):
+            # Random init is seeded so that `none` means the same weights every time.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = oc.create_model(**args, weights_only=True, device="cpu")
+        else:
+            model = oc.create_model(**args, weights_only=True, device="cpu")
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{weights}: refusing to load: the file needs arbitrary unpickling "
+            f"(only tensors are accepted): {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot load clip:{arch} weights from {weights!r}: {first}") from exc
+    except Exception as exc:  # safetensors raises its own error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot load clip:{arch} weights from {weights!r}: {first}") from exc
+    finally:
+        logging.disable(previous_disable)
+    pre_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))
+    pre_cfg.pop("mode", None)
+    preprocess = Preprocess.from_dict(pre_cfg)
+    tokenizer = oc.get_tokenizer(tokenizer_name)
+    backbone = ClipBackbone(
+        model=model,
+        tokenizer=tokenizer,
+        name=f"clip:{arch}",
+        weights=weights,
+        preprocess=preprocess,
+    )
+    return backbone.to(device)
+
+
+CLIP_FAMILY = BackboneFamily(
+    name="clip",
+    description="CLIP-like image-text models from open_clip (OpenAI CLIP, LAION, SigLIP, …)",
+    list_archs=list_archs,
+    list_tags=list_tags,
+    default_weights=default_weights,
+    build=build_clip,
+    tiny=tuple(TINY_ARCHS),
+)

@@ -1,0 +1,130 @@
+"""Backbone families and the ``family:arch`` naming scheme.
+
+A family knows which architectures it has, which weight tags each one has, and how to build a
+frozen backbone from an architecture plus a weight source. Weight sources are one of:
+a registered tag (``openai``), ``hf-hub:ORG/REPO``, a local file or directory, or ``none``
+(deterministic random init, for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vprompt.errors import UnknownNameError
+from vprompt.utils.registry import Registry, close_matches
+
+RANDOM_INIT = "none"
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """One model family (``clip``, ``torchvision`` …).
+
+    Attributes:
+        name: Family prefix in ``family:arch`` names.
+        description: One line for ``vprompt models``.
+        list_archs: Every architecture name this family can build.
+        list_tags: Registered weight tags for an architecture.
+        default_weights: Tag used when the caller gives no weight source.
+        build: ``(arch, weights, device) -> backbone``; ``weights`` is already validated.
+        tiny: Architectures meant for tests (build in well under a second on CPU).
+    """
+
+    name: str
+    description: str
+    list_archs: Callable[[], list[str]]
+    list_tags: Callable[[str], list[str]]
+    default_weights: Callable[[str], str]
+    build: Callable[[str, str, torch.device], Any]
+    tiny: tuple[str, ...] = field(default=())
+
+
+FAMILIES: Registry[BackboneFamily] = Registry("backbone family")
+
+
+def register_family(family: BackboneFamily) -> BackboneFamily:
+    return FAMILIES.register(family.name, family)
+
+
+def split_name(name: str) -> tuple[BackboneFamily, str]:
+    """``"clip:ViT-B-16"`` → (clip family, ``"ViT-B-16"``), with suggestions on typos."""
+    if ":" not in name:
+        candidates = all_model_names()
+        guesses = close_matches(name, candidates)
+        hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
+        raise UnknownNameError(
+            f"model name {name!r} must look like FAMILY:ARCH (families: "
+            f"{', '.join(FAMILIES.names())}){hint}"
+        )
+    family_name, arch = name.split(":", 1)
+    family = FAMILIES.get(family_name.lower())
+    archs = family.list_archs()
+    if arch not in archs:
+        guesses = close_matches(arch, archs)
+        hint = (
+            f"; did you mean {', '.join(repr(f'{family.name}:{g}') for g in guesses)}?"
+            if guesses
+            else ""
+        )
+        raise UnknownNameError(
+            f"unknown model {name!r}{hint} (`vprompt models` lists all {len(archs)} "
+            f"{family.name} architectures)"
+        )
+    return family, arch
+
+
+def all_model_names() -> list[str]:
+    return [f"{f}:{a}" for f in FAMILIES.names() for a in FAMILIES.get(f).list_archs()]
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered name with its family and weight tags (what ``vprompt models`` prints)."""
+    rows = []
+    for fname in FAMILIES.names():
+        family = FAMILIES.get(fname)
+        for arch in family.list_archs():
+            rows.append(
+                {
+                    "name": f"{fname}:{arch}",
+                    "family": fname,
+                    "arch": arch,
+                    "tags": family.list_tags(arch),
+                    "default_weights": family.default_weights(arch),
+                    "tiny": arch in family.tiny,
+                }
+            )
+    return rows
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_backbone(
+    name: str, weights: str | None = None, *, device: str | torch.device | None = "cpu"
+) -> Any:
+    """Build a frozen backbone by ``family:arch`` name.
+
+    Args:
+        name: Registered name, e.g. ``clip:ViT-B-16`` or ``clip:tiny``.
+        weights: Tag, ``hf-hub:ORG/REPO``, local file or directory, or ``none`` for a
+            deterministic random init. ``None`` picks the family's default tag.
+        device: ``cpu``, ``cuda``, ``auto`` …
+
+    Returns:
+        A backbone in eval mode with every parameter frozen (``requires_grad=False``).
+    """
+    family, arch = split_name(name)
+    source = family.default_weights(arch) if weights is None else str(weights)
+    backbone = family.build(arch, source, resolve_device(device))
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone

@@ -1,0 +1,288 @@
+"""Prompt packs: one ``.safetensors`` file with the prompt tensors and a JSON metadata header.
+
+The header (safetensors ``__metadata__["vprompt"]``) records the format version, the method and
+its config, the backbone name, weight source and weight fingerprint, class names in order, the
+preprocessing, metrics and the vprompt version. Loading validates the file byte by byte before
+handing it to safetensors and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vprompt.backbones.preprocess import Preprocess
+from vprompt.backbones.registry import load_backbone
+from vprompt.errors import PackError, VPromptError
+from vprompt.methods.base import METHODS, config_from_dict, config_to_dict
+from vprompt.utils.io import atomic_path
+
+FORMAT = "vprompt-pack"
+FORMAT_VERSION = 1
+_META_KEY = "vprompt"
+_MAX_HEADER = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """Which frozen backbone a pack belongs to."""
+
+    name: str
+    weights: str
+    fingerprint: str
+
+
+@dataclass
+class PromptPack:
+    """A learned (or derived) prompt, detached from the backbone it applies to."""
+
+    method: str
+    config: dict[str, Any]
+    backbone: BackboneRef
+    classnames: list[str]
+    preprocess: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    vprompt_version: str = ""
+    created: str = ""
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "vprompt_version": self.vprompt_version or _version(),
+            "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "method": self.method,
+            "config": self.config,
+            "backbone": {
+                "name": self.backbone.name,
+                "weights": self.backbone.weights,
+                "fingerprint": self.backbone.fingerprint,
+            },
+            "classnames": list(self.classnames),
+            "preprocess": self.preprocess,
+            "metrics": self.metrics,
+            "extra": self.extra,
+        }
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _version() -> str:
+    from vprompt import __version__
+
+    return __version__
+
+
+def pack_method(
+    method: Any, *, metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None
+) -> PromptPack:
+    """Snapshot a method's prompt tensors and provenance into a :class:`PromptPack`."""
+    backbone = method.backbone
+    return PromptPack(
+        method=method.name,
+        config=config_to_dict(method.config),
+        backbone=BackboneRef(backbone.name, str(backbone.weights), backbone.fingerprint()),
+        classnames=list(method.classnames),
+        preprocess=backbone.preprocess.to_dict(),
+        tensors={k: v.detach().cpu().contiguous() for k, v in method.prompt_state().items()},
+        metrics=dict(metrics or {}),
+        extra=dict(extra or {}),
+    )
+
+
+def save_pack(
+    pack_or_method: PromptPack | Any,
+    path: str | os.PathLike[str],
+    *,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a pack atomically; accepts a :class:`PromptPack` or a method to snapshot."""
+    from safetensors.torch import save_file
+
+    pack = (
+        pack_or_method
+        if isinstance(pack_or_method, PromptPack)
+        else pack_method(pack_or_method, metrics=metrics)
+    )
+    if metrics and isinstance(pack_or_method, PromptPack):
+        pack.metrics.update(metrics)
+    if not pack.tensors:
+        raise PackError("a prompt pack needs at least one tensor")
+    header = json.dumps(pack.metadata(), sort_keys=True, ensure_ascii=False)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        save_file(dict(pack.tensors), str(tmp), metadata={_META_KEY: header})
+    return target
+
+
+def _validate_layout(path: Path, blob_size: int, head: bytes) -> dict[str, Any]:
+    """Check the safetensors framing ourselves to give precise errors."""
+    if blob_size < 8:
+        raise PackError(f"{path}: not a prompt pack (only {blob_size} bytes; too short)")
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise PackError(
+            f"{path}: this is a pickle/torch.save file, not a safetensors prompt pack; "
+            "vprompt never unpickles files"
+        )
+    (n,) = struct.unpack("<Q", head[:8])
+    if n == 0 or n > _MAX_HEADER or n > blob_size - 8:
+        raise PackError(
+            f"{path}: not a safetensors prompt pack (header length {n} does not fit a "
+            f"{blob_size}-byte file; truncated or a different format)"
+        )
+    with path.open("rb") as fh:
+        fh.seek(8)
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PackError(f"{path}: not a safetensors prompt pack (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise PackError(f"{path}: not a safetensors prompt pack (header is not an object)")
+    data_len = blob_size - 8 - n
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise PackError(f"{path}: malformed tensor entry {key!r} in header") from None
+    if end > data_len:
+        raise PackError(
+            f"{path}: truncated prompt pack: tensors need {end} bytes of data, file has {data_len}"
+        )
+    meta = header.get("__metadata__") or {}
+    if _META_KEY not in meta:
+        raise PackError(
+            f"{path}: a safetensors file, but not a vprompt prompt pack (no '{_META_KEY}' metadata)"
+        )
+    try:
+        info = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError:
+        raise PackError(f"{path}: prompt pack metadata is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise PackError(f"{path}: prompt pack metadata must be a JSON object")
+    return info
+
+
+def load_pack(path: str | os.PathLike[str]) -> PromptPack:
+    """Read and validate a pack. Never unpickles; every problem is a :class:`PackError`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise PackError(f"{p}: no such prompt pack")
+    size = p.stat().st_size
+    with p.open("rb") as fh:
+        head = fh.read(8)
+    info = _validate_layout(p, size, head)
+    if info.get("format") != FORMAT:
+        raise PackError(f"{p}: unknown pack format {info.get('format')!r}, expected {FORMAT!r}")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+        raise PackError(
+            f"{p}: pack format version {version!r} is not supported by vprompt {_version()} "
+            f"(supports 1..{FORMAT_VERSION}); upgrade vprompt to read it"
+        )
+    try:
+        tensors = load_file(str(p), device="cpu")
+    except Exception as exc:  # safetensors' own error types
+        raise PackError(f"{p}: cannot read tensors ({exc})") from None
+    try:
+        bb = info["backbone"]
+        pack = PromptPack(
+            method=str(info["method"]),
+            config=dict(info["config"]),
+            backbone=BackboneRef(str(bb["name"]), str(bb["weights"]), str(bb["fingerprint"])),
+            classnames=[str(c) for c in info["classnames"]],
+            preprocess=dict(info["preprocess"]),
+            tensors=dict(tensors),
+            metrics=dict(info.get("metrics") or {}),
+            extra=dict(info.get("extra") or {}),
+            format_version=version,
+            vprompt_version=str(info.get("vprompt_version", "")),
+            created=str(info.get("created", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackError(f"{p}: prompt pack metadata lacks or mangles field {exc}") from None
+    if pack.method not in METHODS:
+        raise PackError(
+            f"{p}: pack was made by method {pack.method!r}, which this vprompt does not know "
+            f"(known: {', '.join(METHODS.names())})"
+        )
+    return pack
+
+
+def check_classnames(pack: PromptPack, classnames: Sequence[str]) -> None:
+    """Refuse a class list that differs from the pack's (order matters for label indices)."""
+    given = list(classnames)
+    if given == pack.classnames:
+        return
+    missing = [c for c in pack.classnames if c not in given]
+    extra = [c for c in given if c not in pack.classnames]
+    detail = []
+    if missing:
+        detail.append(f"missing {missing[:10]}")
+    if extra:
+        detail.append(f"not in pack {extra[:10]}")
+    if not detail:
+        detail.append("same names in a different order")
+    raise PackError(
+        f"class list does not match the pack's {len(pack.classnames)} classes: {'; '.join(detail)}"
+    )
+
+
+def build_from_pack(
+    pack: PromptPack,
+    *,
+    backbone: Any | None = None,
+    weights: str | None = None,
+    device: str | torch.device | None = "cpu",
+) -> Any:
+    """Rebuild the method a pack came from, on its frozen backbone.
+
+    Args:
+        backbone: An already-built backbone to reuse; otherwise one is loaded by the pack's name
+            and ``weights`` (default: the pack's weight source).
+        weights: Another source for the same weights (e.g. a local copy of a hub tag).
+
+    Raises:
+        PackError: The backbone's name, weights fingerprint or preprocessing differ from the pack's.
+    """
+    if backbone is None:
+        try:
+            backbone = load_backbone(pack.backbone.name, weights or pack.backbone.weights, device=device)
+        except VPromptError as exc:
+            raise PackError(f"cannot load the pack's backbone: {exc}") from exc
+    if backbone.name != pack.backbone.name:
+        raise PackError(
+            f"pack was made for backbone {pack.backbone.name!r}, got {backbone.name!r}"
+        )
+    fp = backbone.fingerprint()
+    if fp != pack.backbone.fingerprint:
+        raise PackError(
+            f"backbone weights do not match the pack: pack was made with "
+            f"{pack.backbone.name} weights {pack.backbone.weights!r} (fingerprint "
+            f"{pack.backbone.fingerprint}), these weights {backbone.weights!r} have fingerprint {fp}"
+        )
+    if Preprocess.from_dict(pack.preprocess) != backbone.preprocess:
+        raise PackError(
+            f"backbone preprocessing {backbone.preprocess.to_dict()} differs from the pack's "
+            f"{pack.preprocess}"
+        )
+    cls = METHODS.get(pack.method)
+    config = config_from_dict(cls.Config, pack.config)
+    return cls.from_state(backbone, pack.classnames, config, pack.tensors)

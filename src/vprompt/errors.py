@@ -1,0 +1,44 @@
+"""Errors that vprompt raises for bad input.
+
+Every error names the offending input and what was expected, so the CLI can print it as one
+line. They all derive from :class:`VPromptError`, which the CLI turns into exit code 1 (2 for
+usage errors) without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class VPromptError(Exception):
+    """Base class for every error vprompt raises on purpose."""
+
+
+class UnknownNameError(VPromptError, KeyError):
+    """A name (model, method, template set, dataset) that no registry holds."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(VPromptError):
+    """Weights that cannot be found, read or loaded into the requested architecture."""
+
+
+class PackError(VPromptError):
+    """A prompt pack that is unreadable, of an unknown format, or does not fit its use."""
+
+
+class ImageLoadError(VPromptError):
+    """An image that cannot be found, decoded, or is larger than allowed."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class PromptError(VPromptError, ValueError):
+    """A prompt (template, description file, class list, spatial prompt) that is invalid."""
+
+
+class ConfigError(VPromptError, ValueError):
+    """A configuration value outside its allowed range or of the wrong kind."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random models, real sample photos, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+VPROMPT = [sys.executable, "-m", "vprompt"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The registered ``clip:tiny`` with deterministic random weights (frozen, eval)."""
+    from vprompt import load_backbone
+
+    return load_backbone("clip:tiny", "none")
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos shipped with scikit-image, written as PNG files."""
+    import skimage.data
+
+    out = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(out / f"{name}.png")
+    return out
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., CliResult]:
+    """Run the real ``vprompt`` CLI in a subprocess (offline, CPU)."""
+
+    def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> CliResult:
+        env = dict(os.environ)
+        env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        proc = subprocess.run(
+            [*VPROMPT, *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=cwd or REPO,
+            env=env,
+            timeout=timeout,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
