@@ -42,3 +42,7 @@ class PromptError(VPromptError, ValueError):
 
 class ConfigError(VPromptError, ValueError):
     """A configuration value outside its allowed range or of the wrong kind."""
+
+
+class DatasetError(VPromptError):
+    """A dataset that is missing, incomplete or malformed."""

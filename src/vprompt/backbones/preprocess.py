@@ -41,10 +41,16 @@ class Preprocess:
     fill_color: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.size) != 2 or min(self.size) <= 0:
-            raise ConfigError(f"preprocess size must be (height, width) > 0, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"preprocess mean/std must have 3 entries, std > 0: {self}")
+        if not _ints(self.size, 2) or min(self.size) <= 0:
+            raise ConfigError(f"preprocess size must be (height, width) > 0, got {self.size!r}")
+        if not (_floats(self.mean, 3) and _floats(self.std, 3)) or min(self.std) <= 0:
+            raise ConfigError(f"preprocess mean/std must have 3 numbers each, std > 0: {self}")
+        if self.resize_size is not None and not (
+            _ints((self.resize_size,), 1) and self.resize_size > 0
+        ):
+            raise ConfigError(f"preprocess resize_size must be an int > 0: {self.resize_size!r}")
+        if not _ints((self.fill_color,), 1):
+            raise ConfigError(f"preprocess fill_color must be an int, got {self.fill_color!r}")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise ConfigError(f"unknown interpolation {self.interpolation!r}")
         if self.resize_mode not in ("shortest", "longest", "squash"):
@@ -62,17 +68,39 @@ class Preprocess:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown preprocess keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ConfigError(
+                f"unknown preprocess keys {sorted(unknown)}; expected {sorted(known)}"
+            )
         kw = dict(data)
+        # Only reshape well-typed values here; __post_init__ rejects everything else by name.
         size = kw.get("size", (224, 224))
-        kw["size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        if isinstance(size, int):
+            kw["size"] = (size, size)
+        elif isinstance(size, list | tuple):
+            kw["size"] = tuple(size)
         for key in ("mean", "std"):
-            if key in kw:
-                value = kw[key]
-                kw[key] = (float(value),) * 3 if isinstance(value, int | float) else tuple(
-                    float(v) for v in value
-                )
+            value = kw.get(key)
+            if isinstance(value, int | float):
+                kw[key] = (float(value),) * 3
+            elif isinstance(value, list | tuple):
+                kw[key] = tuple(float(v) if _is_number(v) else v for v in value)
         return cls(**kw)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _ints(values: object, n: int) -> bool:
+    return (
+        isinstance(values, tuple)
+        and len(values) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    )
+
+
+def _floats(values: object, n: int) -> bool:
+    return isinstance(values, tuple) and len(values) == n and all(map(_is_number, values))
 
 
 def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
@@ -93,7 +121,8 @@ def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tenso
         steps.append(_CenterCropOrPad((h, w), pre.fill_color))
     else:
         short = pre.resize_size if pre.resize_size is not None else (h if h == w else None)
-        steps.append(T.Resize(short, interpolation=interp) if short else _FitShortest((h, w), interp))
+        resize = T.Resize(short, interpolation=interp) if short else _FitShortest((h, w), interp)
+        steps.append(resize)
         steps.append(T.CenterCrop((h, w)))
     steps += [
         lambda im: im.convert("RGB") if im.mode != "RGB" else im,

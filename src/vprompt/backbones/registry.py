@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vprompt.errors import UnknownNameError
+from vprompt.errors import ConfigError, UnknownNameError
 from vprompt.utils.registry import Registry, close_matches
 
 RANDOM_INIT = "none"
@@ -82,20 +82,24 @@ def all_model_names() -> list[str]:
     return [f"{f}:{a}" for f in FAMILIES.names() for a in FAMILIES.get(f).list_archs()]
 
 
-def list_models() -> list[dict[str, Any]]:
-    """Every registered name with its family and weight tags (what ``vprompt models`` prints)."""
+def list_models(family: str | None = None) -> list[dict[str, Any]]:
+    """Every registered name with its family and weight tags (what ``vprompt models`` prints).
+
+    Args:
+        family: Only this family (listing a family imports only its library).
+    """
     rows = []
-    for fname in FAMILIES.names():
-        family = FAMILIES.get(fname)
-        for arch in family.list_archs():
+    for fname in [FAMILIES.get(family).name] if family else FAMILIES.names():
+        fam = FAMILIES.get(fname)
+        for arch in fam.list_archs():
             rows.append(
                 {
                     "name": f"{fname}:{arch}",
                     "family": fname,
                     "arch": arch,
-                    "tags": family.list_tags(arch),
-                    "default_weights": family.default_weights(arch),
-                    "tiny": arch in family.tiny,
+                    "tags": fam.list_tags(arch),
+                    "default_weights": fam.default_weights(arch),
+                    "tiny": arch in fam.tiny,
                 }
             )
     return rows
@@ -104,7 +108,15 @@ def list_models() -> list[dict[str, Any]]:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(
+            f"unknown device {str(device)!r}; expected cpu, cuda, cuda:N, mps or auto"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return dev
 
 
 def load_backbone(

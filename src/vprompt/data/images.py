@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,7 +45,9 @@ def expand_image_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
             )
             if not files:
-                errors.append(f"{text}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                errors.append(
+                    f"{text}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
             for p in files:
                 add(p)
         elif path.is_file():
@@ -71,8 +72,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         if mode == "F" and arr.size and float(np.nanmax(arr)) <= 1.0:
             arr = arr * 255.0
-        elif mode != "F" and arr.size and float(arr.max()) > 255:
-            arr = arr / 257.0  # 16-bit full range → 8-bit
+        elif mode.startswith("I;16") or (mode == "I" and arr.size and float(arr.max()) > 255):
+            # 16-bit full range → 8-bit; I;16 always, so a dark image does not turn white.
+            arr = arr / 257.0
         arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode == "P":
@@ -86,7 +88,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Open an image as RGB, upright (EXIF orientation applied).
 
     Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted.
@@ -99,24 +103,28 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     if not p.is_file():
         raise ImageLoadError(p, "no such file")
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = max_pixels  # the caller asked for larger images explicitly
+        # Pillow's global bomb limit would warn/refuse below the caller's explicit limit. Our own
+        # check below enforces max_pixels, so no (thread-unsafe) warning filters are needed.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageLoadError(
-                        p, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}"
-                    )
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+        with Image.open(p) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(
+                    p,
+                    f"image too large: {w}x{h} = {w * h} pixels, more than the limit of "
+                    f"{max_pixels} pixels",
+                )
+            img.load()
+            upright: Image.Image = ImageOps.exif_transpose(img) or img
+            return _to_rgb(upright)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(p, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(p, f"image too large ({exc})") from None
+        raise ImageLoadError(
+            p, f"image too large: more than the limit of {max_pixels} pixels ({exc})"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(p, f"cannot decode image ({exc})") from None

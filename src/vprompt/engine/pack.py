@@ -21,7 +21,7 @@ import torch
 
 from vprompt.backbones.preprocess import Preprocess
 from vprompt.backbones.registry import load_backbone
-from vprompt.errors import PackError, VPromptError
+from vprompt.errors import ConfigError, PackError, VPromptError
 from vprompt.methods.base import METHODS, config_from_dict, config_to_dict
 from vprompt.utils.io import atomic_path
 
@@ -61,7 +61,8 @@ class PromptPack:
             "format": FORMAT,
             "format_version": self.format_version,
             "vprompt_version": self.vprompt_version or _version(),
-            "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": self.created
+            or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "method": self.method,
             "config": self.config,
             "backbone": {
@@ -131,13 +132,17 @@ def _validate_layout(path: Path, blob_size: int, head: bytes) -> dict[str, Any]:
     """Check the safetensors framing ourselves to give precise errors."""
     if blob_size < 8:
         raise PackError(f"{path}: not a prompt pack (only {blob_size} bytes; too short)")
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise PackError(
-            f"{path}: this is a pickle/torch.save file, not a safetensors prompt pack; "
-            "vprompt never unpickles files"
-        )
+    # A valid header length can start with these bytes too (e.g. 128 + 256k), so the pickle
+    # signature only explains a file whose safetensors framing is far off.
+    pickled = PackError(
+        f"{path}: this is a pickle/torch.save file, not a safetensors prompt pack; "
+        "vprompt never unpickles files"
+    )
+    looks_pickled = head[:2] == b"PK" or head[:1] == b"\x80"
     (n,) = struct.unpack("<Q", head[:8])
     if n == 0 or n > _MAX_HEADER or n > blob_size - 8:
+        if looks_pickled and n > _MAX_HEADER:
+            raise pickled
         raise PackError(
             f"{path}: not a safetensors prompt pack (header length {n} does not fit a "
             f"{blob_size}-byte file; truncated or a different format)"
@@ -148,6 +153,8 @@ def _validate_layout(path: Path, blob_size: int, head: bytes) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
+        if looks_pickled:
+            raise pickled from None
         raise PackError(f"{path}: not a safetensors prompt pack (header is not JSON)") from None
     if not isinstance(header, dict):
         raise PackError(f"{path}: not a safetensors prompt pack (header is not an object)")
@@ -238,6 +245,8 @@ def check_classnames(pack: PromptPack, classnames: Sequence[str]) -> None:
         detail.append(f"missing {missing[:10]}")
     if extra:
         detail.append(f"not in pack {extra[:10]}")
+    if not detail and len(given) != len(pack.classnames):
+        detail.append(f"{len(given)} names given, with duplicates")
     if not detail:
         detail.append("same names in a different order")
     raise PackError(
@@ -264,19 +273,20 @@ def build_from_pack(
     """
     if backbone is None:
         try:
-            backbone = load_backbone(pack.backbone.name, weights or pack.backbone.weights, device=device)
+            backbone = load_backbone(
+                pack.backbone.name, weights or pack.backbone.weights, device=device
+            )
         except VPromptError as exc:
             raise PackError(f"cannot load the pack's backbone: {exc}") from exc
     if backbone.name != pack.backbone.name:
-        raise PackError(
-            f"pack was made for backbone {pack.backbone.name!r}, got {backbone.name!r}"
-        )
+        raise PackError(f"pack was made for backbone {pack.backbone.name!r}, got {backbone.name!r}")
     fp = backbone.fingerprint()
     if fp != pack.backbone.fingerprint:
         raise PackError(
             f"backbone weights do not match the pack: pack was made with "
             f"{pack.backbone.name} weights {pack.backbone.weights!r} (fingerprint "
-            f"{pack.backbone.fingerprint}), these weights {backbone.weights!r} have fingerprint {fp}"
+            f"{pack.backbone.fingerprint}), these weights {backbone.weights!r} have "
+            f"fingerprint {fp}"
         )
     if Preprocess.from_dict(pack.preprocess) != backbone.preprocess:
         raise PackError(
@@ -284,5 +294,8 @@ def build_from_pack(
             f"{pack.preprocess}"
         )
     cls = METHODS.get(pack.method)
-    config = config_from_dict(cls.Config, pack.config)
+    try:
+        config = config_from_dict(cls.Config, pack.config)
+    except ConfigError as exc:
+        raise PackError(f"the pack's {pack.method} config is invalid: {exc}") from None
     return cls.from_state(backbone, pack.classnames, config, pack.tensors)

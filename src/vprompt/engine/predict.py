@@ -63,8 +63,13 @@ def predict_files(
 
     quiet = progress is False or (progress is None and len(paths) < 64)
     # disable=None lets tqdm hide itself when stderr is not a terminal.
-    bar = tqdm(total=len(paths), desc="images", unit="img", leave=False,
-               disable=True if quiet else (None if progress is None else False))
+    bar = tqdm(
+        total=len(paths),
+        desc="images",
+        unit="img",
+        leave=False,
+        disable=True if quiet else (None if progress is None else False),
+    )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = list(paths[start : start + batch_size])
@@ -74,7 +79,9 @@ def predict_files(
             if good:
                 pixels = torch.stack([prepared[i] for i in good])  # type: ignore[misc]
                 probs = classifier.predict_proba(pixels)
-                for i, preds in zip(good, topk_predictions(probs, classifier.classnames, top_k), strict=True):
+                for i, preds in zip(
+                    good, topk_predictions(probs, classifier.classnames, top_k), strict=True
+                ):
                     results[i] = preds
             for i, path in enumerate(chunk):
                 item = prepared[i]

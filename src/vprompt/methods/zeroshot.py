@@ -103,6 +103,7 @@ class ZeroShotClassifier(nn.Module):
 
     name = "zeroshot"
     Config = ZeroShotConfig
+    class_embeddings: torch.Tensor  # C x D, unit norm (buffer)
 
     def __init__(
         self,
@@ -122,7 +123,11 @@ class ZeroShotClassifier(nn.Module):
             self.config = _config
             embeddings = _class_embeddings
         else:
-            desc = load_descriptions(descriptions, self.classnames) if descriptions else None
+            desc = (
+                load_descriptions(descriptions, self.classnames)
+                if descriptions is not None
+                else None
+            )
             temps = resolve_templates(templates) if (templates or desc is None) else ()
             self.config = ZeroShotConfig(templates=temps, descriptions=desc is not None)
             prompts = build_class_prompts(self.classnames, temps, desc)
@@ -160,7 +165,9 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> MethodOutput:
         """B x 3 x H x W preprocessed pixels → B x C logits."""
         feats = F.normalize(self.backbone.encode_image(images).float(), dim=-1)
-        return MethodOutput(logits=self.backbone.logit_scale.float() * feats @ self.class_embeddings.T)
+        return MethodOutput(
+            logits=self.backbone.logit_scale.float() * feats @ self.class_embeddings.T
+        )
 
     @torch.no_grad()
     def predict_proba(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
@@ -179,4 +186,3 @@ class ZeroShotClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone.name}, classes={len(self.classnames)}"
-

@@ -40,9 +40,16 @@ def _check_template(template: str, where: str) -> str:
             f"{where}: template {template!r} must contain exactly one '{{}}' for the class name"
         )
     try:
-        template.format("x")
+        filled = template.format("\0")
     except (IndexError, KeyError, ValueError) as exc:
-        raise PromptError(f"{where}: template {template!r} is not a valid format string: {exc}")
+        raise PromptError(
+            f"{where}: template {template!r} is not a valid format string: {exc}"
+        ) from exc
+    if filled.count("\0") != 1:
+        # "{{}}" holds "{}" as text but formats to a literal "{}": the name would be missing.
+        raise PromptError(
+            f"{where}: template {template!r} must contain exactly one '{{}}' for the class name"
+        )
     return template
 
 

@@ -28,9 +28,11 @@ def unknown_name_message(kind: str, name: str, candidates: list[str]) -> str:
     """The one-line message for an unknown name, with suggestions when there are any."""
     guesses = close_matches(name, candidates)
     hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
-    return f"unknown {kind} {name!r}{hint} (see `vprompt {kind}s` for the full list)" if kind in {
-        "model"
-    } else f"unknown {kind} {name!r}{hint} (known: {', '.join(sorted(candidates)[:20])})"
+    return (
+        f"unknown {kind} {name!r}{hint} (see `vprompt {kind}s` for the full list)"
+        if kind in {"model"}
+        else f"unknown {kind} {name!r}{hint} (known: {', '.join(sorted(candidates)[:20])})"
+    )
 
 
 class Registry(Generic[T]):
