@@ -3,9 +3,15 @@
 Every family registers itself here on import, so ``load_backbone`` knows every name.
 """
 
+from vprompt.backbones.classifier import ClassifierBackbone
 from vprompt.backbones.clip import CLIP_FAMILY, ClipBackbone
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
-from vprompt.backbones.protocols import Backbone, ImageTextBackbone
+from vprompt.backbones.protocols import (
+    Backbone,
+    ImageTextBackbone,
+    NotAViTError,
+    TokenBackbone,
+)
 from vprompt.backbones.registry import (
     FAMILIES,
     RANDOM_INIT,
@@ -15,17 +21,24 @@ from vprompt.backbones.registry import (
     register_family,
     split_name,
 )
+from vprompt.backbones.timm_family import TIMM_FAMILY
+from vprompt.backbones.torchvision_family import TORCHVISION_FAMILY
 
 register_family(CLIP_FAMILY)
+register_family(TIMM_FAMILY)
+register_family(TORCHVISION_FAMILY)
 
 __all__ = [
     "FAMILIES",
     "RANDOM_INIT",
     "Backbone",
     "BackboneFamily",
+    "ClassifierBackbone",
     "ClipBackbone",
     "ImageTextBackbone",
+    "NotAViTError",
     "Preprocess",
+    "TokenBackbone",
     "build_eval_transform",
     "list_models",
     "load_backbone",

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vprompt.backbones import clip_vision
+from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
+from vprompt.backbones.protocols import NotAViTError
 from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, BackboneFamily
 from vprompt.errors import WeightsError
 from vprompt.utils.registry import close_matches
@@ -31,6 +33,7 @@ _CHECKPOINT_NAMES = (
     "model.pth",
 )
 _registered_configs = False
+_VIT_ONLY = frozenset({"num_prefix_tokens", "vision_width", "vision_blocks"})
 
 
 def _open_clip() -> Any:
@@ -65,8 +68,13 @@ def default_weights(arch: str) -> str:
 class ClipBackbone(nn.Module):
     """A frozen open_clip model behind vprompt's :class:`ImageTextBackbone` protocol.
 
+    ViT towers also implement :class:`TokenBackbone` (``is_vit``); ResNet towers raise
+    :class:`NotAViTError` from its members.
     Shapes: B images, T texts, L tokens, W text width, D joint embedding size.
     """
+
+    model: Any
+    _text: Any  # open_clip towers expose parts as dynamic nn.Module attributes
 
     def __init__(
         self, *, model: nn.Module, tokenizer: Any, name: str, weights: str, preprocess: Preprocess
@@ -78,9 +86,11 @@ class ClipBackbone(nn.Module):
         self.preprocess = preprocess
         self._tokenizer = tokenizer
         self._transform = build_eval_transform(preprocess)
+        self._vision_layout = clip_vision.vision_layout(model.visual)
+        self.is_vit = self._vision_layout is not None
         text = getattr(model, "text", None)
         # CLIP keeps the text tower's parts on the model itself; CustomTextCLIP nests them.
-        self._text: nn.Module = model if text is None else text
+        self._text = model if text is None else text
         self._seam_problem = self._check_seam()
         self.context_length = int(getattr(tokenizer, "context_length", 77))
         self.embed_dim = int(self._infer_embed_dim())
@@ -97,18 +107,48 @@ class ClipBackbone(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
+    # ------------------------------------------------------------------ vision tokens (VPT)
+    @property
+    def num_prefix_tokens(self) -> int:
+        """P: tokens before the patch tokens (the class token)."""
+        return clip_vision.num_prefix_tokens(self.model.visual, self._require_vit())
+
+    @property
+    def vision_width(self) -> int:
+        """D, the vision tower's token width."""
+        return clip_vision.vision_width(self.model.visual, self._require_vit())
+
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W preprocessed pixels → B x (P + N) x D, exactly what enters block 0."""
+        return clip_vision.vision_tokens(self.model.visual, self._require_vit(), pixels)
+
     @property
     def vision_blocks(self) -> nn.ModuleList:
-        visual = self.model.visual
-        transformer = getattr(visual, "transformer", None)
-        if transformer is not None and hasattr(transformer, "resblocks"):
-            return transformer.resblocks
-        trunk = getattr(visual, "trunk", None)
-        if trunk is not None and hasattr(trunk, "blocks"):
-            return trunk.blocks
-        raise WeightsError(
-            f"{self.name}: its vision tower ({type(visual).__name__}) has no transformer blocks"
-        )
+        """The vision tower's transformer blocks in order, each B x L x D → B x L x D."""
+        return clip_vision.blocks(self.model.visual, self._require_vit())  # type: ignore[return-value]
+
+    def pool_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B x L x D after the last block → B x D_embed, equal to :meth:`encode_image`."""
+        return clip_vision.pool_tokens(self.model.visual, self._require_vit(), tokens)
+
+    def _require_vit(self) -> clip_vision.VisionLayout:
+        if self._vision_layout is None:
+            visual = self.model.visual
+            trunk = getattr(visual, "trunk", None)
+            tower = type(visual).__name__ + (f" over {type(trunk).__name__}" if trunk else "")
+            raise NotAViTError(
+                f"{self.name}: its vision tower ({tower}) is not a plain vision transformer "
+                "(blocks mapping B x L x D → B x L x D); token prompts need a ViT CLIP such as "
+                "clip:ViT-B-16"
+            )
+        return self._vision_layout
+
+    def __getattr__(self, name: str) -> Any:
+        # A ViT-only property raised NotAViTError (an AttributeError), so Python fell back to
+        # here; raise it again rather than let nn.Module replace it with a bare "no attribute".
+        if name in _VIT_ONLY and self.__dict__.get("_vision_layout", "") is None:
+            self._require_vit()
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -199,15 +239,7 @@ class ClipBackbone(nn.Module):
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
         """A short hash of the weights, to check that a prompt pack meets the same backbone."""
-        h = hashlib.sha256()
-        for key, tensor in sorted(self.model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            if flat.numel() and flat.is_floating_point():
-                k = min(16, flat.numel())
-                idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
-                h.update(flat[idx].float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return weights_fingerprint(self.model)
 
     # ------------------------------------------------------------------ internals
     @property
@@ -252,7 +284,14 @@ def _resolve_source(arch: str, weights: str) -> dict[str, Any]:
     oc = _open_clip()
     oc_arch = TINY_ARCHS.get(arch, arch)
     if weights == RANDOM_INIT:
-        return {"model_name": oc_arch, "pretrained": None, "tokenizer": oc_arch}
+        # Without pretrained_text=False, open_clip fills Hugging Face text towers with their
+        # pretrained weights (a hub download), so `none` would not mean random init.
+        return {
+            "model_name": oc_arch,
+            "pretrained": None,
+            "tokenizer": oc_arch,
+            "pretrained_text": False,
+        }
     if weights.startswith("hf-hub:"):
         return {"model_name": weights, "pretrained": None, "tokenizer": weights}
     path = Path(weights).expanduser()
@@ -292,6 +331,13 @@ def _resolve_source(arch: str, weights: str) -> dict[str, Any]:
     )
 
 
+def _error_summary(exc: BaseException, limit: int = 600) -> str:
+    """The error's lines joined into one; a strict state-dict load lists its keys on later lines."""
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
     oc = _open_clip()
     args = _resolve_source(arch, weights)
@@ -309,16 +355,23 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
         else:
             model = oc.create_model(**args, weights_only=True, device="cpu")
     except pickle.UnpicklingError as exc:
+        # torch wraps the reason (a blocked global or opcode) in advice to retry with
+        # weights_only=False, which is exactly what must not happen; keep only the reason.
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            detail = f"it references the Python object {found.group(1)}"
+        else:
+            found = re.search(r"Unsupported [^\n]*", text)
+            detail = found.group(0).strip() if found else "it is not a plain tensor file"
         raise WeightsError(
             f"{weights}: refusing to load: the file needs arbitrary unpickling "
-            f"(only tensors are accepted): {str(exc).splitlines()[0]}"
+            f"(only tensors are accepted): {detail}"
         ) from exc
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot load clip:{arch} weights from {weights!r}: {first}") from exc
-    except Exception as exc:  # safetensors raises its own error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot load clip:{arch} weights from {weights!r}: {first}") from exc
+    except Exception as exc:  # torch, open_clip and safetensors raise many error types
+        raise WeightsError(
+            f"cannot load clip:{arch} weights from {weights!r}: {_error_summary(exc)}"
+        ) from exc
     finally:
         logging.disable(previous_disable)
     pre_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))

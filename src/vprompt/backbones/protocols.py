@@ -10,6 +10,15 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.preprocess import Preprocess
+from vprompt.errors import WeightsError
+
+
+class NotAViTError(WeightsError, AttributeError):
+    """Token access asked of a backbone whose vision tower is not a ViT (a CNN, a ResNet CLIP).
+
+    Also an ``AttributeError`` so that ``hasattr`` — and so ``isinstance(b, TokenBackbone)`` —
+    answers False for such backbones instead of raising.
+    """
 
 
 @runtime_checkable
@@ -73,4 +82,41 @@ class ImageTextBackbone(Backbone, Protocol):
     @property
     def vision_blocks(self) -> nn.ModuleList:
         """The vision tower's transformer blocks, in order (for deep visual prompts)."""
+        ...
+
+
+@runtime_checkable
+class TokenBackbone(Protocol):
+    """A ViT vision tower opened up token by token: the seam visual prompt tuning (VPT) uses.
+
+    ``pool_vision_tokens(run(vision_blocks, vision_tokens(x)))`` equals the model's own image
+    features exactly, where ``run`` applies the blocks in order. Shapes: B images, P prefix
+    tokens (class / register tokens), N patch tokens, D = ``vision_width``, F pooled features.
+    Backbones whose tower is not a ViT have ``is_vit = False`` and raise :class:`NotAViTError`
+    from every member below.
+    """
+
+    is_vit: bool
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """P: tokens before the patch tokens (1 for a class token)."""
+        ...
+
+    @property
+    def vision_width(self) -> int:
+        """D: the token width inside the blocks."""
+        ...
+
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W normalized pixels → B x (P + N) x D, exactly what enters block 0."""
+        ...
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList | nn.Sequential:
+        """The transformer blocks in order; each maps B x L x D → B x L x D (batch first)."""
+        ...
+
+    def pool_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B x L x D tokens after the last block → B x F features (final norm, pooling, …)."""
         ...
