@@ -1,0 +1,167 @@
+"""Epoch checkpoints: tensors in one safetensors file, progress in JSON; never pickle.
+
+``checkpoint.safetensors`` holds the method's prompt tensors (``prompt.*``), the best epoch's
+prompt tensors (``best.*``) and the optimizer's state tensors (``optim.*``). Its metadata holds
+the JSON progress record, so tensors and progress are replaced together by one atomic rename;
+``checkpoint.json`` is a readable copy written next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vprompt.errors import ConfigError
+from vprompt.utils.io import atomic_path, atomic_write_text
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+_META_KEY = "vprompt-checkpoint"
+_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue after its last completed epoch.
+
+    Attributes:
+        run: What identifies the run (method, config, backbone, seed, data size); a resume
+            refuses a checkpoint whose ``run`` differs.
+        epochs_done: Completed epochs (the next epoch index to run).
+        global_step: Optimizer iterations done.
+        best_epoch: Epoch index with the best validation accuracy so far (None without val).
+        best_metric: ``{"val_acc", "val_loss"}`` of ``best_epoch``.
+        history: One metrics dict per completed epoch.
+        finished: Whether the final artifacts (pack, config, plots) were written.
+        selected: Which epoch's prompt the finished run kept (``best-val`` or ``last``).
+        prompt: The prompt tensors after ``epochs_done`` epochs.
+        best_prompt: The prompt tensors of ``best_epoch``.
+        optimizer_tensors / optimizer_scalars: See :func:`vprompt.engine.optim.optimizer_state`.
+    """
+
+    run: dict[str, Any]
+    epochs_done: int = 0
+    global_step: int = 0
+    best_epoch: int | None = None
+    best_metric: dict[str, float] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    selected: str = "last"
+    prompt: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_prompt: dict[str, torch.Tensor] | None = None
+    optimizer_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer_scalars: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def progress(self) -> dict[str, Any]:
+        """The JSON part (no tensors)."""
+        return {
+            "version": _VERSION,
+            "run": self.run,
+            "epochs_done": self.epochs_done,
+            "global_step": self.global_step,
+            "best_epoch": self.best_epoch,
+            "best_metric": self.best_metric,
+            "finished": self.finished,
+            "selected": self.selected,
+            "history": self.history,
+            "optimizer_scalars": self.optimizer_scalars,
+        }
+
+
+def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> None:
+    """Atomically replace the checkpoint in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in ckpt.prompt.items():
+        tensors[f"prompt.{key}"] = value
+    for key, value in (ckpt.best_prompt or {}).items():
+        tensors[f"best.{key}"] = value
+    tensors.update(ckpt.optimizer_tensors)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    text = json.dumps(ckpt.progress(), sort_keys=True)
+    with atomic_path(out_dir / CHECKPOINT_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: text})
+    atomic_write_text(
+        out_dir / CHECKPOINT_JSON, json.dumps(ckpt.progress(), indent=2, sort_keys=True) + "\n"
+    )
+
+
+def load_checkpoint(out_dir: Path) -> Checkpoint | None:
+    """The checkpoint in ``out_dir``, or None when there is none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = out_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path), device="cpu")
+        info = json.loads(meta[_META_KEY])
+    except Exception as exc:  # safetensors' own error types, missing/garbled metadata
+        raise ConfigError(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); start over with "
+            "--no-resume (resume=False) or use a new out dir"
+        ) from None
+    if info.get("version") != _VERSION:
+        raise ConfigError(f"{path}: checkpoint version {info.get('version')!r} is not supported")
+
+    def strip(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+    best = strip("best.")
+    return Checkpoint(
+        run=info["run"],
+        epochs_done=int(info["epochs_done"]),
+        global_step=int(info["global_step"]),
+        best_epoch=info["best_epoch"],
+        best_metric=info["best_metric"],
+        history=list(info["history"]),
+        finished=bool(info["finished"]),
+        selected=str(info.get("selected", "last")),
+        prompt=strip("prompt."),
+        best_prompt=best or None,
+        optimizer_tensors={k: v for k, v in tensors.items() if k.startswith("optim.")},
+        optimizer_scalars=dict(info.get("optimizer_scalars") or {}),
+    )
+
+
+def clear_checkpoint(out_dir: Path) -> None:
+    """Forget a previous run in ``out_dir`` (``resume=False``)."""
+    for name in (CHECKPOINT_FILE, CHECKPOINT_JSON):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to resume a checkpoint that another run (method, config, data, seed) wrote."""
+    a, b = _flatten(saved), _flatten(_plain(current))
+    diffs = [
+        f"{key}: checkpoint {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(
+            f"{out_dir} holds a checkpoint of a different run ({shown}); pass --no-resume "
+            "(resume=False) to start over there, or choose a new out dir"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}

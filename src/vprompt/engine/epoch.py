@@ -1,0 +1,113 @@
+"""One training epoch: shuffled augmented batches, loss, backward, clipped step, schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vprompt.data.dataset import ClassificationDataset
+from vprompt.engine.events import Callback, FitEvent, notify
+from vprompt.engine.optim import set_lr
+from vprompt.engine.runtime import autocast_for, check_labels, epoch_seed, make_loader
+from vprompt.engine.schedule import LRSchedule
+from vprompt.errors import VPromptError
+from vprompt.methods.base import OptimConfig
+
+
+def train_one_epoch(
+    method: Any,
+    train: ClassificationDataset,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    *,
+    epoch: int,
+    start_step: int,
+    optim: OptimConfig,
+    steps_per_epoch: int,
+    device: torch.device,
+    seed: int,
+    num_workers: int,
+    progress: bool,
+    callbacks: Sequence[Callback],
+) -> dict[str, Any]:
+    """Run one epoch of optimizer steps from global step ``start_step``.
+
+    Returns:
+        The epoch's history record (``epoch``, ``step`` after the epoch, ``train_loss``,
+        ``train_acc``, ``lr`` of the last step, ``images_per_s``); no validation metrics.
+    """
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    loader = make_loader(
+        train,
+        method.input_transform(True),
+        batch_size=optim.batch_size,
+        device=device,
+        num_workers=num_workers,
+        generator=generator,
+    )
+    params = method.trainable_parameters()
+    num_classes = len(method.classnames)
+    method.train()
+    step = start_step
+    loss_sum, correct, seen, lr = 0.0, 0, 0, schedule(step)
+    bar = tqdm(
+        total=steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{optim.epochs}",
+        unit="it",
+        disable=not progress,
+        leave=False,
+    )
+    started = time.perf_counter()
+    try:
+        for index, (images, labels) in enumerate(loader):
+            if index >= steps_per_epoch:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            check_labels(labels, num_classes, "training")
+            lr = schedule(step)
+            set_lr(optimizer, lr)
+            with autocast_for(device):
+                out = method(images)
+            logits = out.logits.float()  # B x C
+            loss = F.cross_entropy(logits, labels)
+            for term in out.aux_loss.values():
+                loss = loss + term.float()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise VPromptError(
+                    f"the training loss became {value} at epoch {epoch}, step {step}; "
+                    "lower optim.lr or set optim.grad_clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            optimizer.step()
+            step += 1
+            n = len(labels)
+            loss_sum += value * n
+            correct += int((logits.detach().argmax(dim=1) == labels).sum())
+            seen += n
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
+            )
+            notify(callbacks, FitEvent("step", epoch, step, {"loss": value, "lr": lr}))
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "lr": lr,
+        "images_per_s": seen / elapsed if elapsed > 0 else None,
+    }

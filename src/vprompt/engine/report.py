@@ -1,0 +1,92 @@
+"""Run reports as images: learning curves (matplotlib, optional) and method visualizations."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vprompt.utils.io import atomic_path
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """Loss and accuracy per epoch (train and, where present, val) as a PNG.
+
+    Returns:
+        The written path, or None when there is nothing to plot or matplotlib is missing.
+    """
+    if not history:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        warnings.warn(
+            "matplotlib is not installed; skipping learning-curve plots "
+            "(pip install 'vprompt[plots]')",
+            stacklevel=2,
+        )
+        return None
+    # The object API with an Agg canvas never touches pyplot's global backend.
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    for ax, metric, title in (
+        (fig.add_subplot(1, 2, 1), "loss", "loss"),
+        (fig.add_subplot(1, 2, 2), "acc", "accuracy"),
+    ):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            values = [h.get(f"{split}_{metric}") for h in history]
+            pairs = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
+            if pairs:
+                xs, ys = zip(*pairs, strict=True)
+                ax.plot(xs, ys, style, label=split, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    # Fixed margins: tight/constrained layout would cost an extra full draw.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.22)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def save_image(image: torch.Tensor, path: Path) -> Path:
+    """Write a 3 x H x W image, or a B x 3 x H x W batch as a grid, with values in [0, 1]."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    img = image.detach().float().cpu()
+    if img.dim() == 4:
+        img = make_grid(img, nrow=min(8, img.shape[0]), padding=2, pad_value=1.0)
+    if img.dim() == 2:
+        img = img.unsqueeze(0)
+    if img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(
+            f"visualization must be 3 x H x W or B x 3 x H x W, got {tuple(image.shape)}"
+        )
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    array = (img.nan_to_num(0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+    pil = Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+    return path
+
+
+def save_visualizations(images: Mapping[str, torch.Tensor], out_dir: Path) -> list[Path]:
+    """Save each named image as ``out_dir/<name>.png`` (names made file-system safe)."""
+    written = []
+    for name, image in images.items():
+        stem = _SAFE_NAME.sub("_", str(name)).strip("._") or "visualization"
+        written.append(save_image(image, out_dir / f"{stem}.png"))
+    return written
