@@ -9,13 +9,23 @@ from vprompt.methods.base import (
     config_to_dict,
     register_method,
 )
+from vprompt.methods.baselines import FullFineTune, LinearProbe
+from vprompt.methods.visual_prompt import MappingOnly, VisualPrompt, VisualPromptConfig
+from vprompt.methods.vpt import VPT, VPTConfig
 from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
 
 __all__ = [
     "METHODS",
+    "VPT",
+    "FullFineTune",
+    "LinearProbe",
+    "MappingOnly",
     "MethodOutput",
     "Prediction",
     "PromptMethod",
+    "VPTConfig",
+    "VisualPrompt",
+    "VisualPromptConfig",
     "ZeroShotClassifier",
     "ZeroShotConfig",
     "config_from_dict",

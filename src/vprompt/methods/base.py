@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -48,15 +48,13 @@ class PromptMethod(Protocol):
         ...
 
 
-M = TypeVar("M", bound=type)
-
-METHODS: Registry[type] = Registry("method")
+METHODS: Registry[Any] = Registry("method")
 
 
 def register_method(name: str) -> Any:
     """Class decorator: register a method under a lower-case name (once)."""
 
-    def wrap(cls: M) -> M:
+    def wrap(cls: Any) -> Any:
         if not hasattr(cls, "Config") or not dataclasses.is_dataclass(cls.Config):
             raise TypeError(f"method {name!r} needs a dataclass `Config`")
         if not hasattr(cls, "from_state"):
@@ -69,21 +67,84 @@ def register_method(name: str) -> Any:
 
 
 def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Build a frozen config dataclass from JSON-like data, naming unknown keys."""
+    """Build a frozen config dataclass (nested ones too) from JSON-like data.
+
+    Unknown keys are errors that name the expected keys.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(
             f"{cls.__qualname__}: unknown keys {sorted(unknown)}; expected {sorted(fields)}"
         )
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**kw)
+    defaults = cls()
+    kw: dict[str, Any] = {}
+    for key, value in data.items():
+        current = getattr(defaults, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            kw[key] = config_from_dict(type(current), value)
+        elif isinstance(value, list):
+            kw[key] = tuple(value)
+        else:
+            kw[key] = value
+    try:
+        return cls(**kw)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__qualname__}: {exc}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
-    }
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Apply ``key=value`` / ``section.key=value`` strings (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: Malformed items, unknown keys, or values the config rejects.
+    """
+    import yaml
+
+    data = config_to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(
+                f"--set {item!r}: unknown key {key!r}; known: {', '.join(sorted(_flat_keys(data)))}"
+            )
+        node[parts[-1]] = value
+    return config_from_dict(type(config), data)
+
+
+def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            keys += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def topk_predictions(
@@ -96,3 +157,75 @@ def topk_predictions(
         [Prediction(classnames[i], float(s), int(i)) for s, i in zip(row_s, row_i, strict=True)]
         for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule of a trainable method (paper defaults live in each method).
+
+    The schedule is linear warmup for ``warmup_epochs`` (from ``warmup_lr``, or from 0 when it is
+    ``None``), then cosine decay to 0 at the end of ``epochs``; it is stepped every iteration.
+    """
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 10
+    warmup_epochs: float = 0.0
+    warmup_lr: float | None = None
+    batch_size: int = 128
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"optim.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"optim.epochs must be >= 0 and batch_size >= 1 ({self})")
+        if self.warmup_epochs < 0 or self.warmup_epochs > max(self.epochs, 0):
+            raise ConfigError(
+                f"optim.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"
+            )
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.weight_decay must be >= 0 and momentum in [0, 1) ({self})")
+
+
+@runtime_checkable
+class TrainableMethod(Protocol):
+    """What the engine needs from a method it trains; the engine never asks which method it is.
+
+    A method holds a frozen backbone and only its own prompt tensors are trainable. ``train()``
+    must keep the backbone in eval mode (frozen BatchNorm statistics stay frozen).
+    """
+
+    name: ClassVar[str]
+    is_prompt_method: ClassVar[bool]
+    """False only for reference baselines that change backbone weights (full fine-tuning)."""
+    config: Any
+    """A frozen dataclass with an ``optim: OptimConfig`` field."""
+    classnames: list[str]
+    backbone: Any
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def input_transform(self, train: bool) -> Any:
+        """PIL image → tensor the method's forward expects (augmentation when ``train``)."""
+        ...
+
+    def forward(self, images: torch.Tensor) -> MethodOutput: ...
+
+    def before_epoch(self, epoch: int, train_batches: Any) -> None:
+        """Hook run before each training epoch; ``train_batches()`` iterates (images, labels)
+        over the training set without augmentation (used e.g. by iterative label mapping)."""
+        ...
+
+    def prompt_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named 3 x H x W images in [0, 1] for reports (the prompt, prompted examples);
+        ``images`` is a small batch from ``input_transform(False)``."""
+        ...

@@ -1,0 +1,69 @@
+"""The minimal dataset shape the engine trains and evaluates on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@runtime_checkable
+class ClassificationDataset(Protocol):
+    """Indexable (image, label) pairs with class names in label order."""
+
+    classnames: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train / optional validation / test splits of one task, sharing class names.
+
+    Model selection (best epoch, hyper-parameters) may only look at ``val``, never ``test``.
+    """
+
+    name: str
+    train: ClassificationDataset
+    test: ClassificationDataset
+    val: ClassificationDataset | None = None
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.train.classnames
+
+
+class Subset:
+    """A view on some indices of a dataset (keeps ``classnames``)."""
+
+    def __init__(self, base: ClassificationDataset, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.classnames = base.classnames
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.base[self.indices[index]]
+
+
+class TransformedDataset:
+    """Applies ``transform`` to each image: what a DataLoader consumes."""
+
+    def __init__(
+        self, base: ClassificationDataset, transform: Callable[[Image.Image], Any]
+    ) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.base[index]
+        return self.transform(image), label

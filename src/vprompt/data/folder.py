@@ -1,0 +1,73 @@
+"""Image-folder datasets: ``ROOT/<split>/<class>/<image>``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from vprompt.data.dataset import DataSplits
+from vprompt.data.images import IMAGE_EXTENSIONS, load_image
+from vprompt.errors import DatasetError
+
+
+class ImageFolder:
+    """One split folder whose sub-folders are classes (sorted names → labels 0..C-1).
+
+    Args:
+        root: The split folder (e.g. ``data/train``).
+        classnames: Class order to use (e.g. the train split's); folders not listed are errors.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, classnames: list[str] | None = None
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: not a folder")
+        found = sorted(
+            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
+        )
+        if not found:
+            raise DatasetError(
+                f"{self.root}: no class sub-folders (expected {self.root}/<class>/<image>)"
+            )
+        if classnames is not None:
+            unknown = sorted(set(found) - set(classnames))
+            if unknown:
+                raise DatasetError(
+                    f"{self.root}: class folders {unknown} are not in the train split"
+                )
+        self.classnames = list(classnames) if classnames is not None else found
+        self.samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(self.classnames):
+            folder = self.root / name
+            if not folder.is_dir():
+                continue
+            files = sorted(
+                p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            self.samples += [(p, label) for p in files]
+        if not self.samples:
+            raise DatasetError(f"{self.root}: no images found in its class folders")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return load_image(path), label
+
+
+def load_folder(root: str | os.PathLike[str]) -> DataSplits:
+    """``ROOT/train``, ``ROOT/test`` and optional ``ROOT/val`` image folders."""
+    base = Path(root)
+    if not (base / "train").is_dir() or not (base / "test").is_dir():
+        raise DatasetError(f"{base}: expected {base}/train/<class>/… and {base}/test/<class>/…")
+    train = ImageFolder(base / "train")
+    test = ImageFolder(base / "test", classnames=train.classnames)
+    val = (
+        ImageFolder(base / "val", classnames=train.classnames) if (base / "val").is_dir() else None
+    )
+    return DataSplits(base.name, train, test, val)

@@ -1,0 +1,226 @@
+"""Reference baselines next to the prompt methods: linear probe and full fine-tuning.
+
+``linear-probe`` trains a linear classifier on frozen features (a prompt method's natural
+competitor). ``full-finetune`` trains a copy of the whole backbone: it is **not a prompt method**
+(``is_prompt_method = False``) and exists only as an upper reference; the frozen backbone it was
+copied from stays untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vprompt.backbones.protocols import ImageTextBackbone
+from vprompt.errors import PackError
+from vprompt.methods.base import MethodOutput, OptimConfig, register_method
+
+
+def _features(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W normalized pixels → B x F frozen features (CLIP: unit-norm embeddings)."""
+    if isinstance(backbone, ImageTextBackbone):
+        return F.normalize(backbone.encode_image(pixels).float(), dim=-1)
+    return backbone.features(pixels).float()
+
+
+def _feature_dim(backbone: Any) -> int:
+    if isinstance(backbone, ImageTextBackbone):
+        return int(backbone.embed_dim)
+    return int(backbone.feature_dim)
+
+
+def _image_transform(
+    backbone: Any, train: bool, augment: bool
+) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms as T
+
+    if not (train and augment):
+        return backbone.transform
+    return T.Compose([T.RandomHorizontalFlip(), backbone.transform])
+
+
+def _check_state(name: str, expected: set[str], tensors: Mapping[str, torch.Tensor]) -> None:
+    if set(tensors) != expected:
+        raise PackError(
+            f"{name} state mismatch: missing {sorted(expected - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - expected)}"
+        )
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """Linear classifier on frozen features.
+
+    Attributes:
+        augment: Random horizontal flips during training.
+        optim: Optimizer and schedule.
+    """
+
+    augment: bool = False
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=10, batch_size=256
+        )
+    )
+
+
+@register_method("linear-probe")
+class LinearProbe(nn.Module):
+    """Baseline: logistic regression on the frozen backbone's penultimate features."""
+
+    Config = LinearProbeConfig
+    is_prompt_method: ClassVar[bool] = True
+    name: ClassVar[str]
+
+    def __init__(
+        self, backbone: Any, classnames: Sequence[str], config: LinearProbeConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.config = config or LinearProbeConfig()
+        self.head = nn.Linear(_feature_dim(backbone), len(self.classnames))
+        self.to(next(backbone.parameters()).device)
+
+    @classmethod
+    def from_state(
+        cls,
+        backbone: Any,
+        classnames: Sequence[str],
+        config: LinearProbeConfig,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> LinearProbe:
+        method = cls(backbone, classnames, config)
+        method.load_prompt_state(tensors)
+        return method
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()
+        }
+
+    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        _check_state("linear-probe", set(self.prompt_state()), tensors)
+        self.head.load_state_dict(
+            {k.removeprefix("head."): v for k, v in tensors.items()}, strict=True
+        )
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        return _image_transform(self.backbone, train, self.config.augment)
+
+    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
+        return None
+
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        with torch.no_grad():
+            feats = _features(self.backbone, images)
+        return MethodOutput(logits=self.head(feats))
+
+
+@dataclass(frozen=True)
+class FullFineTuneConfig:
+    """Every backbone weight trained (reference only, not a prompt method).
+
+    Attributes:
+        augment: Random horizontal flips during training.
+        optim: Optimizer and schedule.
+    """
+
+    augment: bool = True
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=3, batch_size=128
+        )
+    )
+
+
+@register_method("full-finetune")
+class FullFineTune(nn.Module):
+    """Upper reference: fine-tunes a *copy* of the backbone plus a new linear head.
+
+    Not a prompt method: its pack holds every weight of the tuned copy.
+    """
+
+    Config = FullFineTuneConfig
+    is_prompt_method: ClassVar[bool] = False
+    name: ClassVar[str]
+
+    def __init__(
+        self, backbone: Any, classnames: Sequence[str], config: FullFineTuneConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone  # frozen original: identity and fingerprint for the pack
+        self.classnames = list(classnames)
+        self.config = config or FullFineTuneConfig()
+        self.tuned = copy.deepcopy(backbone)
+        for p in self.tuned.parameters():
+            p.requires_grad_(True)
+        self.head = nn.Linear(_feature_dim(backbone), len(self.classnames))
+        self.to(next(backbone.parameters()).device)
+
+    @classmethod
+    def from_state(
+        cls,
+        backbone: Any,
+        classnames: Sequence[str],
+        config: FullFineTuneConfig,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> FullFineTune:
+        method = cls(backbone, classnames, config)
+        method.load_prompt_state(tensors)
+        return method
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.tuned.parameters()) + list(self.head.parameters())
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        # The wrapped model's own state dict: adapters may alias sub-modules (e.g. the head).
+        state = {f"tuned.{k}": v for k, v in self.tuned.model.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        _check_state("full-finetune", set(self.prompt_state()), tensors)
+        self.tuned.model.load_state_dict(
+            {k.removeprefix("tuned."): v for k, v in tensors.items() if k.startswith("tuned.")},
+            strict=True,
+        )
+        self.head.load_state_dict(
+            {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")},
+            strict=True,
+        )
+
+    def train(self, mode: bool = True) -> FullFineTune:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        return _image_transform(self.backbone, train, self.config.augment)
+
+    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
+        return None
+
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        return MethodOutput(logits=self.head(_features(self.tuned, images)))

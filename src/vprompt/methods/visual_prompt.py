@@ -1,0 +1,301 @@
+"""Visual prompting: a learned pixel prompt + output label mapping on any frozen classifier.
+
+On a CNN/ViT classifier the task's classes come from its source classes through a label mapping;
+on CLIP the "mapping" is the text prompts (class embeddings from templates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vprompt.backbones.protocols import ImageTextBackbone
+from vprompt.errors import ConfigError, PackError
+from vprompt.methods.base import MethodOutput, OptimConfig, register_method
+from vprompt.methods.label_mapping import LabelMapping, MappingKind
+from vprompt.methods.pixel_prompt import PixelPrompt, PromptKind
+
+MappingChoice = Literal["auto", "text", "random", "frequency", "iterative", "linear"]
+
+
+@dataclass(frozen=True)
+class VisualPromptConfig:
+    """Pixel prompt + label mapping; defaults follow ILM-VP's expansive padding prompt.
+
+    Attributes:
+        kind: padding | fixed-patch | random-patch | full | none.
+        canvas_size: Canvas side; ``None`` uses the backbone's input size.
+        inner_size: Side the image is resized to inside the canvas; ``None`` = canvas size.
+        pad_width: Frame width; ``None`` = (canvas - inner) / 2, or 30 when they are equal.
+        patch_size: Side of the patch prompts.
+        mapping: auto (text for CLIP, frequency otherwise), text, random, frequency, iterative,
+            linear.
+        mapping_samples: Training images used to estimate frequency mappings (``None``: all).
+        templates: Text templates for CLIP's class embeddings.
+        augment: Random horizontal flips during training.
+        seed: Seed of the random mapping.
+        optim: Optimizer and schedule.
+    """
+
+    kind: PromptKind = "padding"
+    canvas_size: int | None = None
+    inner_size: int | None = 160
+    pad_width: int | None = None
+    patch_size: int = 16
+    mapping: MappingChoice = "auto"
+    mapping_samples: int | None = None
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    augment: bool = True
+    seed: int = 0
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(optimizer="adam", lr=0.01, epochs=10, batch_size=256)
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("padding", "fixed-patch", "random-patch", "full", "none"):
+            raise ConfigError(
+                f"kind must be padding, fixed-patch, random-patch, full or none, got {self.kind!r}"
+            )
+        if self.mapping not in ("auto", "text", "random", "frequency", "iterative", "linear"):
+            raise ConfigError(f"unknown mapping {self.mapping!r}")
+        for name in ("canvas_size", "inner_size", "pad_width", "mapping_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+        if self.canvas_size and self.inner_size and self.inner_size > self.canvas_size:
+            raise ConfigError(
+                f"inner_size {self.inner_size} exceeds canvas_size {self.canvas_size}"
+            )
+        if self.canvas_size and self.patch_size > self.canvas_size:
+            raise ConfigError(
+                f"patch_size {self.patch_size} exceeds canvas_size {self.canvas_size}"
+            )
+        if self.canvas_size and self.pad_width and 2 * self.pad_width >= self.canvas_size:
+            raise ConfigError(
+                f"pad_width {self.pad_width} leaves no image on a {self.canvas_size} canvas"
+            )
+
+
+def _resolve(config: VisualPromptConfig, backbone: Any) -> VisualPromptConfig:
+    """Fill the backbone-dependent ``None``/``auto`` fields so packs store concrete values."""
+    canvas = config.canvas_size or int(backbone.preprocess.size[0])
+    inner = config.inner_size or canvas
+    inner = min(inner, canvas)
+    pad = config.pad_width or ((canvas - inner) // 2 if inner < canvas else 30)
+    is_text = isinstance(backbone, ImageTextBackbone)
+    mapping = config.mapping
+    if mapping == "auto":
+        mapping = "text" if is_text else "frequency"
+    if mapping == "text" and not is_text:
+        raise ConfigError(
+            f"mapping=text needs a CLIP-like backbone, {backbone.name} is a classifier"
+        )
+    if mapping != "text" and is_text:
+        raise ConfigError(f"{backbone.name} classifies through text prompts; use mapping=text/auto")
+    return dataclasses.replace(
+        config, canvas_size=canvas, inner_size=inner, pad_width=pad, mapping=mapping
+    )
+
+
+@register_method("visual-prompt")
+class VisualPrompt(nn.Module):
+    """Learned pixels around (or on) the image, read out through a label mapping.
+
+    Args:
+        backbone: Frozen classifier (``torchvision:…``, ``timm:…``) or CLIP backbone.
+        classnames: Target classes in label order.
+        config: See :class:`VisualPromptConfig`.
+    """
+
+    Config = VisualPromptConfig
+    is_prompt_method: ClassVar[bool] = True
+    name: ClassVar[str]
+    mean: torch.Tensor  # 1 x 3 x 1 x 1 (buffer)
+    std: torch.Tensor
+    class_embeddings: torch.Tensor  # C x D, CLIP backbones only (buffer)
+
+    def __init__(
+        self, backbone: Any, classnames: Sequence[str], config: VisualPromptConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.config = cfg = _resolve(config or self.Config(), backbone)
+        assert cfg.canvas_size is not None
+        assert cfg.inner_size is not None
+        assert cfg.pad_width is not None
+        self.pixels = PixelPrompt(
+            kind=cfg.kind,
+            canvas_size=cfg.canvas_size,
+            inner_size=cfg.inner_size,
+            pad_width=cfg.pad_width,
+            patch_size=cfg.patch_size,
+        )
+        pre = backbone.preprocess
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1), persistent=False)
+        self.mapping: LabelMapping | None = None
+        if cfg.mapping == "text":
+            from vprompt.methods.zeroshot import encode_class_prompts
+
+            prompts = [[t.format(c) for t in cfg.templates] for c in self.classnames]
+            self.register_buffer(
+                "class_embeddings", encode_class_prompts(backbone, prompts), persistent=False
+            )
+        else:
+            self.mapping = LabelMapping(
+                kind=cast(MappingKind, cfg.mapping),
+                num_source=int(backbone.num_classes),
+                num_target=len(self.classnames),
+                seed=cfg.seed,
+            )
+        self.to(self._backbone_device())
+
+    # ------------------------------------------------------------------ engine contract
+    @classmethod
+    def from_state(
+        cls,
+        backbone: Any,
+        classnames: Sequence[str],
+        config: VisualPromptConfig,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> VisualPrompt:
+        method = cls(backbone, classnames, config)
+        method.load_prompt_state(tensors)
+        return method
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad and not self._is_backbone_param(p)]
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        if self.pixels.prompt is not None:
+            state["pixels.prompt"] = self.pixels.prompt.detach()
+        if self.mapping is not None:
+            for key, value in self.mapping.state_dict().items():
+                state[f"mapping.{key}"] = value.detach()
+        return {k: v.cpu().contiguous() for k, v in state.items()}
+
+    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.prompt_state())
+        if set(tensors) != expected:
+            raise PackError(
+                f"visual-prompt state mismatch: missing {sorted(expected - set(tensors))}, "
+                f"unexpected {sorted(set(tensors) - expected)}"
+            )
+        with torch.no_grad():
+            if self.pixels.prompt is not None:
+                self.pixels.prompt.copy_(tensors["pixels.prompt"])
+            if self.mapping is not None:
+                self.mapping.load_state_dict(
+                    {
+                        k.removeprefix("mapping."): v
+                        for k, v in tensors.items()
+                        if k.startswith("mapping.")
+                    },
+                    strict=True,
+                )
+
+    def train(self, mode: bool = True) -> VisualPrompt:
+        super().train(mode)
+        self.backbone.eval()  # frozen BatchNorm statistics must never update
+        return self
+
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        from torchvision import transforms as T
+
+        size = int(self.config.inner_size or 0)
+        steps: list[Any] = [
+            T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
+            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR),
+        ]
+        if train and self.config.augment:
+            steps.append(T.RandomHorizontalFlip())
+        steps.append(T.ToTensor())
+        return T.Compose(steps)
+
+    def before_epoch(
+        self, epoch: int, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> None:
+        if self.mapping is None or not self.mapping.needs_update(epoch):
+            return
+        was = self.training
+        self.eval()
+        device = self._backbone_device()
+        self.mapping.update(
+            lambda x: self.source_logits(self.pixels(x.to(device))),
+            train_batches(),
+            max_samples=self.config.mapping_samples,
+        )
+        self.train(was)
+
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.pixels.prompt is None:
+            return {}
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            prompted = self.pixels(images.to(self._backbone_device())).clamp(0, 1).cpu()
+            self.train(was)
+        return {"prompt": self.pixels.render(), "prompted_examples": prompted}
+
+    # ------------------------------------------------------------------ forward
+    def source_logits(self, canvas: torch.Tensor) -> torch.Tensor:
+        """B x 3 x canvas x canvas in [0, 1] → B x K source logits (or B x C for CLIP)."""
+        pixels = (canvas - self.mean) / self.std
+        if self.mapping is None:
+            feats = F.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+            return self.backbone.logit_scale.float() * feats @ self.class_embeddings.T
+        return self.backbone(pixels)
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        """B x 3 x inner x inner images in [0, 1] → B x C logits."""
+        logits = self.source_logits(self.pixels(images))
+        if self.mapping is not None:
+            logits = self.mapping(logits)
+        return MethodOutput(logits=logits.float())
+
+    # ------------------------------------------------------------------ helpers
+    def _backbone_device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _is_backbone_param(self, p: nn.Parameter) -> bool:
+        return any(p is q for q in self.backbone.parameters())
+
+
+@dataclass(frozen=True)
+class MappingOnlyConfig(VisualPromptConfig):
+    """No prompt: only the label mapping (the baseline every visual prompt must beat)."""
+
+    kind: PromptKind = "none"
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(optimizer="adam", lr=0.01, epochs=0, batch_size=256)
+    )
+
+
+@register_method("mapping-only")
+class MappingOnly(VisualPrompt):
+    """Baseline: the frozen model read out through a label mapping, with no prompt.
+
+    With ``frequency`` mapping nothing is trained (``epochs=0``; the mapping is estimated on the
+    training set); with ``linear`` mapping only the linear map is trained.
+    """
+
+    Config = MappingOnlyConfig
+
+    def __init__(
+        self, backbone: Any, classnames: Sequence[str], config: VisualPromptConfig | None = None
+    ) -> None:
+        cfg = config or MappingOnlyConfig()
+        if cfg.kind != "none":
+            raise ConfigError(
+                "mapping-only has no prompt; use --method visual-prompt for kind != none"
+            )
+        super().__init__(backbone, classnames, cfg)
