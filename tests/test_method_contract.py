@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vprompt
+from vprompt.engine.optim import flat_params
 from vprompt.engine.pack import build_from_pack, load_pack, pack_method, save_pack
 from vprompt.methods import METHODS
 
@@ -98,7 +99,7 @@ def test_method_contract(method_name, backbone_name, overrides, tmp_path):
     _calibrate(method, images, labels)
 
     # Only the method's own tensors are trainable; none of them belongs to the backbone.
-    params = method.trainable_parameters()
+    params = flat_params(method.trainable_parameters())
     backbone_ids = {id(p) for p in backbone.parameters()}
     assert all(id(p) not in backbone_ids for p in params)
     assert all(not p.requires_grad for p in backbone.parameters())

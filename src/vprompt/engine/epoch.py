@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset
 from vprompt.engine.events import Callback, FitEvent, notify
-from vprompt.engine.optim import set_lr
+from vprompt.engine.optim import flat_params, set_lr
 from vprompt.engine.runtime import autocast_for, check_labels, epoch_seed, make_loader
 from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import VPromptError
@@ -51,7 +51,7 @@ def train_one_epoch(
         num_workers=num_workers,
         generator=generator,
     )
-    params = method.trainable_parameters()
+    params = flat_params(method.trainable_parameters())
     num_classes = len(method.classnames)
     method.train()
     step = start_step

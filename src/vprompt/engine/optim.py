@@ -14,12 +14,34 @@ from vprompt.methods.base import OptimConfig
 _PREFIX = "optim."
 
 
-def build_optimizer(params: Sequence[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (with momentum), Adam or AdamW over ``params`` only.
+def param_groups(params: Sequence[Any]) -> list[dict[str, Any]]:
+    """Normalize ``trainable_parameters()``: a list of parameters, or of groups
+    ``{"params": [...], "lr_scale": float}`` whose learning rate is ``lr_scale`` times the
+    schedule's."""
+    items = list(params)
+    if items and isinstance(items[0], Mapping):
+        groups = []
+        for g in items:
+            scale = float(g.get("lr_scale", 1.0))
+            if not scale > 0:
+                raise ConfigError(f"parameter group lr_scale must be > 0, got {scale}")
+            groups.append({"params": list(g["params"]), "lr_scale": scale})
+        return [g for g in groups if g["params"]]
+    return [{"params": items, "lr_scale": 1.0}] if items else []
+
+
+def flat_params(params: Sequence[Any]) -> list[nn.Parameter]:
+    return [p for g in param_groups(params) for p in g["params"]]
+
+
+def build_optimizer(params: Sequence[Any], optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum), Adam or AdamW over ``params`` only (parameters or groups, see
+    :func:`param_groups`).
 
     The learning rate set here is the peak; the schedule overwrites it every iteration.
     """
-    params = list(params)
+    groups = param_groups(params)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ConfigError(
             "the method has no trainable parameters, so there is nothing to fit "
@@ -28,20 +50,21 @@ def build_optimizer(params: Sequence[nn.Parameter], optim: OptimConfig) -> torch
     frozen = [i for i, p in enumerate(params) if not p.requires_grad]
     if frozen:
         raise ConfigError(f"trainable_parameters() returned frozen parameters (indices {frozen})")
+    torch_groups = [{**g, "lr": optim.lr * g["lr_scale"]} for g in groups]
     if optim.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+            torch_groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
         )
     if optim.optimizer == "adam":
-        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.Adam(torch_groups, lr=optim.lr, weight_decay=optim.weight_decay)
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(torch_groups, lr=optim.lr, weight_decay=optim.weight_decay)
     raise ConfigError(f"unknown optimizer {optim.optimizer!r}; expected sgd, adam or adamw")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_state(

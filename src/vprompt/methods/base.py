@@ -208,7 +208,10 @@ class TrainableMethod(Protocol):
     classnames: list[str]
     backbone: Any
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+    def trainable_parameters(self) -> list[Any]:
+        """The prompt parameters, or groups ``{"params": [...], "lr_scale": s}`` when some
+        learn at ``s`` times the scheduled rate."""
+        ...
 
     def input_transform(self, train: bool) -> Any:
         """PIL image → tensor the method's forward expects (augmentation when ``train``)."""

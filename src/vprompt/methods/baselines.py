@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
-from vprompt.errors import PackError
+from vprompt.errors import ConfigError, PackError
 from vprompt.methods.base import MethodOutput, OptimConfig, register_method
 
 
@@ -37,13 +37,31 @@ def _feature_dim(backbone: Any) -> int:
 
 
 def _image_transform(
-    backbone: Any, train: bool, augment: bool
+    backbone: Any, train: bool, augment: bool, image_size: int | None
 ) -> Callable[[Image.Image], torch.Tensor]:
+    """The backbone's own preprocessing, or a plain resize to ``image_size`` (to compare with a
+    visual prompt at the same canvas size), plus flips when training with ``augment``."""
     from torchvision import transforms as T
 
+    base: Callable[[Image.Image], torch.Tensor] = backbone.transform
+    if image_size is not None:
+        pre = backbone.preprocess
+        base = T.Compose(
+            [
+                T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
+                T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR),
+                T.ToTensor(),
+                T.Normalize(pre.mean, pre.std),
+            ]
+        )
     if not (train and augment):
-        return backbone.transform
-    return T.Compose([T.RandomHorizontalFlip(), backbone.transform])
+        return base
+    return T.Compose([T.RandomHorizontalFlip(), base])
+
+
+def _check_image_size(image_size: int | None) -> None:
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
+        raise ConfigError(f"image_size must be an integer >= 8 or null, got {image_size!r}")
 
 
 def _check_state(name: str, expected: set[str], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -60,15 +78,20 @@ class LinearProbeConfig:
 
     Attributes:
         augment: Random horizontal flips during training.
+        image_size: ``None`` uses the backbone's preprocessing; N resizes images to N x N.
         optim: Optimizer and schedule.
     """
 
     augment: bool = False
+    image_size: int | None = None
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=10, batch_size=256
         )
     )
+
+    def __post_init__(self) -> None:
+        _check_image_size(self.image_size)
 
 
 @register_method("linear-probe")
@@ -121,7 +144,7 @@ class LinearProbe(nn.Module):
         return self
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-        return _image_transform(self.backbone, train, self.config.augment)
+        return _image_transform(self.backbone, train, self.config.augment, self.config.image_size)
 
     def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
         return None
@@ -141,15 +164,20 @@ class FullFineTuneConfig:
 
     Attributes:
         augment: Random horizontal flips during training.
+        image_size: ``None`` uses the backbone's preprocessing; N resizes images to N x N.
         optim: Optimizer and schedule.
     """
 
     augment: bool = True
+    image_size: int | None = None
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=3, batch_size=128
         )
     )
+
+    def __post_init__(self) -> None:
+        _check_image_size(self.image_size)
 
 
 @register_method("full-finetune")
@@ -214,7 +242,7 @@ class FullFineTune(nn.Module):
         return self
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-        return _image_transform(self.backbone, train, self.config.augment)
+        return _image_transform(self.backbone, train, self.config.augment, self.config.image_size)
 
     def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
         return None

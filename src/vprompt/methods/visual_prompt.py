@@ -33,7 +33,8 @@ class VisualPromptConfig:
         kind: padding | fixed-patch | random-patch | full | none.
         canvas_size: Canvas side; ``None`` uses the backbone's input size.
         inner_size: Side the image is resized to inside the canvas; ``None`` = canvas size.
-        pad_width: Frame width; ``None`` = (canvas - inner) / 2, or 30 when they are equal.
+        pad_width: Frame width; ``None`` = (canvas - inner) / 2, or 30/224 of the canvas when
+            they are equal (Bahng et al.).
         patch_size: Side of the patch prompts.
         mapping: auto (text for CLIP, frequency otherwise), text, random, frequency, iterative,
             linear.
@@ -41,6 +42,8 @@ class VisualPromptConfig:
         templates: Text templates for CLIP's class embeddings.
         augment: Random horizontal flips during training.
         seed: Seed of the random mapping.
+        mapping_lr_scale: Learning-rate multiplier of the linear mapping relative to the
+            prompt (1 = one shared rate, as in ILM-VP/AutoVP).
         optim: Optimizer and schedule.
     """
 
@@ -54,6 +57,7 @@ class VisualPromptConfig:
     templates: tuple[str, ...] = ("a photo of a {}.",)
     augment: bool = True
     seed: int = 0
+    mapping_lr_scale: float = 1.0
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(optimizer="adam", lr=0.01, epochs=10, batch_size=256)
     )
@@ -77,6 +81,8 @@ class VisualPromptConfig:
             raise ConfigError(
                 f"patch_size {self.patch_size} exceeds canvas_size {self.canvas_size}"
             )
+        if not self.mapping_lr_scale > 0:
+            raise ConfigError(f"mapping_lr_scale must be > 0, got {self.mapping_lr_scale}")
         if self.canvas_size and self.pad_width and 2 * self.pad_width >= self.canvas_size:
             raise ConfigError(
                 f"pad_width {self.pad_width} leaves no image on a {self.canvas_size} canvas"
@@ -88,7 +94,10 @@ def _resolve(config: VisualPromptConfig, backbone: Any) -> VisualPromptConfig:
     canvas = config.canvas_size or int(backbone.preprocess.size[0])
     inner = config.inner_size or canvas
     inner = min(inner, canvas)
-    pad = config.pad_width or ((canvas - inner) // 2 if inner < canvas else 30)
+    # Bahng et al.'s pad prompter is 30 px wide on a 224 canvas; keep that proportion.
+    pad = config.pad_width or (
+        (canvas - inner) // 2 if inner < canvas else max(1, round(canvas * 30 / 224))
+    )
     is_text = isinstance(backbone, ImageTextBackbone)
     mapping = config.mapping
     if mapping == "auto":
@@ -171,8 +180,15 @@ class VisualPrompt(nn.Module):
         method.load_prompt_state(tensors)
         return method
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad and not self._is_backbone_param(p)]
+    def trainable_parameters(self) -> list[Any]:
+        prompt = [self.pixels.prompt] if self.pixels.prompt is not None else []
+        mapping = list(self.mapping.parameters()) if self.mapping is not None else []
+        if self.config.mapping_lr_scale == 1.0 or not mapping or not prompt:
+            return prompt + mapping
+        return [
+            {"params": prompt, "lr_scale": 1.0},
+            {"params": mapping, "lr_scale": self.config.mapping_lr_scale},
+        ]
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
@@ -265,9 +281,6 @@ class VisualPrompt(nn.Module):
     # ------------------------------------------------------------------ helpers
     def _backbone_device(self) -> torch.device:
         return next(self.backbone.parameters()).device
-
-    def _is_backbone_param(self, p: nn.Parameter) -> bool:
-        return any(p is q for q in self.backbone.parameters())
 
 
 @dataclass(frozen=True)
