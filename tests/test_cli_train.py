@@ -1,0 +1,215 @@
+"""`vprompt train` / `vprompt eval` end to end through the real CLI, on synthetic image folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    """train/val/test folders of two easily separated classes (reddish vs bluish noise)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 6), ("test", 8)):
+        for name, channel in (("blue", 2), ("red", 0)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+                img[..., channel] = rng.integers(170, 255, (40, 40), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(run_cli, colour_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vp"
+    result = run_cli(
+        "train",
+        "--method",
+        "visual-prompt",
+        "--model",
+        "torchvision:tiny",
+        "--weights",
+        "none",
+        "--data",
+        f"folder:{colour_folder}",
+        "--out",
+        out,
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "optim.batch_size=8",
+        "--set",
+        "mapping=linear",
+        "--set",
+        "inner_size=48",
+        "--json",
+    )
+    return result, out
+
+
+def test_train_writes_pack_metrics_plots_and_reports_test_accuracy(trained):
+    result, out = trained
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["test_images"] == 16
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+    assert report["selected"] == "best-val"  # a val split exists, so selection used it
+    for name in (
+        "prompt.safetensors",
+        "metrics.jsonl",
+        "config.json",
+        "test_metrics.json",
+        "learning_curves.png",
+        "prompt.png",
+        "prompted_examples.png",
+    ):
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert all(json.loads(line)["val_acc"] is not None for line in lines)
+    assert (out / "prompt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_of_the_pack_reproduces_the_train_commands_test_accuracy(
+    trained, run_cli, colour_folder
+):
+    result, out = trained
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    ev = run_cli(
+        "eval", "--pack", out / "prompt.safetensors", "--data", f"folder:{colour_folder}", "--json"
+    )
+    assert ev.returncode == 0, ev.stderr
+    scores = json.loads(ev.stdout)
+    assert scores["images"] == 16
+    assert scores["accuracy"] == report["test_accuracy"]
+    inspect = run_cli("inspect", out / "prompt.safetensors", "--json")
+    meta = json.loads(inspect.stdout)
+    assert meta["method"] == "visual-prompt"
+    assert meta["backbone"]["name"] == "torchvision:tiny"
+    assert meta["classnames"] == ["blue", "red"]
+    assert set(meta["tensors"]) == {
+        "pixels.prompt",
+        "mapping.indices",
+        "mapping.calibrated",
+        "mapping.linear.weight",
+        "mapping.linear.bias",
+    }
+
+
+def test_rerunning_a_finished_run_resumes_instead_of_retraining(trained, run_cli, colour_folder):
+    _, out = trained
+    before = (out / "prompt.safetensors").read_bytes()
+    again = run_cli(
+        "train",
+        "--method",
+        "visual-prompt",
+        "--model",
+        "torchvision:tiny",
+        "--weights",
+        "none",
+        "--data",
+        f"folder:{colour_folder}",
+        "--out",
+        out,
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "optim.batch_size=8",
+        "--set",
+        "mapping=linear",
+        "--set",
+        "inner_size=48",
+        "--json",
+    )
+    assert again.returncode == 0, again.stderr
+    assert "epoch 1/2" not in again.stderr  # nothing retrained
+    assert (out / "prompt.safetensors").read_bytes() == before
+    changed = run_cli(
+        "train",
+        "--method",
+        "visual-prompt",
+        "--model",
+        "torchvision:tiny",
+        "--weights",
+        "none",
+        "--data",
+        f"folder:{colour_folder}",
+        "--out",
+        out,
+        "--set",
+        "optim.epochs=3",
+        "--set",
+        "optim.batch_size=8",
+        "--set",
+        "mapping=linear",
+        "--set",
+        "inner_size=48",
+    )
+    assert changed.returncode == 1
+    assert "vprompt: error:" in changed.stderr
+    assert "--no-resume" in changed.stderr
+    assert "Traceback" not in changed.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "model", "data", "sets", "message"),
+    [
+        ("bogus", "torchvision:tiny", None, [], "unknown method 'bogus'"),
+        ("visual-prompt", "torchvision:tiny", None, ["optim.lrr=1"], "unknown key 'optim.lrr'"),
+        ("visual-prompt", "torchvision:tiny", None, ["kind=spiral"], "kind must be"),
+        ("visual-prompt", "torchvision:tiny", "folder:/does/not/exist", [], "expected"),
+        ("visual-prompt", "torchvision:mobilenet_v3", None, [], "did you mean"),
+    ],
+)
+def test_train_bad_inputs_give_one_line_errors(
+    run_cli, colour_folder, tmp_path, method, model, data, sets, message
+):
+    overrides = [arg for s in sets for arg in ("--set", s)]
+    result = run_cli(
+        "train",
+        "--method",
+        method,
+        "--model",
+        model,
+        "--weights",
+        "none",
+        "--data",
+        data or f"folder:{colour_folder}",
+        "--out",
+        tmp_path / "run",
+        *overrides,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vprompt: error:")]
+    assert len(errors) == 1, result.stderr
+    assert message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_full_finetune_is_labelled_not_a_prompt_method(run_cli, colour_folder, tmp_path):
+    result = run_cli(
+        "train",
+        "--method",
+        "full-finetune",
+        "--model",
+        "torchvision:tiny",
+        "--weights",
+        "none",
+        "--data",
+        f"folder:{colour_folder}",
+        "--out",
+        tmp_path / "ft",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "optim.batch_size=8",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not a prompt method" in result.stderr
