@@ -22,11 +22,7 @@ assets: $(STAMP)
 	@bash scripts/install-assets.sh $(BIN)/python
 
 quickstart: setup assets
-	@$(BIN)/python scripts/sample_photos.py runs/photos
-	$(BIN)/vprompt zeroshot runs/photos --model clip:ViT-B-16 --weights none \
-		--classes "astronaut,cat,coffee,rocket,coins,camera" --templates openai-imagenet \
-		--top-k 3 --save-pack runs/zeroshot.safetensors
-	$(BIN)/vprompt inspect runs/zeroshot.safetensors
+	@$(BIN)/python scripts/quickstart.py runs/quickstart
 
 test: setup assets
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
