@@ -8,7 +8,7 @@ transforms) timed on the same data, and writes a Markdown table and JSON to ``--
 CPU (subset, what bench/results/visual_prompt_fmnist_cpu.md records)::
 
     .venv/bin/python bench/visual_prompt_fmnist.py --device cpu --train-size 10000 \
-        --test-size 2000 --epochs 1 --canvas 64 --inner 48 \
+        --test-size 2000 --epochs 1 --canvas 64 --inner 48 --batch-size 64 \
         --out bench/results/visual_prompt_fmnist_cpu
 
 GPU (paper-scale: 224 canvas, 160 inner, 10 epochs, full 60k/10k)::

@@ -64,6 +64,10 @@ def train_one_epoch(
         leave=False,
     )
     started = time.perf_counter()
+    # ~20 windowed points per epoch, so one-epoch runs still get a learning curve.
+    every = max(1, steps_per_epoch // 20)
+    curve: list[list[float]] = []
+    win_loss, win_correct, win_seen = 0.0, 0, 0
     try:
         for index, (images, labels) in enumerate(loader):
             if index >= steps_per_epoch:
@@ -92,9 +96,15 @@ def train_one_epoch(
             optimizer.step()
             step += 1
             n = len(labels)
+            hits = int((logits.detach().argmax(dim=1) == labels).sum())
             loss_sum += value * n
-            correct += int((logits.detach().argmax(dim=1) == labels).sum())
+            correct += hits
             seen += n
+            win_loss, win_correct, win_seen = win_loss + value * n, win_correct + hits, win_seen + n
+            if (index + 1) % every == 0 or index + 1 == steps_per_epoch:
+                position = epoch + (index + 1) / steps_per_epoch
+                curve.append([position, win_loss / win_seen, win_correct / win_seen])
+                win_loss, win_correct, win_seen = 0.0, 0, 0
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
@@ -110,4 +120,5 @@ def train_one_epoch(
         "train_acc": correct / max(seen, 1),
         "lr": lr,
         "images_per_s": seen / elapsed if elapsed > 0 else None,
+        "curve": curve,  # [epoch position, window train loss, window train acc]
     }

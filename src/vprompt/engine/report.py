@@ -38,10 +38,22 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: Path) -> Pa
     fig = Figure(figsize=(9, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     epochs = [int(h["epoch"]) + 1 for h in history]
-    for ax, metric, title in (
-        (fig.add_subplot(1, 2, 1), "loss", "loss"),
-        (fig.add_subplot(1, 2, 2), "acc", "accuracy"),
+    curve = [point for h in history for point in h.get("curve") or []]
+    for column, (ax, metric, title) in enumerate(
+        (
+            (fig.add_subplot(1, 2, 1), "loss", "loss"),
+            (fig.add_subplot(1, 2, 2), "acc", "accuracy"),
+        ),
+        start=1,
     ):
+        if curve:  # within-epoch training curve (x: epochs elapsed)
+            ax.plot(
+                [p[0] for p in curve],
+                [p[column] for p in curve],
+                "-",
+                alpha=0.6,
+                label="train (running)",
+            )
         for split, style in (("train", "o-"), ("val", "s--")):
             values = [h.get(f"{split}_{metric}") for h in history]
             pairs = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
