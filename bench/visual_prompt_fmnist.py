@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,38 @@ def plain_vp_throughput(
     return done / (time.perf_counter() - start)
 
 
+def render(info: dict[str, Any]) -> str:
+    """The Markdown table of a results.json."""
+    a = info["args"]
+    lines = [
+        f"# Frozen MobileNetV2 → Fashion-MNIST ({info['device']}, torch {info['torch']})",
+        "",
+        f"train {info.get('train_images', a['train_size'])} / test "
+        f"{info.get('test_images', a['test_size'])} images, canvas {a['canvas']}, inner "
+        f"{a['inner']}, {a['epochs']} epochs, batch {a['batch_size']}",
+        "",
+        "Command: `" + info.get("command", "python bench/visual_prompt_fmnist.py") + "`",
+        "",
+        "| method | backbone frozen | test acc. | train img/s | fit s | numbers in the pack |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in info["rows"]:
+        speed = f"{r['train_images_per_s']:.0f}" if r["train_images_per_s"] else "–"
+        frozen = "yes" if r["prompt_method"] else "no (reference, not a prompt method)"
+        lines.append(
+            f"| {r['method']} | {frozen} | {100 * r['test_accuracy']:.1f}% | {speed} | "
+            f"{r['fit_seconds']} | {r['trainable_params']} |"
+        )
+    ours = info["vprompt_vp_images_per_s"] or 0.0
+    lines += [
+        "",
+        f"VP training throughput: plain reference loop {info['plain_vp_images_per_s']:.0f} img/s, "
+        f"vprompt vp-linear {ours:.0f} img/s, ratio {info['speed_ratio'] or 0:.2f}×.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,7 +146,13 @@ def main() -> None:
         default="mapping-only,vp-frequency,vp-iterative,vp-linear,linear-probe,full-finetune",
     )
     ap.add_argument("--out", default="bench/results/visual_prompt_fmnist")
+    ap.add_argument("--render", default=None, help="only re-render the table of a results.json")
     args = ap.parse_args()
+    if args.render:
+        info = json.loads(Path(args.render).read_text())
+        Path(args.render).with_name("results.md").write_text(render(info))
+        print(render(info))
+        return
 
     torch.manual_seed(0)
     splits = load_fashion_mnist()
@@ -151,7 +190,7 @@ def main() -> None:
         result = fit(
             method,
             train,
-            out_dir=out / key,
+            out_dir=out / "runs" / key,
             device=args.device,
             resume=False,
             num_workers=args.workers,
@@ -197,32 +236,14 @@ def main() -> None:
         "plain_vp_images_per_s": plain,
         "vprompt_vp_images_per_s": ours,
         "speed_ratio": (ours / plain) if ours else None,
+        "train_images": len(train),
+        "test_images": len(test),
+        "command": "python " + " ".join(sys.argv),
     }
     (out / "results.json").write_text(json.dumps(info, indent=1) + "\n")
-    lines = [
-        f"# Frozen MobileNetV2 → Fashion-MNIST ({info['device']}, torch {torch.__version__})",
-        "",
-        f"train {len(train)} / test {len(test)} images, canvas {args.canvas}, inner {args.inner}, "
-        f"{args.epochs} epochs (full fine-tune {ft_epochs}), batch {args.batch_size}",
-        "",
-        "| method | prompt method | test acc. | train img/s | fit s | learned params |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        speed = f"{r['train_images_per_s']:.0f}" if r["train_images_per_s"] else "–"
-        lines.append(
-            f"| {r['method']} | {'yes' if r['prompt_method'] else 'no (reference)'} | "
-            f"{100 * r['test_accuracy']:.1f}% | {speed} | {r['fit_seconds']} | "
-            f"{r['trainable_params']} |"
-        )
-    lines += [
-        "",
-        f"Plain reference VP loop: {plain:.0f} img/s; vprompt vp-linear: "
-        f"{ours or 0:.0f} img/s; ratio {info['speed_ratio'] or 0:.2f}×",
-        "",
-    ]
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    text = render(info)
+    (out / "results.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
