@@ -236,3 +236,58 @@ def test_real_fashion_mnist_from_debian():
     train, test = FashionMNIST(DEBIAN_DIR, split="train"), FashionMNIST(DEBIAN_DIR, split="test")
     assert (len(train), len(test)) == (60000, 10000)
     assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------------------- resume
+def test_interrupted_visual_prompt_run_resumes_to_the_same_prompt(tiny_cnn, tmp_path):
+    """ILM re-estimates its mapping every epoch; a resumed run must still end bit-identical."""
+    from PIL import Image
+
+    from vprompt.engine import fit
+    from vprompt.methods.base import apply_overrides
+
+    class Noise:
+        def __init__(self) -> None:
+            self.classnames = ["a", "b", "c"]
+
+        def __len__(self) -> int:
+            return 24
+
+        def __getitem__(self, i: int):
+            pixels = np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            return Image.fromarray(pixels), i % 3
+
+    overrides = [
+        "mapping=iterative",
+        "inner_size=48",
+        "optim.epochs=3",
+        "optim.batch_size=8",
+        "optim.lr=0.05",
+    ]
+
+    def method():
+        cfg = apply_overrides(VisualPrompt.Config(), overrides)
+        return VisualPrompt(tiny_cnn, Noise().classnames, cfg)
+
+    straight = method()
+    fit(straight, Noise(), out_dir=tmp_path / "a", progress=False)
+
+    def stop_in_epoch_two(event):
+        if event.kind == "step" and event.epoch == 1:
+            raise KeyboardInterrupt
+
+    interrupted = method()
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            interrupted,
+            Noise(),
+            out_dir=tmp_path / "b",
+            progress=False,
+            callbacks=[stop_in_epoch_two],
+        )
+    resumed = method()
+    fit(resumed, Noise(), out_dir=tmp_path / "b", progress=False)
+    expected, got = straight.prompt_state(), resumed.prompt_state()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
