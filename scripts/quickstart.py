@@ -49,8 +49,9 @@ def run(name: str, extra: list[str]) -> dict:
 
 def main() -> None:
     # "before": the frozen model read out through the frequency label mapping (FLM), the
-    # standard visual-prompting baseline; "after": a learned padding prompt read out through a
-    # learned linear label mapping (AutoVP's FullyMap). See README for the linear mapping alone.
+    # standard visual-prompting baseline; "after": a learned padding prompt (free pixel values
+    # starting black, i.e. from the mapping-only input) read out through a learned linear label
+    # mapping (AutoVP's FullyMap). See README for the linear mapping alone.
     before = run("mapping-only", [*PROMPT, "--method", "mapping-only", "--set=mapping=frequency"])
     after = run(
         "visual-prompt",
@@ -59,6 +60,7 @@ def main() -> None:
             "--method",
             "visual-prompt",
             "--set=kind=padding",
+            "--set=pixel_range=free",
             "--set=mapping=linear",
             "--set=optim.epochs=1",
         ],

@@ -34,6 +34,11 @@ CASES = [
         ["kind=full", "mapping=iterative", "canvas_size=64", "inner_size=40"],
     ),
     ("visual-prompt", "clip:tiny", ["kind=padding", "inner_size=24"]),
+    (
+        "visual-prompt",
+        "torchvision:tiny",
+        ["kind=padding", "pixel_range=free", "mapping=linear", "inner_size=48"],
+    ),
     ("mapping-only", "torchvision:tiny", ["mapping=linear", "canvas_size=64", "inner_size=64"]),
     ("linear-probe", "torchvision:tiny", []),
     ("linear-probe", "clip:tiny", []),

@@ -291,3 +291,19 @@ def test_interrupted_visual_prompt_run_resumes_to_the_same_prompt(tiny_cnn, tmp_
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_free_pixel_range_starts_from_the_mapping_only_input_and_learns():
+    p = _prompt("padding", canvas=16, inner=10, pad=3)
+    free = PixelPrompt(
+        kind="padding", canvas_size=16, inner_size=10, pad_width=3, patch_size=4, pixel_range="free"
+    )
+    x = torch.rand(2, 3, 10, 10)
+    assert torch.equal(free(x), free.place(x))  # black frame: exactly the unprompted canvas
+    assert not torch.equal(p(x), p.place(x))  # sigmoid starts mid-grey
+    free(x).sum().backward()
+    assert free.prompt.grad is not None
+    assert free.prompt.grad[:, 3:13, 3:13].abs().sum() == 0  # only the frame learns
+    assert free.prompt.grad[:, :3, :].abs().sum() > 0
+    with pytest.raises(ConfigError, match="pixel_range"):
+        VisualPrompt.Config(pixel_range="tanh")  # type: ignore[arg-type]

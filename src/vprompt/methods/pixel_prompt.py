@@ -12,7 +12,9 @@ prompt lives in [0, 1] pixel space, before the backbone's normalization:
 - ``full``: an unconstrained additive perturbation over the whole canvas.
 - ``none``: no prompt (the mapping-only baseline).
 
-Frame and patch pixels are ``sigmoid(θ)`` so they stay valid colours; ``full`` adds ``θ``.
+Frame and patch pixels are ``sigmoid(θ)`` with ``pixel_range="sigmoid"`` (ILM-VP: valid
+colours, mid-grey at the start) or ``θ`` itself with ``pixel_range="free"`` (unconstrained, black
+at the start, so training begins from exactly the mapping-only input); ``full`` always adds ``θ``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+PixelRange = Literal["sigmoid", "free"]
 PromptKind = Literal["padding", "fixed-patch", "random-patch", "full", "none"]
 
 
@@ -34,6 +37,7 @@ class PixelPrompt(nn.Module):
         inner_size: Side the target image is resized to (≤ ``canvas_size``).
         pad_width: Frame width for ``padding``.
         patch_size: Square side for the patch prompts.
+        pixel_range: ``sigmoid`` or ``free`` (see the module docstring).
     """
 
     mask: torch.Tensor  # 1 x canvas x canvas frame mask (buffer, padding only)
@@ -46,6 +50,7 @@ class PixelPrompt(nn.Module):
         inner_size: int,
         pad_width: int,
         patch_size: int,
+        pixel_range: PixelRange = "sigmoid",
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -53,6 +58,7 @@ class PixelPrompt(nn.Module):
         self.inner_size = inner_size
         self.pad_width = pad_width
         self.patch_size = patch_size
+        self.pixel_range = pixel_range
         c = canvas_size
         if kind == "none":
             self.prompt = None
@@ -85,15 +91,19 @@ class PixelPrompt(nn.Module):
         if self.kind == "full":
             return canvas + self.prompt
         if self.kind == "padding":
-            return canvas * (1 - self.mask) + self.mask * torch.sigmoid(self.prompt)
+            return canvas * (1 - self.mask) + self.mask * self._pixels()
         s, c = self.patch_size, self.canvas_size
         if self.kind == "random-patch" and self.training:
             y, x = (int(v) for v in torch.randint(0, c - s + 1, (2,)))
         else:
             y = x = 0
         out = canvas.clone()
-        out[:, :, y : y + s, x : x + s] = torch.sigmoid(self.prompt).expand(len(out), -1, -1, -1)
+        out[:, :, y : y + s, x : x + s] = self._pixels().expand(len(out), -1, -1, -1)
         return out
+
+    def _pixels(self) -> torch.Tensor:
+        assert self.prompt is not None
+        return torch.sigmoid(self.prompt) if self.pixel_range == "sigmoid" else self.prompt
 
     def render(self) -> torch.Tensor:
         """The prompt alone on a mid-grey canvas, 3 x canvas x canvas in [0, 1] (for plots)."""

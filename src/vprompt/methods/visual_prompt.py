@@ -20,7 +20,7 @@ from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.errors import ConfigError, PackError
 from vprompt.methods.base import MethodOutput, OptimConfig, register_method
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
-from vprompt.methods.pixel_prompt import PixelPrompt, PromptKind
+from vprompt.methods.pixel_prompt import PixelPrompt, PixelRange, PromptKind
 
 MappingChoice = Literal["auto", "text", "random", "frequency", "iterative", "linear"]
 
@@ -36,6 +36,8 @@ class VisualPromptConfig:
         pad_width: Frame width; ``None`` = (canvas - inner) / 2, or 30/224 of the canvas when
             they are equal (Bahng et al.).
         patch_size: Side of the patch prompts.
+        pixel_range: ``sigmoid`` keeps frame/patch pixels in [0, 1] starting mid-grey (ILM-VP);
+            ``free`` learns raw values starting black, i.e. from the mapping-only input.
         mapping: auto (text for CLIP, frequency otherwise), text, random, frequency, iterative,
             linear.
         mapping_samples: Training images used to estimate frequency mappings (``None``: all).
@@ -52,6 +54,7 @@ class VisualPromptConfig:
     inner_size: int | None = 160
     pad_width: int | None = None
     patch_size: int = 16
+    pixel_range: PixelRange = "sigmoid"
     mapping: MappingChoice = "auto"
     mapping_samples: int | None = None
     templates: tuple[str, ...] = ("a photo of a {}.",)
@@ -81,6 +84,8 @@ class VisualPromptConfig:
             raise ConfigError(
                 f"patch_size {self.patch_size} exceeds canvas_size {self.canvas_size}"
             )
+        if self.pixel_range not in ("sigmoid", "free"):
+            raise ConfigError(f"pixel_range must be sigmoid or free, got {self.pixel_range!r}")
         if not self.mapping_lr_scale > 0:
             raise ConfigError(f"mapping_lr_scale must be > 0, got {self.mapping_lr_scale}")
         if self.canvas_size and self.pad_width and 2 * self.pad_width >= self.canvas_size:
@@ -146,6 +151,7 @@ class VisualPrompt(nn.Module):
             inner_size=cfg.inner_size,
             pad_width=cfg.pad_width,
             patch_size=cfg.patch_size,
+            pixel_range=cfg.pixel_range,
         )
         pre = backbone.preprocess
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
