@@ -1,0 +1,9 @@
+"""The ``vprompt`` command line: thin wrappers over the Python API.
+
+Importing this package registers every command on :func:`main`.
+"""
+
+from vprompt.cli import classify, train  # noqa: F401  (registers the commands)
+from vprompt.cli.common import main
+
+__all__ = ["main"]

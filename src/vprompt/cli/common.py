@@ -1,0 +1,76 @@
+"""Shared CLI pieces: the ``vprompt`` group, one-line error handling, common options."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from vprompt.errors import VPromptError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"vprompt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn vprompt's own errors into one ``vprompt: error: …`` line and exit code 1."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VPromptError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return run  # type: ignore[return-value]
+
+
+model_option = click.option(
+    "--model",
+    "model",
+    default="clip:ViT-B-16",
+    show_default=True,
+    help="Backbone as FAMILY:ARCH (see `vprompt models`).",
+)
+weights_option = click.option(
+    "--weights",
+    default=None,
+    help="Weight tag, hf-hub:ORG/REPO, local file or folder, or 'none' (random init). "
+    "Default: the model's default tag.",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … or auto."
+)
+images_argument = click.argument("images", nargs=-1, required=True)
+common_predict_options = [
+    click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1)),
+    click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+    click.option(
+        "--max-pixels",
+        default=None,
+        type=click.IntRange(min=1),
+        help="Refuse images with more pixels than this (default: Pillow's bomb limit).",
+    ),
+]
+
+
+def predict_options(fn: F) -> F:
+    for option in reversed(common_predict_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vprompt")
+def main() -> None:
+    """Adapt frozen vision and vision-language models to new tasks through prompts."""

@@ -1,0 +1,213 @@
+"""``vprompt train | eval``: learn prompts on a dataset and evaluate packs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vprompt.cli.common import device_option, friendly_errors, main, weights_option
+
+
+def _subset(data: Any, n: int | None, seed: int) -> Any:
+    """A seeded random subset of ``n`` items (all of them when ``n`` is None or too large)."""
+    if n is None or n >= len(data):
+        return data
+    import torch
+
+    from vprompt.data.dataset import Subset
+
+    gen = torch.Generator().manual_seed(seed)
+    return Subset(data, sorted(torch.randperm(len(data), generator=gen)[:n].tolist()))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from vprompt.utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+@main.command("train")
+@click.option(
+    "--method",
+    "method_name",
+    required=True,
+    help="Registered method (visual-prompt, mapping-only, linear-probe, full-finetune, …).",
+)
+@click.option("--model", "model", required=True, help="Backbone as FAMILY:ARCH.")
+@weights_option
+@click.option("--data", "data_spec", required=True, help="fashion-mnist[:PATH] or folder:PATH.")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Config override, e.g. optim.lr=0.1 (repeatable).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--train-subset",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Train on a seeded random subset of N images.",
+)
+@click.option(
+    "--test-subset",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Evaluate on a seeded random subset of N test images.",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Continue from the run folder's last checkpoint.",
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Data-loading worker processes.",
+)
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print the final test metrics as JSON.")
+@friendly_errors
+def train_cmd(
+    method_name: str,
+    model: str,
+    weights: str | None,
+    data_spec: str,
+    out_dir: str,
+    overrides: tuple[str, ...],
+    seed: int,
+    train_subset: int | None,
+    test_subset: int | None,
+    resume: bool,
+    workers: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Learn a prompt for a frozen model on a dataset; writes the pack, metrics and plots to OUT."""
+    from vprompt.backbones import load_backbone
+    from vprompt.backbones.registry import resolve_device
+    from vprompt.data.sources import load_data
+    from vprompt.engine import evaluate, fit
+    from vprompt.methods.base import METHODS, apply_overrides
+
+    cls = METHODS.get(method_name)
+    if not hasattr(cls, "trainable_parameters"):
+        raise click.UsageError(
+            f"method {method_name!r} has nothing to train; see `vprompt zeroshot`"
+        )
+    config = apply_overrides(cls.Config(), overrides)
+    splits = load_data(data_spec)
+    train = _subset(splits.train, train_subset, seed)
+    test = _subset(splits.test, test_subset, seed + 1)
+    dev = resolve_device(device)
+    backbone = load_backbone(model, weights, device=dev)
+    method = cls(backbone, splits.classnames, config)
+    if not cls.is_prompt_method:
+        click.echo(
+            f"vprompt: note: {method_name} is a reference baseline, not a prompt method "
+            "(it changes a copy of the backbone's weights)",
+            err=True,
+        )
+    out = Path(out_dir)
+    result = fit(
+        method,
+        train,
+        val=splits.val,
+        out_dir=out,
+        device=dev,
+        seed=seed,
+        resume=resume,
+        num_workers=workers,
+    )
+    scores = evaluate(
+        method,
+        test,
+        device=dev,
+        num_workers=workers,
+        batch_size=max(method.config.optim.batch_size, 64),
+    )
+    report = {
+        "method": method_name,
+        "model": model,
+        "weights": backbone.weights,
+        "data": data_spec,
+        "test_images": scores.n,
+        "test_accuracy": scores.accuracy,
+        "test_loss": scores.loss,
+        "per_class_accuracy": scores.per_class_accuracy,
+        "selected": result.selected,
+        "best_epoch": result.best_epoch,
+        "pack": str(result.pack_path),
+    }
+    _write_json(out / "test_metrics.json", report)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    click.echo(f"pack:    {result.pack_path}")
+    click.echo(f"outputs: {out} (metrics.jsonl, config.json, test_metrics.json, *.png)")
+    click.echo(f"test accuracy: {100 * scores.accuracy:.1f}% on {scores.n} images")
+
+
+@main.command("eval")
+@click.option("--pack", "pack_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--data", "data_spec", required=True, help="fashion-mnist[:PATH] or folder:PATH.")
+@click.option(
+    "--split", default="test", show_default=True, type=click.Choice(["test", "val", "train"])
+)
+@click.option(
+    "--subset", default=None, type=click.IntRange(min=1), help="Seeded random subset of N images."
+)
+@weights_option
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+@device_option
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def eval_cmd(
+    pack_path: str,
+    data_spec: str,
+    split: str,
+    subset: int | None,
+    weights: str | None,
+    workers: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Evaluate a prompt pack on a dataset split."""
+    from vprompt.backbones.registry import resolve_device
+    from vprompt.data.sources import load_data
+    from vprompt.engine import evaluate
+    from vprompt.engine.pack import build_from_pack, check_classnames, load_pack
+    from vprompt.errors import DatasetError
+
+    pack = load_pack(pack_path)
+    splits = load_data(data_spec)
+    data = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
+    if data is None:
+        raise DatasetError(f"{data_spec} has no {split} split")
+    check_classnames(pack, data.classnames)
+    dev = resolve_device(device)
+    method = build_from_pack(pack, weights=weights, device=dev)
+    scores = evaluate(method, _subset(data, subset, 1), device=dev, num_workers=workers)
+    report = {
+        "pack": pack_path,
+        "data": data_spec,
+        "split": split,
+        "images": scores.n,
+        "accuracy": scores.accuracy,
+        "loss": scores.loss,
+        "per_class_accuracy": scores.per_class_accuracy,
+    }
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        click.echo(f"{split} accuracy: {100 * scores.accuracy:.1f}% on {scores.n} images")
