@@ -25,29 +25,20 @@ def colour_folder(tmp_path_factory):
     return root
 
 
+def vp_train_args(folder, out, *, epochs: int = 2) -> list:
+    """The `vprompt train` arguments of the visual-prompt run the tests below share."""
+    return [
+        "train", "--method", "visual-prompt", "--model", "torchvision:tiny", "--weights", "none",
+        "--data", f"folder:{folder}", "--out", out, "--set", f"optim.epochs={epochs}",
+        "--set", "optim.batch_size=8", "--set", "mapping=linear", "--set", "inner_size=48",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def trained(run_cli, colour_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "vp"
     result = run_cli(
-        "train",
-        "--method",
-        "visual-prompt",
-        "--model",
-        "torchvision:tiny",
-        "--weights",
-        "none",
-        "--data",
-        f"folder:{colour_folder}",
-        "--out",
-        out,
-        "--set",
-        "optim.epochs=2",
-        "--set",
-        "optim.batch_size=8",
-        "--set",
-        "mapping=linear",
-        "--set",
-        "inner_size=48",
+        *vp_train_args(colour_folder, out),
         "--json",
     )
     return result, out
@@ -107,50 +98,14 @@ def test_rerunning_a_finished_run_resumes_instead_of_retraining(trained, run_cli
     _, out = trained
     before = (out / "prompt.safetensors").read_bytes()
     again = run_cli(
-        "train",
-        "--method",
-        "visual-prompt",
-        "--model",
-        "torchvision:tiny",
-        "--weights",
-        "none",
-        "--data",
-        f"folder:{colour_folder}",
-        "--out",
-        out,
-        "--set",
-        "optim.epochs=2",
-        "--set",
-        "optim.batch_size=8",
-        "--set",
-        "mapping=linear",
-        "--set",
-        "inner_size=48",
+        *vp_train_args(colour_folder, out),
         "--json",
     )
     assert again.returncode == 0, again.stderr
     assert "epoch 1/2" not in again.stderr  # nothing retrained
     assert (out / "prompt.safetensors").read_bytes() == before
     changed = run_cli(
-        "train",
-        "--method",
-        "visual-prompt",
-        "--model",
-        "torchvision:tiny",
-        "--weights",
-        "none",
-        "--data",
-        f"folder:{colour_folder}",
-        "--out",
-        out,
-        "--set",
-        "optim.epochs=3",
-        "--set",
-        "optim.batch_size=8",
-        "--set",
-        "mapping=linear",
-        "--set",
-        "inner_size=48",
+        *vp_train_args(colour_folder, out, epochs=3),
     )
     assert changed.returncode == 1
     assert "vprompt: error:" in changed.stderr

@@ -17,9 +17,13 @@ from vprompt.backbones import clip_vision
 from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import NotAViTError
-from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, BackboneFamily
+from vprompt.backbones.registry import (
+    RANDOM_INIT,
+    RANDOM_INIT_SEED,
+    BackboneFamily,
+    unknown_weights_error,
+)
 from vprompt.errors import WeightsError
-from vprompt.utils.registry import close_matches
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Short public names → the open_clip config names our bundled configs register under.
@@ -318,17 +322,7 @@ def _resolve_source(arch: str, weights: str) -> dict[str, Any]:
             "tokenizer": oc_arch,
             "force_quick_gelu": quick,
         }
-    guesses = close_matches(weights, tags)
-    hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
-    looks_like_path = any(sep in weights for sep in ("/", "\\", ".")) and not weights.startswith(
-        "hf-hub:"
-    )
-    what = f"no such file or folder {weights!r}" if looks_like_path else f"unknown tag {weights!r}"
-    raise WeightsError(
-        f"clip:{arch}: {what}{hint}; weights must be one of the tags "
-        f"[{', '.join(tags) or 'none registered'}], 'none', 'hf-hub:ORG/REPO', or an existing "
-        "file or folder"
-    )
+    raise unknown_weights_error(f"clip:{arch}", weights, tags)
 
 
 def _error_summary(exc: BaseException, limit: int = 600) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vprompt.errors import ConfigError, UnknownNameError
+from vprompt.errors import ConfigError, UnknownNameError, WeightsError
 from vprompt.utils.registry import Registry, close_matches
 
 RANDOM_INIT = "none"
@@ -76,6 +76,32 @@ def split_name(name: str) -> tuple[BackboneFamily, str]:
             f"{family.name} architectures)"
         )
     return family, arch
+
+
+def unknown_weights_error(
+    name: str, weights: str, tags: list[str], *, max_shown: int | None = None
+) -> WeightsError:
+    """The error for a weight source that is neither a tag, ``none``, hf-hub nor a path.
+
+    Args:
+        name: The ``family:arch`` name the weights were asked for.
+        tags: The registered tags, searched for close matches and listed.
+        max_shown: List at most this many tags (timm archs can have dozens).
+    """
+    guesses = close_matches(weights, tags)
+    hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
+    # No registered tag contains a path separator or a dot, so those mean a missing file.
+    looks_like_path = any(c in weights for c in ("/", "\\", ".")) and not weights.startswith(
+        "hf-hub:"
+    )
+    what = f"no such file or folder {weights!r}" if looks_like_path else f"unknown tag {weights!r}"
+    shown = ", ".join(tags[:max_shown] if max_shown else tags)
+    if max_shown and len(tags) > max_shown:
+        shown += " …"
+    return WeightsError(
+        f"{name}: {what}{hint}; weights must be one of the tags [{shown or 'none registered'}], "
+        "'none', 'hf-hub:ORG/REPO', or an existing file or folder"
+    )
 
 
 def all_model_names() -> list[str]:

@@ -17,9 +17,13 @@ from vprompt.backbones.checkpoints import (
 )
 from vprompt.backbones.classifier import ClassifierBackbone, TokenLayout, class_names
 from vprompt.backbones.preprocess import Interpolation, Preprocess, ResizeMode
-from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, BackboneFamily
+from vprompt.backbones.registry import (
+    RANDOM_INIT,
+    RANDOM_INIT_SEED,
+    BackboneFamily,
+    unknown_weights_error,
+)
 from vprompt.errors import WeightsError
-from vprompt.utils.registry import close_matches
 
 # Tiny test models: public name → (timm arch, create_model kwargs, data-config overrides).
 TINY_ARCHS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -120,18 +124,7 @@ def _from_local_file(arch: str, timm_arch: str, kwargs: dict[str, Any], path: Pa
 
 
 def _unknown_source(arch: str, weights: str) -> WeightsError:
-    tags = list_tags(arch)
-    guesses = close_matches(weights, tags)
-    hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
-    looks_like_path = any(sep in weights for sep in ("/", "\\")) or weights.endswith(
-        (".safetensors", ".pth", ".pt", ".bin")
-    )
-    what = f"no such file or folder {weights!r}" if looks_like_path else f"unknown tag {weights!r}"
-    shown = ", ".join(tags[:12]) + (" …" if len(tags) > 12 else "")
-    return WeightsError(
-        f"timm:{arch}: {what}{hint}; weights must be one of the tags "
-        f"[{shown or 'none registered'}], 'none', 'hf-hub:ORG/REPO', or an existing file or folder"
-    )
+    return unknown_weights_error(f"timm:{arch}", weights, list_tags(arch), max_shown=12)
 
 
 def _wrap(model: nn.Module, *, arch: str, weights: str) -> ClassifierBackbone:

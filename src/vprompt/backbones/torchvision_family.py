@@ -19,9 +19,13 @@ from vprompt.backbones.checkpoints import (
 )
 from vprompt.backbones.classifier import ClassifierBackbone, TokenLayout, class_names
 from vprompt.backbones.preprocess import Interpolation, Preprocess
-from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, BackboneFamily
+from vprompt.backbones.registry import (
+    RANDOM_INIT,
+    RANDOM_INIT_SEED,
+    BackboneFamily,
+    unknown_weights_error,
+)
 from vprompt.errors import WeightsError
-from vprompt.utils.registry import close_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,18 +218,7 @@ def _token_layout(model: nn.Module) -> TokenLayout | None:
 
 
 def _unknown_source(arch: str, weights: str) -> WeightsError:
-    tags = list_tags(arch)
-    guesses = close_matches(weights, tags)
-    hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
-    looks_like_path = any(sep in weights for sep in ("/", "\\")) or weights.endswith(
-        (".safetensors", ".pth", ".pt", ".bin")
-    )
-    what = f"no such file or folder {weights!r}" if looks_like_path else f"unknown tag {weights!r}"
-    return WeightsError(
-        f"torchvision:{arch}: {what}{hint}; weights must be one of the tags "
-        f"[{', '.join(tags) or 'none registered'}], 'none', 'hf-hub:ORG/REPO', or an existing "
-        "file or folder"
-    )
+    return unknown_weights_error(f"torchvision:{arch}", weights, list_tags(arch))
 
 
 TORCHVISION_FAMILY = BackboneFamily(

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, PackError
 from vprompt.utils.registry import Registry
 
 
@@ -145,6 +145,15 @@ def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def check_state_keys(method: str, expected: set[str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse prompt tensors whose names differ from what ``method`` saves, naming both sides."""
+    if set(tensors) != expected:
+        raise PackError(
+            f"{method} state mismatch: missing {sorted(expected - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - expected)}"
+        )
 
 
 def topk_predictions(

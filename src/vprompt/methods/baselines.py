@@ -19,8 +19,8 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
-from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import MethodOutput, OptimConfig, register_method
+from vprompt.errors import ConfigError
+from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
 
 
 def _features(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -62,14 +62,6 @@ def _image_transform(
 def _check_image_size(image_size: int | None) -> None:
     if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
         raise ConfigError(f"image_size must be an integer >= 8 or null, got {image_size!r}")
-
-
-def _check_state(name: str, expected: set[str], tensors: Mapping[str, torch.Tensor]) -> None:
-    if set(tensors) != expected:
-        raise PackError(
-            f"{name} state mismatch: missing {sorted(expected - set(tensors))}, "
-            f"unexpected {sorted(set(tensors) - expected)}"
-        )
 
 
 @dataclass(frozen=True)
@@ -133,7 +125,7 @@ class LinearProbe(nn.Module):
         }
 
     def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        _check_state("linear-probe", set(self.prompt_state()), tensors)
+        check_state_keys("linear-probe", set(self.prompt_state()), tensors)
         self.head.load_state_dict(
             {k.removeprefix("head."): v for k, v in tensors.items()}, strict=True
         )
@@ -226,7 +218,7 @@ class FullFineTune(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        _check_state("full-finetune", set(self.prompt_state()), tensors)
+        check_state_keys("full-finetune", set(self.prompt_state()), tensors)
         self.tuned.model.load_state_dict(
             {k.removeprefix("tuned."): v for k, v in tensors.items() if k.startswith("tuned.")},
             strict=True,

@@ -17,8 +17,8 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
-from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import MethodOutput, OptimConfig, register_method
+from vprompt.errors import ConfigError
+from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
 from vprompt.methods.pixel_prompt import PixelPrompt, PixelRange, PromptKind
 
@@ -206,12 +206,7 @@ class VisualPrompt(nn.Module):
         return {k: v.cpu().contiguous() for k, v in state.items()}
 
     def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.prompt_state())
-        if set(tensors) != expected:
-            raise PackError(
-                f"visual-prompt state mismatch: missing {sorted(expected - set(tensors))}, "
-                f"unexpected {sorted(set(tensors) - expected)}"
-            )
+        check_state_keys("visual-prompt", set(self.prompt_state()), tensors)
         with torch.no_grad():
             if self.pixels.prompt is not None:
                 self.pixels.prompt.copy_(tensors["pixels.prompt"])

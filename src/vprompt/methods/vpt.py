@@ -33,7 +33,7 @@ from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone, TokenBackbone
 from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import MethodOutput, OptimConfig, register_method
+from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
 
 PromptInit = Literal["xavier", "normal", "zeros"]
 HeadChoice = Literal["auto", "linear", "text"]
@@ -232,12 +232,7 @@ class VPT(nn.Module):
         return {k: v.cpu().contiguous() for k, v in state.items()}
 
     def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.prompt_state())
-        if set(tensors) != expected:
-            raise PackError(
-                f"vpt state mismatch: missing {sorted(expected - set(tensors))}, "
-                f"unexpected {sorted(set(tensors) - expected)}"
-            )
+        check_state_keys("vpt", set(self.prompt_state()), tensors)
         with torch.no_grad():
             if self.prompts is not None:
                 if tuple(tensors["prompts"].shape) != tuple(self.prompts.shape):
