@@ -1,0 +1,124 @@
+"""Datasets as lists of ``(image path, label, class name)`` items — the CoOp suite's unit.
+
+A :class:`Datum` is exactly one entry of a ``split_zhou_*.json`` file (path relative to the
+dataset folder), so few-shot selections and split files round-trip through JSON unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from vprompt.data.images import load_image
+from vprompt.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One labelled image.
+
+    Attributes:
+        path: Image path relative to the dataset's root folder (POSIX separators).
+        label: Class index.
+        classname: The class name as the split file spells it (underscores kept).
+    """
+
+    path: str
+    label: int
+    classname: str
+
+    def to_json(self) -> list[str | int]:
+        return [self.path, self.label, self.classname]
+
+    @classmethod
+    def from_json(cls, entry: object, *, where: str) -> Datum:
+        """Parse ``[path, label, classname]`` with a clear error naming ``where``."""
+        if (
+            not isinstance(entry, list | tuple)
+            or len(entry) != 3
+            or not isinstance(entry[0], str)
+            or not isinstance(entry[2], str)
+        ):
+            raise DatasetError(f"{where}: expected [path, label, classname], got {entry!r}")
+        try:
+            label = int(entry[1])
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: label {entry[1]!r} is not an integer") from None
+        if label < 0:
+            raise DatasetError(f"{where}: negative label {label}")
+        return cls(entry[0].replace("\\", "/"), label, entry[2])
+
+
+def prompt_name(classname: str) -> str:
+    """The name CoOp-suite code puts in prompts: underscores become spaces."""
+    return classname.replace("_", " ")
+
+
+def label_names(items: Iterable[Datum]) -> list[str]:
+    """Class names in label order, as Dassl's ``get_lab2cname`` derives them from a split.
+
+    Raises:
+        DatasetError: Labels are not 0..C-1 or one label has two names.
+    """
+    names: dict[int, str] = {}
+    for item in items:
+        seen = names.setdefault(item.label, item.classname)
+        if seen != item.classname:
+            raise DatasetError(
+                f"label {item.label} is both {seen!r} and {item.classname!r} in the split"
+            )
+    if sorted(names) != list(range(len(names))):
+        missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
+        raise DatasetError(f"labels must be 0..{len(names) - 1}; missing {missing[:10]}")
+    return [names[i] for i in range(len(names))]
+
+
+class ItemDataset:
+    """A :class:`~vprompt.data.dataset.ClassificationDataset` over items under ``root``.
+
+    Args:
+        root: Folder the item paths are relative to.
+        items: The labelled images, in order.
+        classnames: Names for labels 0..C-1 (prompt-ready: underscores already replaced).
+            Defaults to the items' own names via :func:`label_names` and :func:`prompt_name`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        items: Sequence[Datum],
+        classnames: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.items = list(items)
+        if classnames is None:
+            classnames = [prompt_name(n) for n in label_names(self.items)]
+        self.classnames = list(classnames)
+        bad = [d for d in self.items if d.label >= len(self.classnames)]
+        if bad:
+            raise DatasetError(
+                f"{bad[0].path}: label {bad[0].label} but only {len(self.classnames)} classes"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.items[index].path
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        item = self.items[index]
+        return load_image(self.root / item.path), item.label
+
+    def identity(self, index: int) -> str:
+        """A key that changes when the image file changes (for feature caches)."""
+        path = self.root / self.items[index].path
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
