@@ -143,3 +143,34 @@ def test_method_contract(method_name, backbone_name, overrides, tmp_path):
     with torch.no_grad():
         assert torch.equal(rebuilt(images).logits, expected)
     assert pack_method(rebuilt).tensors.keys() == pack.tensors.keys()
+
+
+@pytest.mark.parametrize(
+    ("method_name", "backbone_name", "overrides"),
+    [c for c in CASES if METHODS.get(c[0]).__dict__.get("input_kind") == "image-features"],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_image_feature_method_contract(method_name, backbone_name, overrides):
+    """A method that may be trained on cached features computes exactly that on pixels."""
+    from vprompt.methods.base import ImageFeatureMethod, uses_image_features
+
+    method = _build(method_name, backbone_name, overrides)
+    assert uses_image_features(method)
+    assert isinstance(method, ImageFeatureMethod)
+    assert isinstance(method.feature_kind, str)
+    assert method.feature_kind
+    assert method.feature_views >= 1
+    images, labels = _batch(method)
+    _calibrate(method, images, labels)
+    method.eval()
+    feats = method.encode_images(images)
+    assert feats.ndim == 2
+    assert feats.shape[0] == len(images)
+    assert not feats.requires_grad
+    assert torch.equal(method.encode_images(images), feats)  # deterministic
+    with torch.no_grad():
+        assert torch.equal(method.forward_features(feats).logits, method(images).logits)
+    method.train()
+    out = method.forward_features(feats)
+    out.logits.sum().backward()
+    assert any(p.grad is not None for p in flat_params(method.trainable_parameters()))

@@ -51,6 +51,18 @@ class Subset:
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.base[self.indices[index]]
 
+    @property
+    def identity(self) -> Callable[[int], str]:
+        """``identity(index)``: the base dataset's image identity (for feature caches).
+
+        Raises:
+            AttributeError: The base dataset has none, so ``hasattr(subset, "identity")`` is
+                False exactly when ``hasattr(base, "identity")`` is.
+        """
+        base_identity: Callable[[int], str] = self.base.identity  # type: ignore[attr-defined]
+        indices = self.indices
+        return lambda index: base_identity(indices[index])
+
 
 class TransformedDataset:
     """Applies ``transform`` to each image: what a DataLoader consumes."""

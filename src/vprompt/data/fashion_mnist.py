@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -105,12 +106,21 @@ class FashionMNIST:
         if self.labels.min() < 0 or self.labels.max() >= len(CLASSNAMES):
             raise DatasetError(f"{lbl_path}: labels outside 0..{len(CLASSNAMES) - 1}")
         self.classnames = list(CLASSNAMES)
+        self.split = split
+        self._digest: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index], mode="L"), int(self.labels[index])
+
+    def identity(self, index: int) -> str:
+        """Split, index and a digest of all the split's pixels (hashed once, for feature caches)."""
+        if self._digest is None:
+            pixels = np.ascontiguousarray(self.images)
+            self._digest = hashlib.sha256(pixels.data).hexdigest()[:16]
+        return f"fashion-mnist:{self.split}:{self._digest}:{index}"
 
 
 def default_root() -> Path:

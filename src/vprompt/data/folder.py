@@ -59,6 +59,15 @@ class ImageFolder:
         path, label = self.samples[index]
         return load_image(path), label
 
+    def identity(self, index: int) -> str:
+        """A key that changes when the image file changes (for feature caches)."""
+        path = self.samples[index][0]
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
 
 def load_folder(root: str | os.PathLike[str]) -> DataSplits:
     """``ROOT/train``, ``ROOT/test`` and optional ``ROOT/val`` image folders."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset
 from vprompt.engine.events import Callback, FitEvent, notify
+from vprompt.engine.features import FeatureTable
 from vprompt.engine.optim import flat_params, set_lr
 from vprompt.engine.runtime import autocast_for, check_labels, epoch_seed, make_loader
 from vprompt.engine.schedule import LRSchedule
@@ -35,22 +36,32 @@ def train_one_epoch(
     num_workers: int,
     progress: bool,
     callbacks: Sequence[Callback],
+    features: FeatureTable | None = None,
 ) -> dict[str, Any]:
     """Run one epoch of optimizer steps from global step ``start_step``.
+
+    With ``features`` (this epoch's view of the cached training features), batches of features
+    go through ``method.forward_features``, shuffled by the same generator as images would be.
 
     Returns:
         The epoch's history record (``epoch``, ``step`` after the epoch, ``train_loss``,
         ``train_acc``, ``lr`` of the last step, ``images_per_s``); no validation metrics.
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    loader = make_loader(
-        train,
-        method.input_transform(True),
-        batch_size=optim.batch_size,
-        device=device,
-        num_workers=num_workers,
-        generator=generator,
-    )
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    if features is None:
+        forward = method
+        loader = make_loader(
+            train,
+            method.input_transform(True),
+            batch_size=optim.batch_size,
+            device=device,
+            num_workers=num_workers,
+            generator=generator,
+        )
+    else:
+        forward = method.forward_features
+        loader = features.batches(optim.batch_size, generator=generator)
     params = flat_params(method.trainable_parameters())
     num_classes = len(method.classnames)
     method.train()
@@ -69,16 +80,16 @@ def train_one_epoch(
     curve: list[list[float]] = []
     win_loss, win_correct, win_seen = 0.0, 0, 0
     try:
-        for index, (images, labels) in enumerate(loader):
+        for index, (inputs, labels) in enumerate(loader):
             if index >= steps_per_epoch:
                 break
-            images = images.to(device, non_blocking=True)
+            inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             check_labels(labels, num_classes, "training")
             lr = schedule(step)
             set_lr(optimizer, lr)
             with autocast_for(device):
-                out = method(images)
+                out = forward(inputs)
             logits = out.logits.float()  # B x C
             loss = F.cross_entropy(logits, labels)
             for term in out.aux_loss.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset
+from vprompt.data.feature_cache import FeatureCache
+from vprompt.engine.features import FeatureSource, FeatureTable, takes_feature_path
 from vprompt.engine.runtime import autocast_for, check_classes, check_labels, iterate_batches
 
 
@@ -46,11 +49,13 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "evaluate",
+    feature_cache: FeatureCache | None = None,
 ) -> EvalResult:
     """Classify every image of ``data`` with ``method`` (moved to ``device``, in eval mode).
 
     Images go through ``method.input_transform(False)``; the method's train/eval mode is
-    restored afterwards.
+    restored afterwards. With ``feature_cache``, a method that uses image features is evaluated
+    on cached features of datasets with image identities (see :mod:`vprompt.engine.features`).
 
     Raises:
         ConfigError: The data is empty, its classes differ from the method's, or a label is out
@@ -58,25 +63,75 @@ def evaluate(
     """
     dev = torch.device(device)
     check_classes(method, data, "evaluation")
-    num_classes = len(method.classnames)
     method.to(dev)
+    if takes_feature_path(method, data, feature_cache):
+        assert feature_cache is not None
+        source = FeatureSource(
+            method,
+            data,
+            feature_cache,
+            device=dev,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        return evaluate_table(
+            method, source.table(), batch_size=batch_size, device=dev, progress=progress, desc=desc
+        )
+    batches = iterate_batches(
+        data,
+        method.input_transform(False),
+        batch_size=batch_size,
+        device=dev,
+        num_workers=num_workers,
+    )
+    return _score(method, method, batches, len(data), device=dev, progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def evaluate_table(
+    method: Any,
+    table: FeatureTable,
+    *,
+    batch_size: int = 256,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> EvalResult:
+    """:func:`evaluate` on already computed features (``method.forward_features``)."""
+    batches = table.batches(batch_size)
+    return _score(
+        method,
+        method.forward_features,
+        batches,
+        len(table),
+        device=device,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def _score(
+    method: Any,
+    forward: Callable[[torch.Tensor], Any],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    total: int,
+    *,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> EvalResult:
+    num_classes = len(method.classnames)
     was_training = bool(getattr(method, "training", False))
     method.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum = 0.0
-    bar = tqdm(total=len(data), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
     try:
-        batches = iterate_batches(
-            data,
-            method.input_transform(False),
-            batch_size=batch_size,
-            device=dev,
-            num_workers=num_workers,
-        )
-        for images, labels in batches:
+        for inputs, labels in batches:
             check_labels(labels, num_classes, "evaluation")
-            with autocast_for(dev):
-                logits = method(images).logits
+            with autocast_for(device):
+                logits = forward(inputs).logits
             logits = logits.float()  # B x C
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             pred = logits.argmax(dim=1)

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset
+from vprompt.data.feature_cache import FeatureCache
 from vprompt.engine.checkpoint import (
     Checkpoint,
     check_same_run,
@@ -27,8 +28,15 @@ from vprompt.engine.checkpoint import (
     save_checkpoint,
 )
 from vprompt.engine.epoch import train_one_epoch
-from vprompt.engine.evaluate import evaluate
+from vprompt.engine.evaluate import EvalResult, evaluate, evaluate_table
 from vprompt.engine.events import Callback, FitEvent, notify
+from vprompt.engine.features import (
+    FeatureSource,
+    augmented_views,
+    encoded_batches,
+    takes_feature_path,
+    view_for_epoch,
+)
 from vprompt.engine.optim import build_optimizer, load_optimizer_state, optimizer_state
 from vprompt.engine.pack import save_pack
 from vprompt.engine.report import plot_learning_curves, save_visualizations
@@ -41,7 +49,7 @@ from vprompt.engine.runtime import (
 )
 from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import ConfigError
-from vprompt.methods.base import OptimConfig, config_to_dict
+from vprompt.methods.base import OptimConfig, config_to_dict, uses_image_features
 from vprompt.utils.io import atomic_write_text
 
 PACK_FILE = "prompt.safetensors"
@@ -49,6 +57,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CURVES_FILE = "learning_curves.png"
 _VIS_IMAGES = 16
+_FINAL_EVAL_BATCH = 256  # evaluate()'s default: what packs of 0-epoch runs always reported
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ def fit(
     num_workers: int = 0,
     max_steps_per_epoch: int | None = None,
     callbacks: Sequence[Callback] = (),
+    feature_cache: FeatureCache | None = None,
 ) -> FitResult:
     """Train ``method``'s prompt parameters with the optimizer and schedule of its config.
 
@@ -97,6 +107,13 @@ def fit(
     runs in eval mode; ``train_batches()`` iterates the training set without augmentation, in
     order, on ``device``. With ``optim.epochs == 0`` nothing is trained: the hook runs once
     (``epoch=0``) so prompts derived from data (e.g. a frequency label mapping) are estimated.
+
+    A method that declares ``input_kind = "image-features"`` trains on features: with
+    ``feature_cache`` and a training set whose images have identities, every needed view is
+    encoded once (or loaded from the cache) before the first epoch and epochs run on feature
+    batches, shuffled exactly as image batches would be; see :mod:`vprompt.engine.features`
+    for the augmented views. For such a method ``train_batches()`` yields (B x D features,
+    labels) of the unaugmented view, from the cache or encoded on the fly.
 
     With ``val``, the prompt of the epoch with the best validation accuracy (ties: lower
     validation loss, then earlier) is restored at the end; without it, the last epoch's is kept.
@@ -113,6 +130,8 @@ def fit(
         callbacks: Called with a :class:`FitEvent` after every step and every epoch; an
             exception (e.g. ``KeyboardInterrupt``) stops the run, leaving the last epoch
             checkpoint to resume from.
+        feature_cache: Where image-feature methods keep encoded images; ``None`` always feeds
+            pixels. Using it (and its dtype and view seed) is part of the run's identity.
 
     Raises:
         ConfigError: A checkpoint of a different run is in ``out_dir``, classes differ between
@@ -132,7 +151,39 @@ def fit(
     if max_steps_per_epoch is not None:
         steps_per_epoch = max(1, min(steps_per_epoch, int(max_steps_per_epoch)))
     schedule = LRSchedule.from_config(optim, steps_per_epoch=steps_per_epoch)
+    feature_method = uses_image_features(method)
+    train_source = val_source = None
+    if takes_feature_path(method, train, feature_cache):
+        assert feature_cache is not None
+        train_source = FeatureSource(
+            method,
+            train,
+            feature_cache,
+            device=dev,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+    if val is not None and takes_feature_path(method, val, feature_cache):
+        assert feature_cache is not None
+        val_source = FeatureSource(
+            method,
+            val,
+            feature_cache,
+            device=dev,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
     run = _run_identity(method, train, val, seed=seed, max_steps_per_epoch=max_steps_per_epoch)
+    if train_source is not None:
+        assert feature_cache is not None
+        views = augmented_views(method)
+        run["feature_cache"] = {
+            "dtype": feature_cache.dtype,
+            "views": views,
+            "view_seed": feature_cache.view_seed if views else None,
+        }
 
     ckpt = load_checkpoint(out) if resume else None
     if not resume:
@@ -144,12 +195,36 @@ def fit(
         ckpt = Checkpoint(run=json.loads(json.dumps(run)))
 
     def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iterate_batches(
+        if train_source is not None:
+            return train_source.table(None).batches(batch_size)
+        batches = iterate_batches(
             train,
             method.input_transform(False),
             batch_size=batch_size,
             device=dev,
             num_workers=num_workers,
+        )
+        return encoded_batches(method, batches) if feature_method else batches
+
+    def validate(show: bool, *, batch: int = batch_size, workers: int = num_workers) -> EvalResult:
+        assert val is not None
+        if val_source is not None:
+            return evaluate_table(
+                method,
+                val_source.table(None),
+                batch_size=batch,
+                device=dev,
+                progress=show,
+                desc="val",
+            )
+        return evaluate(
+            method,
+            val,
+            batch_size=batch,
+            device=dev,
+            num_workers=workers,
+            progress=show,
+            desc="val",
         )
 
     if optim.epochs == 0 and ckpt.epochs_done == 0 and not ckpt.finished:
@@ -164,6 +239,12 @@ def fit(
         optimizer = build_optimizer(method.trainable_parameters(), optim)
         if ckpt.optimizer_tensors or ckpt.optimizer_scalars:
             load_optimizer_state(optimizer, ckpt.optimizer_tensors, ckpt.optimizer_scalars)
+        # Encode what the cache lacks now, so no epoch's timing includes it.
+        if train_source is not None:
+            epochs = range(ckpt.epochs_done, optim.epochs)
+            train_source.prepare(view_for_epoch(method, e) for e in epochs)
+        if val_source is not None:
+            val_source.prepare([None])
         for epoch in range(ckpt.epochs_done, optim.epochs):
             started = time.perf_counter()
             seed_everything(epoch_seed(seed, epoch))
@@ -184,17 +265,14 @@ def fit(
                 num_workers=num_workers,
                 progress=progress,
                 callbacks=callbacks,
+                features=(
+                    train_source.table(view_for_epoch(method, epoch))
+                    if train_source is not None
+                    else None
+                ),
             )
             if val is not None:
-                result = evaluate(
-                    method,
-                    val,
-                    batch_size=batch_size,
-                    device=dev,
-                    num_workers=num_workers,
-                    progress=progress,
-                    desc="val",
-                )
+                result = validate(progress)
                 record["val_acc"], record["val_loss"] = result.accuracy, result.loss
                 if _better(result.accuracy, result.loss, ckpt.best_metric):
                     ckpt.best_epoch = epoch
@@ -221,7 +299,17 @@ def fit(
         assert ckpt.best_prompt is not None
         method.load_prompt_state(ckpt.best_prompt)
     if not ckpt.finished or not (out / PACK_FILE).is_file():
-        _finalize(method, train, val, out, ckpt, selected=selected, run=run, device=dev)
+        _finalize(
+            method,
+            train,
+            val,
+            out,
+            ckpt,
+            selected=selected,
+            run=run,
+            device=dev,
+            validate=validate,
+        )
         ckpt.finished, ckpt.selected = True, selected
         save_checkpoint(out, ckpt)
     method.eval()
@@ -239,13 +327,15 @@ def _finalize(
     selected: str,
     run: Mapping[str, Any],
     device: torch.device,
+    validate: Callable[..., EvalResult],
 ) -> None:
     """Write config.json, the prompt pack and the plots for the kept prompt."""
     config = dict(run)
     config["device"] = str(device)
     config["selected"] = selected
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_pack(method, out / PACK_FILE, metrics=_pack_metrics(method, val, ckpt, selected, device))
+    metrics = _pack_metrics(val, ckpt, selected, validate)
+    save_pack(method, out / PACK_FILE, metrics=metrics)
     plot_learning_curves(ckpt.history, out / CURVES_FILE)
     source = val if val is not None else train
     batch = next(
@@ -264,11 +354,10 @@ def _finalize(
 
 
 def _pack_metrics(
-    method: Any,
     val: ClassificationDataset | None,
     ckpt: Checkpoint,
     selected: str,
-    device: torch.device,
+    validate: Callable[..., EvalResult],
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {"selected": selected, "epochs": ckpt.epochs_done}
     kept = _kept_epoch(ckpt, selected)
@@ -280,7 +369,7 @@ def _pack_metrics(
                 metrics[key] = record[key]
     elif val is not None:
         # Nothing trained (epochs == 0): report the derived prompt on the validation data.
-        result = evaluate(method, val, device=device, progress=False)
+        result = validate(False, batch=_FINAL_EVAL_BATCH, workers=0)
         metrics["val_acc"], metrics["val_loss"] = result.accuracy, result.loss
     return metrics
 

@@ -22,6 +22,11 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
+def precision_tag(device: torch.device) -> str:
+    """How :func:`autocast_for` makes ``device`` compute (part of cached-feature keys)."""
+    return "bf16-autocast" if device.type == "cuda" else "float32"
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 32-bit seed derived from (run seed, epoch); stable across runs and processes."""
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])

@@ -230,7 +230,10 @@ class TrainableMethod(Protocol):
 
     def before_epoch(self, epoch: int, train_batches: Any) -> None:
         """Hook run before each training epoch; ``train_batches()`` iterates (images, labels)
-        over the training set without augmentation (used e.g. by iterative label mapping)."""
+        over the training set without augmentation (used e.g. by iterative label mapping).
+
+        For an :class:`ImageFeatureMethod` it iterates (B x D ``encode_images`` features,
+        labels) instead, whether they come from a feature cache or are encoded on the fly."""
         ...
 
     def prompt_state(self) -> dict[str, torch.Tensor]: ...
@@ -241,3 +244,64 @@ class TrainableMethod(Protocol):
         """Named 3 x H x W images in [0, 1] for reports (the prompt, prompted examples);
         ``images`` is a small batch from ``input_transform(False)``."""
         ...
+
+
+InputKind = Literal["images", "image-features"]
+
+
+@runtime_checkable
+class ImageFeatureMethod(Protocol):
+    """A method that sees images only through frozen, deterministic image features.
+
+    Declaring ``input_kind = "image-features"`` lets the engine encode every image once, keep
+    the features in a feature cache and train / evaluate on them directly. The method promises
+    that ``forward(images)`` equals ``forward_features(encode_images(images))``, so packs and
+    predictions on pixels behave exactly as training on features did.
+    """
+
+    input_kind: ClassVar[InputKind]
+    feature_kind: str
+    """Names what ``encode_images`` extracts (e.g. ``clip-image-embedding-l2``); part of the
+    cache key, so two methods share cached features only when they extract the same thing."""
+    feature_views: int
+    """Augmented training views to cache per image (>= 1); epoch e trains on view e % N."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W pixels from ``input_transform`` → B x D features (frozen, no grad)."""
+        ...
+
+    def forward_features(self, features: torch.Tensor) -> MethodOutput:
+        """B x D features from ``encode_images`` → the output ``forward`` would give."""
+        ...
+
+
+_FEATURE_MEMBERS = ("feature_kind", "encode_images", "forward_features")
+
+
+def uses_image_features(method: Any) -> bool:
+    """Whether ``method`` declares ``input_kind = "image-features"`` (absent means images).
+
+    Raises:
+        TypeError: It declares so but lacks a member of :class:`ImageFeatureMethod`, or its
+            ``feature_views`` is not an integer >= 1.
+    """
+    kind = getattr(method, "input_kind", "images")
+    if kind == "images":
+        return False
+    if kind != "image-features":
+        raise TypeError(f"input_kind must be 'images' or 'image-features', got {kind!r}")
+    missing = [m for m in _FEATURE_MEMBERS if not hasattr(method, m)]
+    if missing:
+        raise TypeError(
+            f"{type(method).__name__} declares input_kind 'image-features' but has no {missing}"
+        )
+    feature_views(method)
+    return True
+
+
+def feature_views(method: Any) -> int:
+    """The method's number of cached augmented training views (default 1)."""
+    views = getattr(method, "feature_views", 1)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+        raise TypeError(f"{type(method).__name__}.feature_views must be an int >= 1: {views!r}")
+    return views

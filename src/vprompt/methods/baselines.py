@@ -20,7 +20,13 @@ from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.errors import ConfigError
-from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
+from vprompt.methods.base import (
+    InputKind,
+    MethodOutput,
+    OptimConfig,
+    check_state_keys,
+    register_method,
+)
 
 
 def _features(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -71,11 +77,16 @@ class LinearProbeConfig:
     Attributes:
         augment: Random horizontal flips during training.
         image_size: ``None`` uses the backbone's preprocessing; N resizes images to N x N.
+        feature_views: With a feature cache and ``augment``, how many augmented views of each
+            training image are encoded once and cached; epoch e trains on view e % N (without
+            a cache, every epoch draws fresh flips). Without ``augment`` the one plain view is
+            cached whatever this says.
         optim: Optimizer and schedule.
     """
 
     augment: bool = False
     image_size: int | None = None
+    feature_views: int = 1
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=10, batch_size=256
@@ -84,14 +95,22 @@ class LinearProbeConfig:
 
     def __post_init__(self) -> None:
         _check_image_size(self.image_size)
+        views = self.feature_views
+        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+            raise ConfigError(f"feature_views must be an integer >= 1, got {views!r}")
 
 
 @register_method("linear-probe")
 class LinearProbe(nn.Module):
-    """Baseline: logistic regression on the frozen backbone's penultimate features."""
+    """Baseline: logistic regression on the frozen backbone's penultimate features.
+
+    It sees images only through frozen features (``input_kind = "image-features"``), so the
+    engine may train it on cached features.
+    """
 
     Config = LinearProbeConfig
     is_prompt_method: ClassVar[bool] = True
+    input_kind: ClassVar[InputKind] = "image-features"
     name: ClassVar[str]
 
     def __init__(
@@ -144,10 +163,26 @@ class LinearProbe(nn.Module):
     def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
-    def forward(self, images: torch.Tensor) -> MethodOutput:
+    @property
+    def feature_kind(self) -> str:
+        if isinstance(self.backbone, ImageTextBackbone):
+            return "clip-image-embedding-l2"
+        return "classifier-penultimate"
+
+    @property
+    def feature_views(self) -> int:
+        return self.config.feature_views
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W pixels → B x F frozen features (CLIP: unit-norm embeddings)."""
         with torch.no_grad():
-            feats = _features(self.backbone, images)
-        return MethodOutput(logits=self.head(feats))
+            return _features(self.backbone, pixels)
+
+    def forward_features(self, features: torch.Tensor) -> MethodOutput:
+        return MethodOutput(logits=self.head(features))
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        return self.forward_features(self.encode_images(images))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,13 @@ from tqdm.auto import tqdm
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.data.images import load_image
 from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import MethodOutput, Prediction, register_method, topk_predictions
+from vprompt.methods.base import (
+    InputKind,
+    MethodOutput,
+    Prediction,
+    register_method,
+    topk_predictions,
+)
 from vprompt.prompts.text import (
     build_class_prompts,
     load_class_list,
@@ -103,6 +110,10 @@ class ZeroShotClassifier(nn.Module):
 
     name = "zeroshot"
     Config = ZeroShotConfig
+    # Images enter only through frozen embeddings, so evaluation may read cached features.
+    input_kind: ClassVar[InputKind] = "image-features"
+    feature_kind = "clip-image-embedding-l2"
+    feature_views = 1
     class_embeddings: torch.Tensor  # C x D, unit norm (buffer)
 
     def __init__(
@@ -159,15 +170,53 @@ class ZeroShotClassifier(nn.Module):
             _config=config,
         )
 
+    @classmethod
+    def from_config(
+        cls, backbone: ImageTextBackbone, classnames: Sequence[str], config: ZeroShotConfig
+    ) -> ZeroShotClassifier:
+        """Build from a config's templates (protocol runs; descriptions need a file, not a
+        config, so a description-based classifier is built with ``descriptions=`` instead)."""
+        if config.descriptions:
+            raise ConfigError(
+                "a zero-shot config with descriptions=true cannot be rebuilt from the config "
+                "alone; pass descriptions= to ZeroShotClassifier"
+            )
+        return cls(backbone, list(classnames), templates=list(config.templates))
+
+    def retarget(
+        self, classnames: Sequence[str], *, templates: Sequence[str] | None = None
+    ) -> ZeroShotClassifier:
+        """The same classifier for other class names (new classes, another dataset).
+
+        Args:
+            templates: Templates for the new classes (e.g. the target dataset's); default: the
+                ones this classifier was built with.
+        """
+        temps = list(templates) if templates is not None else list(self.config.templates)
+        if not temps:
+            raise ConfigError("retargeting a description-only classifier needs templates")
+        return type(self)(self.backbone, list(classnames), templates=temps)
+
     def prompt_state(self) -> dict[str, torch.Tensor]:
         return {"class_embeddings": self.class_embeddings.detach().float().cpu().contiguous()}
 
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        """The backbone's own preprocessing (nothing is trained, so no augmentation)."""
+        return self.backbone.transform
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W preprocessed pixels → B x D unit-norm image embeddings (frozen)."""
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+
+    def forward_features(self, features: torch.Tensor) -> MethodOutput:
+        """B x D unit-norm image embeddings → B x C logits."""
+        scale = self.backbone.logit_scale.float()
+        return MethodOutput(logits=scale * features.float() @ self.class_embeddings.T)
+
     def forward(self, images: torch.Tensor) -> MethodOutput:
         """B x 3 x H x W preprocessed pixels → B x C logits."""
-        feats = F.normalize(self.backbone.encode_image(images).float(), dim=-1)
-        return MethodOutput(
-            logits=self.backbone.logit_scale.float() * feats @ self.class_embeddings.T
-        )
+        return self.forward_features(self.encode_images(images))
 
     @torch.no_grad()
     def predict_proba(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:

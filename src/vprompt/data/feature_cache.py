@@ -1,0 +1,385 @@
+"""An on-disk, memory-mapped cache of frozen image features (DESIGN.md: never recompute what is
+frozen).
+
+A cache *space* holds one kind of feature of one frozen encoder under one exact preprocessing and
+one augmentation view. Its :class:`FeatureKey` (feature kind, backbone name, weight source,
+weight fingerprint, preprocessing, view, numeric precision) and the storage dtype are hashed to
+the folder ``root/<sha256[:2]>/<sha256>/`` (layout and crash safety:
+:mod:`vprompt.data.feature_store`). Any change of the key lands in another space: that is the
+invalidation. Rows are keyed by the dataset's ``identity(index)``, a string that changes when
+the image changes, so an edited image is simply a new row; only missing rows are ever encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vprompt.data.feature_store import FORMAT_VERSION, CacheDtype, FeatureSpace
+
+# Rows encoded between two index updates: bounds the work an interruption loses without
+# rewriting a large index after every batch.
+_FLUSH_ROWS = 4096
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class IdentifiedDataset(Protocol):
+    """A dataset whose images have stable identities (what the cache keys rows by)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+
+    def identity(self, index: int) -> str:
+        """A key that changes whenever image ``index`` changes."""
+        ...
+
+
+def has_identity(data: Any) -> bool:
+    """Whether ``data`` exposes ``identity(index)`` (only such datasets are cached)."""
+    return callable(getattr(data, "identity", None))
+
+
+def describe_transform(transform: Any) -> str:
+    """A deterministic description of a PIL → tensor transform, for cache keys.
+
+    torchvision ops describe themselves (sizes, interpolation, mean/std); plain functions and
+    lambdas are named by module and qualified name, and objects without their own ``repr`` by
+    class and attributes, so no memory address ever enters a key. A lambda's body is not part
+    of the description: changing what it computes needs a new :data:`FORMAT_VERSION`.
+    """
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, list | tuple):
+        parts = ", ".join(describe_transform(t) for t in inner)
+        return f"{type(transform).__name__}([{parts}])"
+    if isinstance(transform, types.FunctionType | types.BuiltinFunctionType | types.MethodType):
+        return f"{transform.__module__}.{transform.__qualname__}"
+    lambd = getattr(transform, "lambd", None)  # torchvision's Lambda hides its function
+    if callable(lambd):
+        return f"{type(transform).__name__}({describe_transform(lambd)})"
+    if type(transform).__repr__ is object.__repr__:
+        fields = ", ".join(
+            f"{k}={_ADDRESS.sub('', repr(v))}" for k, v in sorted(vars(transform).items())
+        )
+        return f"{type(transform).__module__}.{type(transform).__qualname__}({fields})"
+    return _ADDRESS.sub("", " ".join(repr(transform).split()))
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Everything a cached feature depends on besides the image itself.
+
+    Attributes:
+        kind: What the method extracts (e.g. ``clip-image-embedding``); the method names it.
+        backbone: Registered backbone name.
+        weights: Weight source.
+        fingerprint: ``backbone.fingerprint()``.
+        preprocessing: :func:`describe_transform` of the PIL → tensor transform.
+        view: ``None`` for the evaluation view (no augmentation); ``v`` for augmented view v,
+            drawn with the training transform under a seed derived from
+            ``(view_seed, v, image identity)``. Views do not depend on how many are used, so
+            asking for more views later reuses the ones already cached.
+        view_seed: Seed of the augmented views (ignored for the evaluation view).
+        compute: Numeric precision the encoder ran in (``float32``, ``bf16-autocast``).
+    """
+
+    kind: str
+    backbone: str
+    weights: str
+    fingerprint: str
+    preprocessing: str
+    view: int | None = None
+    view_seed: int = 0
+    compute: str = "float32"
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        kind: str,
+        backbone: Any,
+        transform: Any,
+        view: int | None = None,
+        view_seed: int = 0,
+        compute: str = "float32",
+    ) -> FeatureKey:
+        """The key of ``backbone``'s ``kind`` features under ``transform`` (hashes the weights)."""
+        return cls(
+            kind=kind,
+            backbone=str(backbone.name),
+            weights=str(backbone.weights),
+            fingerprint=str(backbone.fingerprint()),
+            preprocessing=describe_transform(transform),
+            view=view,
+            view_seed=view_seed,
+            compute=compute,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.view is None:
+            data["view_seed"] = None  # the evaluation view draws nothing
+        return data
+
+
+class FeatureCache:
+    """Features of frozen encoders on disk, one space per :class:`FeatureKey`.
+
+    Args:
+        root: Folder of the cache (created on first write).
+        dtype: Storage type; ``float32`` keeps cached features bit-equal to computed ones,
+            ``float16`` halves the disk and memory footprint.
+        view_seed: Seed of the augmented training views (see :attr:`FeatureKey.view`).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, dtype: CacheDtype = "float32", view_seed: int = 0
+    ) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"feature cache dtype must be float32 or float16, got {dtype!r}")
+        self.root = Path(root).expanduser()
+        self.dtype: CacheDtype = dtype
+        self.view_seed = int(view_seed)
+
+    def space_dir(self, key: FeatureKey) -> Path:
+        """The folder of ``key``'s space."""
+        record = {"format": FORMAT_VERSION, "dtype": self.dtype, "key": key.to_dict()}
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        return self.root / digest[:2] / digest
+
+    def features(
+        self,
+        data: IdentifiedDataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        key: FeatureKey,
+        identities: Sequence[str] | None = None,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """N x D float32 features of ``data`` in dataset order, encoding only uncached images.
+
+        Args:
+            encode: B x 3 x H x W pixels on ``device`` → B x D features (frozen, deterministic);
+                called without gradients.
+            transform: The PIL → tensor transform ``key.preprocessing`` describes (the
+                training transform for an augmented view).
+            identities: ``data.identity(i)`` for every i, when the caller already has them.
+            num_workers: DataLoader workers decoding and transforming the missing images.
+
+        Raises:
+            ValueError: ``transform`` is not the one ``key`` describes, or ``encode`` returned
+                something other than B x D.
+        """
+        ids = self._identities(data, identities)
+        space = self._ensure(
+            data,
+            encode,
+            transform=transform,
+            key=key,
+            identities=ids,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        return space.gather(ids)
+
+    def ensure(
+        self,
+        data: IdentifiedDataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        key: FeatureKey,
+        identities: Sequence[str] | None = None,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Like :meth:`features`, without reading the features back (warms the cache)."""
+        self._ensure(
+            data,
+            encode,
+            transform=transform,
+            key=key,
+            identities=identities,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
+
+    def _ensure(
+        self,
+        data: IdentifiedDataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        key: FeatureKey,
+        identities: Sequence[str] | None,
+        batch_size: int,
+        device: str | torch.device,
+        num_workers: int,
+        progress: bool,
+    ) -> FeatureSpace:
+        if describe_transform(transform) != key.preprocessing:
+            raise ValueError(
+                "the transform does not match the feature key's preprocessing "
+                f"({describe_transform(transform)!r} vs {key.preprocessing!r})"
+            )
+        ids = self._identities(data, identities)
+        space = FeatureSpace(self.space_dir(key), key.to_dict(), self.dtype)
+        # A second pass only happens when the space was rebuilt while encoding (another
+        # process found it damaged, or the encoder's output size changed under the same key).
+        for _ in range(3):
+            known = set(space.read().identities)
+            pending: dict[str, int] = {}
+            for index, ident in enumerate(ids):
+                if ident not in known and ident not in pending:
+                    pending[ident] = index
+            if not pending:
+                return space
+            self._encode_missing(
+                space,
+                data,
+                encode,
+                pending,
+                transform=transform,
+                key=key,
+                batch_size=batch_size,
+                device=torch.device(device),
+                num_workers=num_workers,
+                progress=progress,
+            )
+        raise RuntimeError(f"feature cache {space.path}: rows keep disappearing while encoding")
+
+    @staticmethod
+    def _identities(data: IdentifiedDataset, identities: Sequence[str] | None) -> list[str]:
+        ids = list(identities) if identities is not None else identities_of(data)
+        if len(ids) != len(data):
+            raise ValueError(f"{len(ids)} identities for a dataset of {len(data)} images")
+        return ids
+
+    def _encode_missing(
+        self,
+        space: FeatureSpace,
+        data: IdentifiedDataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        pending: dict[str, int],
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        key: FeatureKey,
+        batch_size: int,
+        device: torch.device,
+        num_workers: int,
+        progress: bool,
+    ) -> None:
+        names, indices = list(pending), list(pending.values())
+        seeds = None
+        if key.view is not None:
+            seeds = [view_seed(key.view_seed, key.view, name) for name in names]
+        loader = DataLoader(
+            cast("Dataset[Any]", _Pending(data, indices, transform, seeds)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # its seed draw must not move the global generator
+        )
+        bar = tqdm(
+            total=len(names), desc="caching features", unit="img", disable=not progress, leave=False
+        )
+        done, chunks, chunk_rows = 0, [], 0
+        try:
+            for pixels in loader:
+                with torch.no_grad():
+                    feats = encode(pixels.to(device, non_blocking=True))
+                if feats.ndim != 2 or feats.shape[0] != len(pixels):
+                    raise ValueError(
+                        f"encode returned shape {tuple(feats.shape)} for {len(pixels)} images; "
+                        "expected B x D"
+                    )
+                chunks.append(feats.detach().float().cpu().numpy())
+                chunk_rows += len(pixels)
+                bar.update(len(pixels))
+                if chunk_rows >= _FLUSH_ROWS:
+                    space.append(names[done : done + chunk_rows], np.concatenate(chunks))
+                    done, chunks, chunk_rows = done + chunk_rows, [], 0
+            if chunks:
+                space.append(names[done : done + chunk_rows], np.concatenate(chunks))
+        finally:
+            bar.close()
+
+
+def identities_of(data: IdentifiedDataset) -> list[str]:
+    """``data.identity(i)`` for every image, in order."""
+    return [data.identity(i) for i in range(len(data))]
+
+
+def view_seed(seed: int, view: int, identity: str) -> int:
+    """The 63-bit seed augmented view ``view`` of image ``identity`` is drawn with."""
+    digest = hashlib.sha256(f"{seed}:{view}:{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's CPU generators for a block; restore them afterwards."""
+    py_state, np_state, torch_state = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+    )
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class _Pending:
+    """The images still to encode, transformed (under their view seeds for augmented views)."""
+
+    def __init__(
+        self,
+        data: IdentifiedDataset,
+        indices: list[int],
+        transform: Callable[[Image.Image], torch.Tensor],
+        seeds: list[int] | None,
+    ) -> None:
+        self.data, self.indices, self.transform, self.seeds = data, indices, transform, seeds
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        image, _ = self.data[self.indices[j]]
+        if self.seeds is None:
+            return self.transform(image)
+        with seeded(self.seeds[j]):
+            return self.transform(image)
