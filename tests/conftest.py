@@ -53,12 +53,19 @@ class CliResult:
 
 
 @pytest.fixture(scope="session")
-def run_cli() -> Callable[..., CliResult]:
-    """Run the real ``vprompt`` CLI in a subprocess (offline, CPU)."""
+def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliResult]:
+    """Run the real ``vprompt`` CLI in a subprocess (offline, CPU), with its caches (feature
+    cache, few-shot split fallback) in a temporary folder instead of the user's home."""
+    cache = tmp_path_factory.mktemp("vprompt-cache")
 
     def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> CliResult:
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        env.update(
+            HF_HUB_OFFLINE="1",
+            CUDA_VISIBLE_DEVICES="",
+            PYTHONUNBUFFERED="1",
+            VPROMPT_CACHE=str(cache),
+        )
         proc = subprocess.run(
             [*VPROMPT, *map(str, args)],
             capture_output=True,

@@ -1,6 +1,9 @@
 """vprompt: adapt frozen vision and vision-language models to new tasks through prompts."""
 
 from vprompt.backbones import Preprocess, list_models, load_backbone
+from vprompt.data.feature_cache import FeatureCache
+from vprompt.data.sources import load_data
+from vprompt.data.tasks import load_suite_task
 from vprompt.engine import (
     EvalResult,
     FitResult,
@@ -11,8 +14,10 @@ from vprompt.engine import (
     load_pack,
     save_pack,
 )
+from vprompt.engine.protocol import ProtocolRun, plan_jobs, run_protocol
 from vprompt.errors import (
     ConfigError,
+    DatasetError,
     ImageLoadError,
     PackError,
     PromptError,
@@ -38,7 +43,9 @@ __all__ = [
     "METHODS",
     "VPT",
     "ConfigError",
+    "DatasetError",
     "EvalResult",
+    "FeatureCache",
     "FitResult",
     "FullFineTune",
     "ImageLoadError",
@@ -50,6 +57,7 @@ __all__ = [
     "Preprocess",
     "PromptError",
     "PromptPack",
+    "ProtocolRun",
     "UnknownNameError",
     "VPromptError",
     "VisualPrompt",
@@ -61,6 +69,10 @@ __all__ = [
     "fit",
     "list_models",
     "load_backbone",
+    "load_data",
     "load_pack",
+    "load_suite_task",
+    "plan_jobs",
+    "run_protocol",
     "save_pack",
 ]

@@ -3,7 +3,7 @@
 Importing this package registers every command on :func:`main`.
 """
 
-from vprompt.cli import classify, data, data_setup, train  # noqa: F401  (registers)
+from vprompt.cli import classify, data, data_setup, protocol, train  # noqa: F401  (registers)
 from vprompt.cli.common import main
 
 __all__ = ["main"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -62,6 +64,28 @@ common_predict_options = [
         help="Refuse images with more pixels than this (default: Pillow's bomb limit).",
     ),
 ]
+
+
+def feature_cache_options(fn: F) -> F:
+    """``--feature-cache DIR`` / ``--no-feature-cache`` (see :func:`feature_cache_dir`)."""
+    fn = click.option("--no-feature-cache", is_flag=True, help="Never cache features.")(fn)
+    return click.option(
+        "--feature-cache",
+        "feature_cache",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Frozen-feature cache for methods that see images only through frozen features "
+        "(default: $VPROMPT_CACHE/features, i.e. ~/.cache/vprompt/features).",
+    )(fn)
+
+
+def feature_cache_dir(path: str | None, disabled: bool) -> Path | None:
+    """The cache folder the options name, the default one, or None when disabled."""
+    if disabled:
+        return None
+    if path:
+        return Path(path)
+    return Path(os.environ.get("VPROMPT_CACHE", Path.home() / ".cache" / "vprompt")) / "features"
 
 
 def predict_options(fn: F) -> F:

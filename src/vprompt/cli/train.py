@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from vprompt.cli.common import device_option, friendly_errors, main, weights_option
+from vprompt.cli.common import (
+    device_option,
+    feature_cache_dir,
+    feature_cache_options,
+    friendly_errors,
+    main,
+    weights_option,
+)
 
 
 def _subset(data: Any, n: int | None, seed: int) -> Any:
@@ -21,6 +28,31 @@ def _subset(data: Any, n: int | None, seed: int) -> Any:
 
     gen = torch.Generator().manual_seed(seed)
     return Subset(data, sorted(torch.randperm(len(data), generator=gen)[:n].tolist()))
+
+
+_DATA_HELP = (
+    "fashion-mnist[:PATH], folder:PATH, csv:PATH, json:PATH, or a benchmark dataset name "
+    "(oxford_pets, imagenet, … read from --data-root)."
+)
+data_root_option = click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder holding the benchmark datasets (default: $VPROMPT_DATA_ROOT).",
+)
+shots_option = click.option(
+    "--shots",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Benchmark datasets: the reference's seeded K-shot sampling (seed: --seed).",
+)
+subsample_option = click.option(
+    "--subsample",
+    default="all",
+    show_default=True,
+    type=click.Choice(["all", "base", "new"]),
+    help="Benchmark datasets: keep the base or new half of the classes.",
+)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -38,7 +70,10 @@ def _write_json(path: Path, data: Any) -> None:
 )
 @click.option("--model", "model", required=True, help="Backbone as FAMILY:ARCH.")
 @weights_option
-@click.option("--data", "data_spec", required=True, help="fashion-mnist[:PATH] or folder:PATH.")
+@click.option("--data", "data_spec", required=True, help=_DATA_HELP)
+@data_root_option
+@shots_option
+@subsample_option
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder."
 )
@@ -75,6 +110,7 @@ def _write_json(path: Path, data: Any) -> None:
     type=click.IntRange(min=0),
     help="Data-loading worker processes.",
 )
+@feature_cache_options
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the final test metrics as JSON.")
 @friendly_errors
@@ -83,6 +119,9 @@ def train_cmd(
     model: str,
     weights: str | None,
     data_spec: str,
+    data_root: str | None,
+    shots: int | None,
+    subsample: str,
     out_dir: str,
     overrides: tuple[str, ...],
     seed: int,
@@ -90,12 +129,15 @@ def train_cmd(
     test_subset: int | None,
     resume: bool,
     workers: int,
+    feature_cache: str | None,
+    no_feature_cache: bool,
     device: str,
     as_json: bool,
 ) -> None:
     """Learn a prompt for a frozen model on a dataset; writes the pack, metrics and plots to OUT."""
     from vprompt.backbones import load_backbone
     from vprompt.backbones.registry import resolve_device
+    from vprompt.data.feature_cache import FeatureCache
     from vprompt.data.sources import load_data
     from vprompt.engine import evaluate, fit
     from vprompt.methods.base import METHODS, apply_overrides
@@ -106,7 +148,13 @@ def train_cmd(
             f"method {method_name!r} has nothing to train; see `vprompt zeroshot`"
         )
     config = apply_overrides(cls.Config(), overrides)
-    splits = load_data(data_spec)
+    splits = load_data(
+        data_spec,
+        data_root=data_root,
+        shots=shots,
+        seed=seed,
+        subsample=subsample,  # type: ignore[arg-type]  # click.Choice checked it
+    )
     train = _subset(splits.train, train_subset, seed)
     test = _subset(splits.test, test_subset, seed + 1)
     dev = resolve_device(device)
@@ -119,6 +167,8 @@ def train_cmd(
             err=True,
         )
     out = Path(out_dir)
+    cache_dir = feature_cache_dir(feature_cache, no_feature_cache)
+    cache = FeatureCache(cache_dir) if cache_dir is not None else None
     result = fit(
         method,
         train,
@@ -128,6 +178,7 @@ def train_cmd(
         seed=seed,
         resume=resume,
         num_workers=workers,
+        feature_cache=cache,
     )
     scores = evaluate(
         method,
@@ -135,12 +186,15 @@ def train_cmd(
         device=dev,
         num_workers=workers,
         batch_size=max(method.config.optim.batch_size, 64),
+        feature_cache=cache,
     )
     report = {
         "method": method_name,
         "model": model,
         "weights": backbone.weights,
         "data": data_spec,
+        "shots": shots,
+        "subsample": subsample,
         "test_images": scores.n,
         "test_accuracy": scores.accuracy,
         "test_loss": scores.loss,
@@ -160,7 +214,9 @@ def train_cmd(
 
 @main.command("eval")
 @click.option("--pack", "pack_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--data", "data_spec", required=True, help="fashion-mnist[:PATH] or folder:PATH.")
+@click.option("--data", "data_spec", required=True, help=_DATA_HELP)
+@data_root_option
+@subsample_option
 @click.option(
     "--split", default="test", show_default=True, type=click.Choice(["test", "val", "train"])
 )
@@ -169,35 +225,53 @@ def train_cmd(
 )
 @weights_option
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+@feature_cache_options
 @device_option
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def eval_cmd(
     pack_path: str,
     data_spec: str,
+    data_root: str | None,
+    subsample: str,
     split: str,
     subset: int | None,
     weights: str | None,
     workers: int,
+    feature_cache: str | None,
+    no_feature_cache: bool,
     device: str,
     as_json: bool,
 ) -> None:
     """Evaluate a prompt pack on a dataset split."""
     from vprompt.backbones.registry import resolve_device
+    from vprompt.data.feature_cache import FeatureCache
     from vprompt.data.sources import load_data
     from vprompt.engine import evaluate
     from vprompt.engine.pack import build_from_pack, check_classnames, load_pack
     from vprompt.errors import DatasetError
 
     pack = load_pack(pack_path)
-    splits = load_data(data_spec)
+    splits = load_data(
+        data_spec,
+        data_root=data_root,
+        subsample=subsample,  # type: ignore[arg-type]
+        test_only_ok=split == "test",
+    )
     data = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
     if data is None:
         raise DatasetError(f"{data_spec} has no {split} split")
     check_classnames(pack, data.classnames)
     dev = resolve_device(device)
     method = build_from_pack(pack, weights=weights, device=dev)
-    scores = evaluate(method, _subset(data, subset, 1), device=dev, num_workers=workers)
+    cache_dir = feature_cache_dir(feature_cache, no_feature_cache)
+    scores = evaluate(
+        method,
+        _subset(data, subset, 1),
+        device=dev,
+        num_workers=workers,
+        feature_cache=FeatureCache(cache_dir) if cache_dir is not None else None,
+    )
     report = {
         "pack": pack_path,
         "data": data_spec,

@@ -312,4 +312,10 @@ class MappingOnly(VisualPrompt):
             raise ConfigError(
                 "mapping-only has no prompt; use --method visual-prompt for kind != none"
             )
+        if isinstance(backbone, ImageTextBackbone):
+            # Its mapping would be the text prompts: nothing left to learn or to save.
+            raise ConfigError(
+                f"mapping-only on {backbone.name} (an image-text model) is zero-shot "
+                "classification; use --method zeroshot"
+            )
         super().__init__(backbone, classnames, cfg)

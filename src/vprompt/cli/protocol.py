@@ -1,0 +1,157 @@
+"""``vprompt protocol``: the papers' evaluation protocols as resumable jobs and tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vprompt.cli.common import (
+    device_option,
+    feature_cache_dir,
+    feature_cache_options,
+    friendly_errors,
+    main,
+    weights_option,
+)
+
+_DEFAULT_SHOTS = {
+    "few-shot": "1,2,4,8,16",
+    "base-to-novel": "16",
+    "cross-dataset": "16",
+    "domain-gen": "16",
+}
+
+
+def _int_list(value: str, what: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        message = f"{what}: expected comma-separated integers, got {value!r}"
+        raise click.BadParameter(message) from None
+    if not items:
+        raise click.BadParameter(f"{what} is empty")
+    return items
+
+
+@main.command("protocol")
+@click.argument(
+    "protocol", type=click.Choice(["few-shot", "base-to-novel", "cross-dataset", "domain-gen"])
+)
+@click.option("--method", "method_name", required=True, help="Registered method.")
+@click.option("--model", required=True, help="Backbone as FAMILY:ARCH.")
+@weights_option
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder holding the datasets (default: $VPROMPT_DATA_ROOT).",
+)
+@click.option(
+    "--datasets",
+    default="",
+    help="Comma-separated datasets (few-shot, base-to-novel: required; cross-dataset: targets, "
+    "default the other ten; domain-gen: targets, default the four ImageNet variants).",
+)
+@click.option(
+    "--source",
+    default="imagenet",
+    show_default=True,
+    help="Training dataset of cross-dataset and domain-gen.",
+)
+@click.option(
+    "--shots",
+    default=None,
+    help="Comma-separated shots per class (default: 1,2,4,8,16 for few-shot, else 16).",
+)
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
+@click.option(
+    "--select",
+    default="last",
+    show_default=True,
+    type=click.Choice(["last", "best-val"]),
+    help="Keep the last epoch's prompt (as the reference code) or the best on validation.",
+)
+@feature_cache_options
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+@device_option
+@click.option("--dry-run", is_flag=True, help="List the jobs (and which are done) and stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json's table data.")
+@friendly_errors
+def protocol_cmd(
+    protocol: str,
+    method_name: str,
+    model: str,
+    weights: str | None,
+    data_root: str | None,
+    datasets: str,
+    source: str,
+    shots: str | None,
+    seeds: str,
+    out_dir: str,
+    overrides: tuple[str, ...],
+    select: str,
+    feature_cache: str | None,
+    no_feature_cache: bool,
+    workers: int,
+    device: str,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Run a paper protocol: every (dataset x shots x seed) job, skipping finished ones.
+
+    Writes OUT/jobs/<dataset>/shots_K/seed_S/result.json per job, then OUT/results.json,
+    OUT/table.md and OUT/table.csv laid out like the papers' tables.
+    """
+    from vprompt.data.sources import resolve_data_root
+    from vprompt.engine.protocol import RESULT_FILE, ProtocolRun, plan_jobs, run_protocol
+
+    jobs = plan_jobs(
+        protocol,  # type: ignore[arg-type]  # click.Choice checked it
+        method=method_name,
+        datasets=[d.strip() for d in datasets.split(",") if d.strip()],
+        shots=_int_list(shots or _DEFAULT_SHOTS[protocol], "--shots"),
+        seeds=_int_list(seeds, "--seeds"),
+        source=source,
+    )
+    out = Path(out_dir)
+    if dry_run:
+        for job in jobs:
+            done = (out / "jobs" / job.key / RESULT_FILE).is_file()
+            targets = f" -> {','.join(job.targets)}" if job.targets else ""
+            click.echo(f"{'done' if done else 'todo'}  {job.key}{targets}")
+        return
+    cache = feature_cache_dir(feature_cache, no_feature_cache)
+    run = ProtocolRun(
+        protocol=protocol,  # type: ignore[arg-type]
+        method=method_name,
+        model=model,
+        weights=weights,
+        data_root=resolve_data_root(data_root),
+        out_dir=out,
+        overrides=overrides,
+        select=select,  # type: ignore[arg-type]
+        device=device,
+        num_workers=workers,
+        feature_cache=cache,
+    )
+
+    def report(job: Any, record: dict[str, Any], skipped: bool) -> None:
+        metrics = record["metrics"]
+        text = ", ".join(
+            f"{k} {100 * v:.2f}" for k, v in metrics.items() if isinstance(v, int | float)
+        )
+        for name, value in metrics.get("targets", {}).items():
+            text += f", {name} {100 * value:.2f}"
+        click.echo(f"{'skipped (done)' if skipped else 'finished'}  {job.key}: {text}", err=True)
+
+    summary = run_protocol(run, jobs, on_job=report)
+    if as_json:
+        click.echo(json.dumps(summary["table"], ensure_ascii=False))
+        return
+    click.echo((out / "table.md").read_text(encoding="utf-8"))
+    click.echo(f"outputs: {out} (results.json, table.md, table.csv, jobs/)")

@@ -1,0 +1,423 @@
+"""Evaluation protocols of the CoOp family of papers, as resumable jobs.
+
+* ``few-shot``: train on K shots of each dataset, test on its full test split.
+* ``base-to-novel``: train on K shots of the base half of the classes; test on the base classes
+  and, with the same learned prompt, on the new half (CoCoOp).
+* ``cross-dataset``: train on a source dataset (ImageNet), test on the others.
+* ``domain-gen``: train on ImageNet, test on ImageNet-V2, -Sketch, -A and -R.
+
+Each (dataset x shots x seed) is a :class:`Job` with its own folder and ``result.json``; a job
+whose result exists is skipped, and an interrupted one resumes from its last epoch checkpoint,
+so jobs can be spread over processes or machines sharing one output folder. As in the reference
+code, the prompt of the *last* epoch is kept (``select="last"``); ``select="best-val"`` picks
+the epoch on the few-shot validation split. The test split never selects anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from vprompt.data.suite import SUITE, get_suite
+from vprompt.data.tasks import SuiteTask, load_suite_task
+from vprompt.engine.evaluate import evaluate
+from vprompt.engine.fit import fit
+from vprompt.engine.protocol_table import (
+    Table,
+    base_to_novel_table,
+    few_shot_table,
+    harmonic_mean,
+    plot_few_shot,
+    transfer_table,
+)
+from vprompt.errors import ConfigError
+from vprompt.methods.base import METHODS, apply_overrides, config_to_dict
+from vprompt.utils.io import atomic_write_text
+
+ProtocolName = Literal["few-shot", "base-to-novel", "cross-dataset", "domain-gen"]
+PROTOCOLS: tuple[ProtocolName, ...] = ("few-shot", "base-to-novel", "cross-dataset", "domain-gen")
+#: The papers' dataset order (CoOp Table / CoCoOp Table 1).
+PAPER_ORDER = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+)  # fmt: skip
+DOMAIN_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One independent unit: train on ``dataset`` (K shots, seed), then test.
+
+    Attributes:
+        protocol: Which protocol the job belongs to.
+        dataset: The training (source) dataset.
+        shots: Shots per class; None for methods without training (zero-shot).
+        seed: Few-shot sampling and training seed.
+        targets: Datasets tested with the source's prompt (cross-dataset, domain-gen).
+    """
+
+    protocol: ProtocolName
+    dataset: str
+    shots: int | None
+    seed: int
+    targets: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/shots_{self.shots if self.shots else 0}/seed_{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "dataset": self.dataset,
+            "shots": self.shots,
+            "seed": self.seed,
+            "targets": list(self.targets),
+        }
+
+
+@dataclass(frozen=True)
+class ProtocolRun:
+    """Everything a protocol run needs besides its jobs.
+
+    Attributes:
+        protocol: Protocol name.
+        method: Registered method name.
+        model: Backbone as ``family:arch``.
+        data_root: Folder holding the datasets.
+        out_dir: Output folder (jobs, results.json, table.md/.csv, plots).
+        weights: Weight source (None: the model's default).
+        overrides: ``key=value`` config overrides (``--set``).
+        select: ``last`` (the reference's choice) or ``best-val``.
+        device: Torch device.
+        num_workers: Data-loading workers.
+        feature_cache: Folder of the frozen-feature cache for methods that declare it.
+        progress: Progress bars.
+    """
+
+    protocol: ProtocolName
+    method: str
+    model: str
+    data_root: Path
+    out_dir: Path
+    weights: str | None = None
+    overrides: tuple[str, ...] = ()
+    select: Literal["last", "best-val"] = "last"
+    device: str = "cpu"
+    num_workers: int = 0
+    feature_cache: Path | None = None
+    progress: bool = True
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        # Accept str paths (and ~) from Python callers.
+        for name in ("data_root", "out_dir", "feature_cache"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
+        if self.select not in ("last", "best-val"):
+            raise ConfigError(f"select must be last or best-val, got {self.select!r}")
+
+
+def is_trainable(method: str) -> bool:
+    return hasattr(METHODS.get(method), "trainable_parameters")
+
+
+def plan_jobs(
+    protocol: ProtocolName,
+    *,
+    method: str,
+    datasets: Sequence[str] = (),
+    shots: Sequence[int] = (16,),
+    seeds: Sequence[int] = (1, 2, 3),
+    source: str = "imagenet",
+) -> list[Job]:
+    """The jobs of a protocol, validated before anything runs.
+
+    Methods without training run one job per dataset (shots None, first seed).
+
+    Raises:
+        ConfigError: Unknown protocol, empty shots/seeds, test-only datasets as training sets,
+            or a transfer protocol with a method that cannot change its classes.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    cls = METHODS.get(method)
+    trainable = is_trainable(method)
+    if protocol != "few-shot" and not hasattr(cls, "retarget"):
+        raise ConfigError(
+            f"{protocol} tests a prompt on classes it was not trained on, and method {method!r} "
+            "cannot change its classes (it has no `retarget`); use few-shot, or a text-side "
+            "method (zeroshot, coop, …)"
+        )
+    if trainable and (not shots or not seeds):
+        raise ConfigError("give at least one --shots value and one --seeds value")
+    if any(k < 1 for k in shots):
+        raise ConfigError(f"shots must be >= 1, got {list(shots)}")
+    shot_list: list[int | None] = list(dict.fromkeys(shots)) if trainable else [None]
+    seed_list = list(dict.fromkeys(seeds)) if trainable else [seeds[0] if seeds else 1]
+    names = [get_suite(d).name for d in datasets]
+    if protocol in ("few-shot", "base-to-novel"):
+        if not names:
+            raise ConfigError(f"{protocol} needs --datasets")
+        for name in names:
+            if SUITE.get(name).eval_only:
+                raise ConfigError(f"{name} is test-only; it belongs to domain-gen as a target")
+        return [
+            Job(protocol, name, k, s)
+            for name in sorted(names, key=_paper_rank)
+            for k in shot_list
+            for s in seed_list
+        ]
+    src = get_suite(source).name
+    if SUITE.get(src).eval_only:
+        raise ConfigError(f"the source dataset {src} is test-only")
+    if protocol == "domain-gen":
+        targets = tuple(names) if names else DOMAIN_TARGETS
+    else:
+        targets = tuple(n for n in (names or PAPER_ORDER) if n != src)
+    if not targets:
+        raise ConfigError(f"{protocol} needs target datasets besides the source {src}")
+    return [Job(protocol, src, k, s, targets) for k in shot_list for s in seed_list]
+
+
+def _paper_rank(name: str) -> tuple[int, str]:
+    return (PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER), name)
+
+
+# ---------------------------------------------------------------------------- running
+class _Runner:
+    """Holds what jobs share: the frozen backbone, the method class and its base config."""
+
+    def __init__(self, run: ProtocolRun) -> None:
+        from vprompt.backbones import load_backbone
+        from vprompt.backbones.registry import resolve_device
+
+        self.run = run
+        self.cls = METHODS.get(run.method)
+        self.trainable = is_trainable(run.method)
+        self.base_config = apply_overrides(self.cls.Config(), run.overrides)
+        self.user_keys = {o.split("=", 1)[0].strip().split(".")[0] for o in run.overrides}
+        self.device = resolve_device(run.device)
+        self.backbone = load_backbone(run.model, run.weights, device=self.device)
+        self.cache = None
+        if run.feature_cache is not None:
+            from vprompt.data.feature_cache import FeatureCache
+
+            self.cache = FeatureCache(run.feature_cache)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "method": self.run.method,
+            "config": config_to_dict(self.base_config),
+            "model": self.run.model,
+            "weights": str(self.backbone.weights),
+            "fingerprint": self.backbone.fingerprint(),
+            "select": self.run.select,
+        }
+
+    def config_for(self, template: str) -> Any:
+        """The dataset's paper template goes into ``templates``/``template`` config fields
+        unless the user set them."""
+        names = {f.name for f in dataclasses.fields(self.base_config)}
+        config = self.base_config
+        if "templates" in names and "templates" not in self.user_keys:
+            config = dataclasses.replace(config, templates=(template,))
+        if "template" in names and "template" not in self.user_keys:
+            config = dataclasses.replace(config, template=template)
+        return config
+
+    def build(self, task: SuiteTask) -> Any:
+        factory: Callable[..., Any] = getattr(self.cls, "from_config", self.cls)
+        return factory(self.backbone, task.classnames, self.config_for(task.template))
+
+    def train(self, method: Any, task: SuiteTask, job: Job, folder: Path) -> dict[str, Any]:
+        if not self.trainable:
+            return {"selected": None}
+        splits = task.splits()
+        val = splits.val if self.run.select == "best-val" else None
+        kwargs: dict[str, Any] = {}
+        if self.cache is not None:
+            kwargs["feature_cache"] = self.cache
+        result = fit(
+            method,
+            splits.train,
+            val=val,
+            out_dir=folder / "train",
+            device=self.device,
+            seed=job.seed,
+            resume=True,
+            progress=self.run.progress,
+            num_workers=self.run.num_workers,
+            **kwargs,
+        )
+        note = None
+        if self.run.select == "best-val" and val is None:
+            note = f"{task.spec.title} has no validation split; kept the last epoch"
+        return {
+            "selected": result.selected,
+            "best_epoch": result.best_epoch,
+            "epochs": result.epochs_run,
+            "train_images": len(splits.train),
+            "note": note,
+        }
+
+    def test(self, method: Any, task: SuiteTask, desc: str) -> float:
+        kwargs: dict[str, Any] = {}
+        if self.cache is not None:
+            kwargs["feature_cache"] = self.cache
+        result = evaluate(
+            method,
+            task.test,
+            device=self.device,
+            batch_size=self.run.eval_batch_size,
+            num_workers=self.run.num_workers,
+            progress=self.run.progress,
+            desc=desc,
+            **kwargs,
+        )
+        return result.accuracy
+
+    def execute(self, job: Job, folder: Path) -> dict[str, Any]:
+        root = self.run.data_root
+        if job.protocol == "base-to-novel":
+            k, s = job.shots, job.seed
+            base = load_suite_task(job.dataset, root, shots=k, seed=s, subsample="base")
+            new = load_suite_task(job.dataset, root, shots=k, seed=s, subsample="new")
+            method = self.build(base)
+            info = self.train(method, base, job, folder)
+            b = self.test(method, base, f"{job.dataset} base")
+            n = self.test(method.retarget(new.classnames, templates=[new.template]), new, "new")
+            return {"metrics": {"base": b, "new": n, "hm": harmonic_mean(b, n)}, "train": info}
+        task = load_suite_task(job.dataset, root, shots=job.shots, seed=job.seed)
+        method = self.build(task)
+        info = self.train(method, task, job, folder)
+        acc = self.test(method, task, f"{job.dataset} test")
+        if job.protocol == "few-shot":
+            return {"metrics": {"accuracy": acc}, "train": info}
+        targets: dict[str, float] = {}
+        for name in job.targets:
+            target = load_suite_task(name, root)
+            moved = method.retarget(target.classnames, templates=[target.template])
+            targets[name] = self.test(moved, target, f"{name} test")
+        return {"metrics": {"source": acc, "targets": targets}, "train": info}
+
+
+def run_protocol(
+    run: ProtocolRun,
+    jobs: Sequence[Job],
+    *,
+    on_job: Callable[[Job, dict[str, Any], bool], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or skip, when finished) every job, then write ``results.json``, ``table.md``,
+    ``table.csv`` and, for few-shot, ``few_shot.png`` into ``run.out_dir``.
+
+    Args:
+        on_job: Called after each job with ``(job, record, skipped)``.
+
+    Returns:
+        ``{"records": [...], "table": {...}}`` as written to ``results.json``.
+
+    Raises:
+        ConfigError: ``out_dir`` holds results of a different method, model or configuration.
+    """
+    _check_folders(jobs, run.data_root)
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = _Runner(run)
+    identity = runner.identity()
+    _write_json(out / "protocol.json", {"identity": identity, "jobs": [j.to_dict() for j in jobs]})
+    records = []
+    bar = tqdm(jobs, desc=f"{run.protocol} jobs", unit="job", disable=not run.progress)
+    for job in bar:
+        folder = out / "jobs" / job.key
+        record = _finished(folder, job, identity)
+        skipped = record is not None
+        if record is None:
+            torch.manual_seed(job.seed)
+            started = time.perf_counter()
+            outcome = runner.execute(job, folder)
+            record = {
+                "job": job.to_dict(),
+                "identity": identity,
+                **outcome,
+                "seconds": time.perf_counter() - started,
+            }
+            _write_json(folder / RESULT_FILE, record)
+        records.append(record)
+        if on_job is not None:
+            on_job(job, record, skipped)
+    bar.close()
+    return write_report(run.protocol, records, out, method=run.method)
+
+
+def _check_folders(jobs: Sequence[Job], data_root: Path) -> None:
+    """Fail before loading any model when a dataset folder is missing."""
+    names = dict.fromkeys(n for job in jobs for n in (job.dataset, *job.targets))
+    for name in names:
+        SUITE.get(name).require_folder(data_root)
+
+
+def _finished(folder: Path, job: Job, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or unreadable result: run the job again
+    if record.get("identity") != identity or record.get("job") != job.to_dict():
+        raise ConfigError(
+            f"{path} holds a result of a different run (method, config, model or job differ); "
+            "use another --out folder"
+        )
+    return dict(record)
+
+
+def build_table(
+    protocol: ProtocolName, records: Sequence[Mapping[str, Any]], *, method: str
+) -> Table:
+    """The paper-style table of a protocol's job records."""
+    titles = {name: SUITE.get(name).title for name in SUITE.names()}
+    if protocol == "few-shot":
+        return few_shot_table(records, titles, [*PAPER_ORDER, *sorted(SUITE.names())])
+    if protocol == "base-to-novel":
+        return base_to_novel_table(records, titles, [*PAPER_ORDER, *sorted(SUITE.names())])
+    title = (
+        "Cross-dataset transfer (top-1 %)"
+        if protocol == "cross-dataset"
+        else "Domain generalization (top-1 %)"
+    )
+    return transfer_table(records, titles, title=title, method=method)
+
+
+def write_report(
+    protocol: ProtocolName, records: Sequence[Mapping[str, Any]], out: Path, *, method: str
+) -> dict[str, Any]:
+    """Write results.json, table.md, table.csv (and the few-shot plot) from job records."""
+    table = build_table(protocol, records, method=method)
+    header = f"# {protocol}: {method}\n\n"
+    atomic_write_text(out / "table.md", header + table.markdown())
+    atomic_write_text(out / "table.csv", table.csv())
+    if protocol == "few-shot":
+        titles = {name: SUITE.get(name).title for name in SUITE.names()}
+        plot_few_shot(records, titles, [*PAPER_ORDER, *sorted(SUITE.names())], out / "few_shot.png")
+    summary = {"protocol": protocol, "records": list(records), "table": table.data}
+    _write_json(out / "results.json", summary)
+    return summary
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
