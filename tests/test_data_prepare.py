@@ -6,16 +6,12 @@ The archives are tiny fakes with the real member layout of each dataset's origin
 
 from __future__ import annotations
 
-import io
-import os
 import shutil
-import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from archive_helpers import jpeg, write_tar, write_zip
 from vprompt.data.check import COOP_DATASETS_MD, HOMEPAGES
 from vprompt.data.items import Datum
 from vprompt.data.prepare import imagenet_classnames, prepare_dataset
@@ -24,39 +20,6 @@ from vprompt.data.suite.synthetic import write_fake_dataset
 from vprompt.errors import DatasetError
 
 # --------------------------------------------------------------------------- archive builders
-
-
-def jpeg(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (12, 10), ((37 * seed) % 256, (91 * seed) % 256, 128)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: dict[str, bytes], *, mode: str = "w:gz") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, mode) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
-
-
-def write_zip(path: Path, members: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return path
-
-
-def tree(folder: Path) -> set[str]:
-    """Every file under ``folder`` (following links), relative, POSIX."""
-    out = set()
-    for dirpath, _, files in os.walk(folder, followlinks=True):
-        for f in files:
-            out.add((Path(dirpath) / f).relative_to(folder).as_posix())
-    return out
 
 
 # --------------------------------------------------------------------------- datasets

@@ -6,46 +6,16 @@ asks for; ``prepare`` must rebuild a folder that the reader loads item for item 
 
 from __future__ import annotations
 
-import io
-import os
 import shutil
-import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from archive_helpers import tree, write_tar, write_zip
 from vprompt.data.prepare import prepare_dataset
 from vprompt.data.recipes import RECIPES, recipe_for
 from vprompt.data.suite import SUITE, SuiteSplits, get_suite
 from vprompt.data.suite.synthetic import write_fake_dataset
-
-
-def write_tar(path: Path, members: dict[str, bytes], *, mode: str = "w:gz") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, mode) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
-
-
-def write_zip(path: Path, members: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return path
-
-
-def tree(folder: Path) -> set[str]:
-    """Every file under ``folder`` (following links), relative, POSIX."""
-    out = set()
-    for dirpath, _, files in os.walk(folder, followlinks=True):
-        for f in files:
-            out.add((Path(dirpath) / f).relative_to(folder).as_posix())
-    return out
 
 
 def same_items(a: SuiteSplits, b: SuiteSplits) -> bool:
