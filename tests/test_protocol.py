@@ -257,3 +257,18 @@ def test_few_shot_protocol_runs_every_registered_method(
     (record,) = summary["records"]
     assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
     assert "| DTD |" in (tmp_path / method / "table.md").read_text()
+
+
+def test_base_to_novel_with_coop_through_the_cli(data_root: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "coop-b2n"
+    res = run_cli("protocol", "base-to-novel", "--method", "coop", *TINY,
+                  "--data-root", data_root, "--datasets", "dtd", "--shots", "2", "--seeds", "1",
+                  "--set", "n_ctx=4", "--set", "optim.epochs=2", "--set", "optim.batch_size=4",
+                  "--set", "augment=false", "--out", out, "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    cell = json.loads(res.stdout)["dtd"]["2 shots"]
+    assert set(cell) == {"base", "new", "hm"}
+    record = json.loads((out / "jobs" / "dtd" / "shots_2" / "seed_1" / "result.json").read_text())
+    assert record["train"]["epochs"] == 2
+    assert record["train"]["train_images"] == 6  # 2 shots x 3 base classes (of 5)
+    assert (out / "jobs" / "dtd" / "shots_2" / "seed_1" / "train" / "prompt.safetensors").is_file()

@@ -75,6 +75,12 @@ class ImageTextBackbone(Backbone, Protocol):
         ...
 
     @property
+    def truncatable(self) -> bool:
+        """Whether token sequences may be cut after the longest prompt's pooled token without
+        changing any text feature (causal tower pooled at the end-of-text token)."""
+        ...
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         """The learned temperature, already exponentiated (scalar)."""
         ...

@@ -10,6 +10,7 @@ from vprompt.methods.base import (
     register_method,
 )
 from vprompt.methods.baselines import FullFineTune, LinearProbe
+from vprompt.methods.coop import CoOp, CoOpConfig
 from vprompt.methods.visual_prompt import MappingOnly, VisualPrompt, VisualPromptConfig
 from vprompt.methods.vpt import VPT, VPTConfig
 from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
@@ -17,6 +18,8 @@ from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
 __all__ = [
     "METHODS",
     "VPT",
+    "CoOp",
+    "CoOpConfig",
     "FullFineTune",
     "LinearProbe",
     "MappingOnly",

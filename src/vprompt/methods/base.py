@@ -172,8 +172,12 @@ def topk_predictions(
 class OptimConfig:
     """Optimizer and schedule of a trainable method (paper defaults live in each method).
 
-    The schedule is linear warmup for ``warmup_epochs`` (from ``warmup_lr``, or from 0 when it is
-    ``None``), then cosine decay to 0 at the end of ``epochs``; it is stepped every iteration.
+    The schedule is a warmup for ``warmup_epochs`` (``linear``: rising from ``warmup_lr``, or
+    from 0 when it is ``None``; ``constant``: held at ``warmup_lr``), then cosine decay.
+    ``step_unit="iteration"`` updates the rate every iteration and decays to 0 at the end of
+    ``epochs``. ``step_unit="epoch"`` reproduces Dassl's epoch-stepped schedule, which the CoOp
+    family's published numbers use: epoch ``e >= W`` trains at
+    ``lr * (1 + cos(pi * (e - W) / epochs)) / 2``.
     """
 
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -185,8 +189,16 @@ class OptimConfig:
     warmup_lr: float | None = None
     batch_size: int = 128
     grad_clip: float | None = None
+    warmup_type: Literal["linear", "constant"] = "linear"
+    step_unit: Literal["iteration", "epoch"] = "iteration"
 
     def __post_init__(self) -> None:
+        if self.warmup_type not in ("linear", "constant"):
+            raise ConfigError(f"optim.warmup_type must be linear or constant: {self.warmup_type!r}")
+        if self.step_unit not in ("iteration", "epoch"):
+            raise ConfigError(f"optim.step_unit must be iteration or epoch: {self.step_unit!r}")
+        if self.warmup_type == "constant" and self.warmup_epochs > 0 and self.warmup_lr is None:
+            raise ConfigError("optim.warmup_type=constant needs optim.warmup_lr")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"optim.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
         if not self.lr > 0:
