@@ -119,3 +119,35 @@ def test_file_result_to_json():
     assert ok.to_json() == {"image": "x.png", "predictions": [{"label": "cat", "score": 0.5}]}
     bad = FileResult(Path("y.png"), error="no such file")
     assert bad.to_json() == {"image": "y.png", "error": "no such file"}
+
+
+@pytest.mark.parametrize(
+    ("method", "model", "overrides"),
+    [
+        ("coop", "clip:tiny", {"n_ctx": 4}),
+        ("visual-prompt", "torchvision:tiny", {"canvas_size": 64, "inner_size": 48}),
+        ("linear-probe", "clip:tiny", {}),
+    ],
+)
+def test_predict_applies_packs_of_every_kind(
+    method, model, overrides, photos_dir, tmp_path, run_cli
+):
+    """`vprompt predict --pack` works for learned packs, not only zero-shot ones, and gives
+    the method's own softmax through its own preprocessing."""
+    from vprompt import load_backbone, save_pack
+    from vprompt.data.images import load_image
+    from vprompt.methods.base import METHODS, config_from_dict
+
+    cls = METHODS.get(method)
+    backbone = load_backbone(model, "none")
+    instance = cls(backbone, CLASSES, config_from_dict(cls.Config, overrides)).eval()
+    pack = save_pack(instance, tmp_path / "p.safetensors")
+    photo = sorted(photos_dir.glob("*.png"))[0]
+    res = run_cli("predict", "--pack", pack, photo, "--json", "--top-k", "4", "--weights", "none")
+    assert res.returncode == 0, res.stderr
+    (line,) = res.json_lines()
+    pixels = instance.input_transform(False)(load_image(photo))[None]
+    with torch.no_grad():
+        probs = instance(pixels).logits.softmax(-1)[0]
+    got = {p["label"]: p["score"] for p in line["predictions"]}
+    assert got == pytest.approx({c: float(probs[i]) for i, c in enumerate(CLASSES)}, abs=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vprompt.data.images import DEFAULT_MAX_PIXELS, load_image
+from vprompt.engine.runtime import autocast_for
 from vprompt.errors import ImageLoadError
 from vprompt.methods.base import Prediction, topk_predictions
 
@@ -47,11 +49,15 @@ def predict_files(
     """Yield one :class:`FileResult` per path, in input order.
 
     Args:
-        classifier: Anything with ``backbone.transform``, ``classnames`` and
+        classifier: A method (``input_transform`` and ``forward`` → logits, as every
+            registered method has) or anything with ``backbone.transform``, ``classnames`` and
             ``predict_proba(B x 3 x H x W tensor) -> B x C``.
         max_pixels: Files larger than this are reported as errors, not decoded.
     """
-    transform = classifier.backbone.transform
+    if hasattr(classifier, "input_transform"):
+        transform = classifier.input_transform(False)
+    else:
+        transform = classifier.backbone.transform
 
     def prepare(path: Path) -> torch.Tensor | str:
         try:
@@ -78,7 +84,7 @@ def predict_files(
             results: dict[int, list[Prediction]] = {}
             if good:
                 pixels = torch.stack([prepared[i] for i in good])  # type: ignore[misc]
-                probs = classifier.predict_proba(pixels)
+                probs = _probabilities(classifier, pixels)
                 for i, preds in zip(
                     good, topk_predictions(probs, classifier.classnames, top_k), strict=True
                 ):
@@ -91,3 +97,16 @@ def predict_files(
                     yield FileResult(path, predictions=results[i])
             bar.update(len(chunk))
     bar.close()
+
+
+@torch.no_grad()
+def _probabilities(classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """B x C softmax probabilities: the classifier's own ``predict_proba``, or its logits."""
+    if hasattr(classifier, "predict_proba"):
+        return classifier.predict_proba(pixels)
+    tensors = itertools.chain(classifier.parameters(), classifier.buffers())
+    device = next(tensors, pixels).device
+    classifier.eval()
+    with autocast_for(device):
+        logits = classifier(pixels.to(device)).logits
+    return logits.float().softmax(dim=-1).cpu()
