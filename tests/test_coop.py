@@ -166,3 +166,14 @@ def test_coop_needs_a_clip_backbone() -> None:
 
     with pytest.raises(ConfigError, match="CLIP-like"):
         CoOp(load_backbone("torchvision:tiny", "none"), NAMES)  # type: ignore[arg-type]
+
+
+def test_cached_class_features_follow_the_context_storage(tiny_clip) -> None:
+    method = CoOp(tiny_clip, NAMES, CoOpConfig(n_ctx=4)).eval()
+    with torch.no_grad():
+        first = method.text_features()
+        # Replacing the storage (as .to(device) or assigning .data does) must not serve stale
+        # features even though the parameter's version counter does not move.
+        method.ctx.data = method.ctx.data + 0.5
+        second = method.text_features()
+    assert not torch.allclose(first, second)

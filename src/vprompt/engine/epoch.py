@@ -63,6 +63,9 @@ def train_one_epoch(
         forward = method.forward_features
         loader = features.batches(optim.batch_size, generator=generator)
     params = flat_params(method.trainable_parameters())
+    # Capability, not identity: a method that shapes its own update (e.g. a projected
+    # gradient) defines backward(loss, output, labels) and leaves .grad on its parameters.
+    method_backward = getattr(method, "backward", None)
     num_classes = len(method.classnames)
     method.train()
     step = start_step
@@ -101,7 +104,10 @@ def train_one_epoch(
                     "lower optim.lr or set optim.grad_clip"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if method_backward is None:
+                loss.backward()
+            else:
+                method_backward(loss, out, labels)
             if optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()

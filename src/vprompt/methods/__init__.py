@@ -10,7 +10,10 @@ from vprompt.methods.base import (
     register_method,
 )
 from vprompt.methods.baselines import FullFineTune, LinearProbe
+from vprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vprompt.methods.coop import CoOp, CoOpConfig
+from vprompt.methods.kgcoop import KgCoOp, KgCoOpConfig
+from vprompt.methods.prograd import ProGrad, ProGradConfig, ProGradOutput
 from vprompt.methods.visual_prompt import MappingOnly, VisualPrompt, VisualPromptConfig
 from vprompt.methods.vpt import VPT, VPTConfig
 from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
@@ -18,13 +21,20 @@ from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
 __all__ = [
     "METHODS",
     "VPT",
+    "CoCoOp",
+    "CoCoOpConfig",
     "CoOp",
     "CoOpConfig",
     "FullFineTune",
+    "KgCoOp",
+    "KgCoOpConfig",
     "LinearProbe",
     "MappingOnly",
     "MethodOutput",
     "Prediction",
+    "ProGrad",
+    "ProGradConfig",
+    "ProGradOutput",
     "PromptMethod",
     "VPTConfig",
     "VisualPrompt",

@@ -219,6 +219,14 @@ class TrainableMethod(Protocol):
 
     A method holds a frozen backbone and only its own prompt tensors are trainable. ``train()``
     must keep the backbone in eval mode (frozen BatchNorm statistics stay frozen).
+
+    Optional hook: a method that shapes its own update defines
+    ``backward(loss: Tensor, output: MethodOutput, labels: Tensor) -> None``. The engine then
+    calls it, after ``zero_grad`` and before gradient clipping and the optimizer step, instead
+    of ``loss.backward()``. ``loss`` is the scalar training loss (cross-entropy of
+    ``output.logits`` plus every ``aux_loss`` term), ``output`` what this step's forward
+    returned, ``labels`` the B class indices; the hook must leave ``.grad`` on the trainable
+    parameters (e.g. ProGrad's gradient projected against a distillation gradient).
     """
 
     name: ClassVar[str]

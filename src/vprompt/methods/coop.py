@@ -153,7 +153,7 @@ class TextContextMethod(nn.Module):
         self.assembler = PromptAssembler(
             backbone, self.classnames, n_ctx=m, position=config.class_token_position
         )
-        self._cached: tuple[int, torch.Tensor] | None = None
+        self._cached: tuple[tuple[int, int, str], torch.Tensor] | None = None
         self.to(backbone.logit_scale.device)
 
     # ------------------------------------------------------------------ prompts
@@ -164,14 +164,16 @@ class TextContextMethod(nn.Module):
         reused, so inference costs what zero-shot costs.
         """
         frozen = not self.training and not torch.is_grad_enabled()
-        if frozen and self._cached is not None and self._cached[0] == self.ctx._version:
+        # In-place updates bump _version; .to()/load replace the storage (data_ptr).
+        key = (self.ctx._version, self.ctx.data_ptr(), str(self.ctx.device))
+        if frozen and self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         chunk = self.config.class_chunk
         feats = encode_prompts(
             self.backbone, self.assembler, self.ctx, chunk=chunk, checkpointed=chunk is not None
         )
         if frozen:
-            self._cached = (self.ctx._version, feats)
+            self._cached = (key, feats)
         return feats
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

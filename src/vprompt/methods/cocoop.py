@@ -1,0 +1,271 @@
+"""CoCoOp: a context conditioned on each image (Zhou et al., CVPR 2022).
+
+A small Meta-Net π maps the image's unit-norm CLIP feature to a shift of the learned context:
+image b gets the context ``ctx + π(x_b)`` (B x M x W), the text encoder runs on the prompts of
+every class under every image's context (B·C prompts), and ``logits_b = s · f(x_b) · g_b(·)ᵀ``.
+There is no class-feature cache: each image needs its own text features, so the B·C prompts go
+through the text encoder in micro-batches of at most ``prompt_batch``.
+
+Defaults follow KaiyangZhou/CoOp: ``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``
+(4 tokens from ``"a photo of a"``, batch 1, SGD lr 0.002, 10 epochs, 1 constant warm-up epoch
+at 1e-5, cosine) and ``trainers/cocoop.py`` (Meta-Net ``Linear(D, D // 16) → ReLU →
+Linear(D // 16, W)`` on the normalized image features, the class name at the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vprompt.backbones.protocols import ImageTextBackbone
+from vprompt.errors import ConfigError, PackError
+from vprompt.methods.base import (
+    InputKind,
+    MethodOutput,
+    OptimConfig,
+    check_state_keys,
+    register_method,
+)
+from vprompt.methods.coop import clip_train_transform, coop_optim
+from vprompt.methods.text_context import PromptAssembler, init_context
+
+
+@dataclass(frozen=True)
+class CoCoOpConfig:
+    """CoCoOp's settings; defaults are the reference's base-to-novel setting.
+
+    Attributes:
+        n_ctx: M (ignored with ``ctx_init``, whose token count sets it).
+        ctx_init: Initialise the context from this phrase's token embeddings; empty for
+            N(0, ``init_std``²) random vectors.
+        class_token_position: Only ``end`` (the reference has no other).
+        init_std: Standard deviation of the random initialisation.
+        meta_reduction: The Meta-Net's hidden width is the image feature size divided by this.
+        augment: Random resized crop and flip for training, as the reference configs do.
+        feature_views: With a feature cache and ``augment``, augmented views encoded once per
+            training image; epoch e trains on view e mod N (10 = one per reference epoch).
+        prompt_batch: At most this many prompts per text-encoder call (B images x C classes
+            are split into micro-batches); bounds memory for large batches or many classes.
+        optim: Batch 1, 10 epochs, Dassl's CoOp optimizer and schedule.
+    """
+
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    class_token_position: Literal["end"] = "end"
+    init_std: float = 0.02
+    meta_reduction: int = 16
+    augment: bool = True
+    feature_views: int = 10
+    prompt_batch: int = 2048
+    optim: OptimConfig = field(default_factory=lambda: coop_optim(epochs=10, batch_size=1))
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ConfigError(f"n_ctx must be >= 1, got {self.n_ctx}")
+        if self.class_token_position != "end":
+            raise ConfigError(
+                "cocoop puts the class name after the context (class_token_position=end); "
+                f"got {self.class_token_position!r}"
+            )
+        if not self.init_std > 0:
+            raise ConfigError(f"init_std must be > 0: {self.init_std!r}")
+        if not isinstance(self.meta_reduction, int) or self.meta_reduction < 1:
+            raise ConfigError(f"meta_reduction must be an integer >= 1: {self.meta_reduction!r}")
+        if not isinstance(self.feature_views, int) or self.feature_views < 1:
+            raise ConfigError(f"feature_views must be an integer >= 1: {self.feature_views!r}")
+        if not isinstance(self.prompt_batch, int) or self.prompt_batch < 1:
+            raise ConfigError(f"prompt_batch must be an integer >= 1: {self.prompt_batch!r}")
+
+
+def build_meta_net(in_dim: int, out_dim: int, reduction: int) -> nn.Sequential:
+    """π: ``Linear(D, D // r) → ReLU → Linear(D // r, W)``, initialised from a fixed seed."""
+    hidden = in_dim // reduction
+    if hidden < 1:
+        raise ConfigError(
+            f"meta_reduction={reduction} leaves no hidden units for {in_dim}-dim image features"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("linear1", nn.Linear(in_dim, hidden)),
+                    ("relu", nn.ReLU()),
+                    ("linear2", nn.Linear(hidden, out_dim)),
+                ]
+            )
+        )
+
+
+def assemble_conditional(
+    assembler: PromptAssembler, ctx: torch.Tensor, images: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
+    """Prompt embeddings ``[SOS] ctx_b CLASSNAME . [EOT]`` for (image, class) pairs.
+
+    Args:
+        assembler: Frozen token embeddings of the class names (position ``end``).
+        ctx: B x M x W per-image contexts.
+        images: N image indices into ``ctx``.
+        classes: N class indices.
+
+    Returns:
+        N x L x W prompt embeddings (EOT positions: ``assembler.eot[classes]``).
+    """
+    if assembler.position != "end":
+        raise ConfigError("per-image contexts need the class name at the end of the prompt")
+    prefix = assembler.token_prefix[classes]  # N x 1 x W
+    suffix = assembler.token_suffix[classes]  # N x (L - 1 - M) x W
+    return torch.cat([prefix, ctx[images].to(prefix.dtype), suffix], dim=1)
+
+
+@register_method("cocoop")
+class CoCoOp(nn.Module):
+    """Conditional Context Optimization: a shared context shifted by a Meta-Net of the image.
+
+    Learned tensors (the pack): ``ctx`` (M x W) and the Meta-Net's ``meta_net.*`` weights.
+    """
+
+    is_prompt_method: ClassVar[bool] = True
+    input_kind: ClassVar[InputKind] = "image-features"
+    feature_kind = "clip-image-embedding-l2"
+    name: ClassVar[str]
+    Config = CoCoOpConfig
+
+    def __init__(
+        self,
+        backbone: ImageTextBackbone,
+        classnames: Sequence[str],
+        config: CoCoOpConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, ImageTextBackbone):
+            raise ConfigError("cocoop learns text prompts: it needs a CLIP-like backbone")
+        config = config or CoCoOpConfig()
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        vectors, m = init_context(
+            backbone, n_ctx=config.n_ctx, init=config.ctx_init, std=config.init_std
+        )
+        self.config = dataclasses.replace(config, n_ctx=m)
+        self.ctx = nn.Parameter(vectors.float())  # M x W, fp32 even under bf16 autocast
+        self.meta_net = build_meta_net(backbone.embed_dim, vectors.shape[-1], config.meta_reduction)
+        self.assembler = PromptAssembler(backbone, self.classnames, n_ctx=m, position="end")
+        self.to(backbone.logit_scale.device)
+
+    # ------------------------------------------------------------------ prompts
+    def conditional_context(self, features: torch.Tensor) -> torch.Tensor:
+        """B x D unit-norm image features → B x M x W contexts ``ctx + π(x)``."""
+        shift = self.meta_net(features.to(self.ctx.dtype))  # B x W
+        return self.ctx.unsqueeze(0) + shift.unsqueeze(1)
+
+    def text_features(self, features: torch.Tensor) -> torch.Tensor:
+        """B x D unit-norm image features → B x C x D unit-norm class text features, one set
+        per image, at most ``prompt_batch`` prompts per text-encoder call."""
+        ctx = self.conditional_context(features)  # B x M x W
+        b, c = ctx.shape[0], self.assembler.num_classes
+        total, step = b * c, self.config.prompt_batch
+        feats = []
+        for start in range(0, total, step):
+            rows = torch.arange(start, min(start + step, total), device=ctx.device)
+            images, classes = rows // c, rows % c
+            emb = assemble_conditional(self.assembler, ctx, images, classes)
+            out = self.backbone.encode_text_embeddings(emb, self.assembler.eot[classes])
+            feats.append(out.float())
+        return F.normalize(torch.cat(feats), dim=-1).view(b, c, -1)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W pixels → B x D unit-norm image features (frozen)."""
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+
+    def forward_features(self, features: torch.Tensor) -> MethodOutput:
+        """B x D unit-norm image features → B x C logits."""
+        feats = features.float()
+        text = self.text_features(feats)  # B x C x D
+        scale = self.backbone.logit_scale.float()
+        return MethodOutput(logits=scale * torch.einsum("bd,bcd->bc", feats, text))
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        return self.forward_features(self.encode_images(images))
+
+    # ------------------------------------------------------------------ engine protocol
+    @property
+    def feature_views(self) -> int:
+        return int(self.config.feature_views)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.ctx, *self.meta_net.parameters()]
+
+    def train(self, mode: bool = True) -> CoCoOp:
+        super().train(mode)
+        if isinstance(self.backbone, nn.Module):
+            self.backbone.eval()  # frozen: never in training mode
+        return self
+
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        if train and self.config.augment:
+            return clip_train_transform(self.backbone)
+        return self.backbone.transform
+
+    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
+        return None
+
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    # ------------------------------------------------------------------ state
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        state = {"ctx": self.ctx.detach()}
+        state.update({f"meta_net.{k}": v.detach() for k, v in self.meta_net.state_dict().items()})
+        return {k: v.float().cpu().contiguous() for k, v in state.items()}
+
+    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        own = {"ctx": self.ctx}
+        own.update({f"meta_net.{k}": p for k, p in self.meta_net.named_parameters()})
+        expected = set(own)
+        check_state_keys(self.name, expected, tensors)
+        for key in sorted(expected):
+            target, value = own[key], tensors[key]
+            if value.shape != target.shape:
+                raise PackError(
+                    f"{self.name} tensor {key!r} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(target.shape)} (n_ctx, meta_reduction and the backbone must match)"
+                )
+        with torch.no_grad():
+            for key in expected:
+                own[key].copy_(tensors[key].to(own[key].device, own[key].dtype))
+
+    @classmethod
+    def from_state(
+        cls,
+        backbone: ImageTextBackbone,
+        classnames: Sequence[str],
+        config: CoCoOpConfig,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> CoCoOp:
+        method = cls(backbone, classnames, config)
+        method.load_prompt_state(tensors)
+        return method
+
+    def retarget(
+        self, classnames: Sequence[str], *, templates: Sequence[str] | None = None
+    ) -> CoCoOp:
+        """The learned context and Meta-Net applied to other class names (``templates`` are
+        not used: CoCoOp's prompts have no hand-written part besides the class name)."""
+        other = type(self)(self.backbone, classnames, self.config)
+        other.load_prompt_state(self.prompt_state())
+        return other.train(self.training)
+
+    def extra_repr(self) -> str:
+        return (
+            f"backbone={self.backbone.name}, classes={len(self.classnames)}, "
+            f"n_ctx={self.config.n_ctx}, prompt_batch={self.config.prompt_batch}"
+        )

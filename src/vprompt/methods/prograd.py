@@ -1,0 +1,191 @@
+"""ProGrad: CoOp updated only where it keeps zero-shot knowledge (Zhu et al., ICCV 2023).
+
+Each step computes two gradients of the context: ``g_ce`` of the training loss and ``g_kl`` of
+the distillation loss ``T² · KL(softmax(z_zs / T) ‖ softmax(z / T))`` toward zero-shot CLIP with
+the hand-crafted template. Where they conflict (negative cosine), the update drops ``λ`` times
+the component of ``g_ce`` along ``g_kl``::
+
+    g = g_ce − λ (g_ce · ĝ_kl) ĝ_kl   if g_ce · g_kl < 0,   else g_ce.
+
+The method does this in :meth:`ProGrad.backward`, the engine's backward hook; one projection per
+trainable tensor, as Dassl's ``prograd_backward_and_update`` does.
+
+Defaults follow BeierZhu/Prompt-align: ``ProGrad.public/configs/trainers/ProGrad/rn50.yaml``
+(batch 32, SGD lr 0.002, 200 epochs, 1 constant warm-up epoch at 1e-5, cosine, ``LOSS.T 1.0``,
+``CTX_INIT: True``), ``scripts/prograd.sh`` (``LAMBDA=1.0``, 16 context tokens, end position) and
+``trainers/prograd.py`` (the context initialisation from the dataset template, the KD loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vprompt.backbones.protocols import ImageTextBackbone
+from vprompt.errors import ConfigError
+from vprompt.methods.base import MethodOutput, OptimConfig, register_method
+from vprompt.methods.coop import CoOpConfig, TextContextMethod, coop_optim
+from vprompt.methods.kgcoop import check_template, config_with_template, template_text_features
+from vprompt.methods.text_context import init_context
+
+
+@dataclass(frozen=True)
+class ProGradOutput(MethodOutput):
+    """ProGrad's forward output: the logits plus, in training, the zero-shot teacher's.
+
+    Attributes:
+        zeroshot_logits: B x C logits of zero-shot CLIP with the hand-crafted template on the
+            same images (no gradient); None outside training.
+    """
+
+    zeroshot_logits: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ProGradConfig(CoOpConfig):
+    """ProGrad's settings (few-shot defaults of the reference); the remaining fields are
+    :class:`~vprompt.methods.coop.CoOpConfig`'s.
+
+    Attributes:
+        n_ctx: M (16).
+        init_from_template: Without ``ctx_init``, initialise the last context vectors with the
+            token embeddings of the template's words before ``{}`` and the others with zeros
+            (the reference's ``CTX_INIT: True``); false for N(0, 0.02²) random vectors.
+        template: The zero-shot teacher's prompt; the protocol runner fills in the dataset's
+            paper template.
+        grad_lambda: λ, how much of the conflicting component is removed (``LOSS.LAMBDA``; the
+            paper uses 0.8 for 8/16 shots on Flowers102, DTD and EuroSAT).
+        temperature: T of the distillation loss (``LOSS.T``).
+        optim: Batch 32, 200 epochs (the 8/16-shot setting), Dassl's CoOp optimizer.
+    """
+
+    n_ctx: int = 16
+    init_from_template: bool = True
+    template: str = "a photo of a {}."
+    grad_lambda: float = 1.0
+    temperature: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: coop_optim(epochs=200, batch_size=32))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_template(self.template, "prograd")
+        if not self.grad_lambda >= 0:
+            raise ConfigError(f"grad_lambda must be >= 0, got {self.grad_lambda!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+def template_context(backbone: ImageTextBackbone, template: str, n_ctx: int) -> torch.Tensor | None:
+    """M x W context: zeros, then the token embeddings of the words before the template's
+    ``{}`` (None when there are none).
+
+    Text after ``{}`` is not part of the learned prompt, which ends with the class name and
+    ``"."`` as CoOp's does. Words beyond M tokens keep only the last M (the reference asserts
+    instead; a retargeted or reloaded context must not fail on another dataset's template).
+    """
+    words = template.split("{}", 1)[0].strip()
+    if not words:
+        return None
+    vectors, k = init_context(backbone, n_ctx=n_ctx, init=words, std=1.0)
+    k = min(k, n_ctx)
+    out = torch.zeros(n_ctx, vectors.shape[-1])
+    out[n_ctx - k :] = vectors[vectors.shape[0] - k :]
+    return out
+
+
+def project_conflicting(grad: torch.Tensor, reference: torch.Tensor, lam: float) -> torch.Tensor:
+    """``grad − λ (grad · r̂) r̂`` when ``grad · reference < 0``, else ``grad`` (any shape).
+
+    A zero ``reference`` leaves ``grad`` unchanged. No host synchronisation.
+    """
+    norm = reference.norm()
+    unit = torch.where(norm > 0, reference / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    dot = (grad * unit).sum()
+    return grad - lam * dot.clamp(max=0.0) * unit
+
+
+@register_method("prograd")
+class ProGrad(TextContextMethod):
+    """Prompt-aligned gradient: CoOp's loss, its update projected off the zero-shot conflict.
+
+    :meth:`forward_features` returns a :class:`ProGradOutput` (with the zero-shot logits in
+    training); the engine then calls :meth:`backward` instead of ``loss.backward()``.
+    """
+
+    Config = ProGradConfig
+    handcrafted: torch.Tensor  # C x D, unit norm (buffer, rebuilt from the template)
+
+    def __init__(
+        self,
+        backbone: ImageTextBackbone,
+        classnames: Sequence[str],
+        config: ProGradConfig | None = None,
+    ) -> None:
+        super().__init__(backbone, classnames, config or ProGradConfig())
+        cfg = self.config
+        if cfg.init_from_template and not cfg.ctx_init.strip():
+            vectors = template_context(backbone, cfg.template, cfg.n_ctx)
+            if vectors is not None:
+                with torch.no_grad():
+                    self.ctx.copy_(vectors.to(self.ctx.device).expand_as(self.ctx))
+        hand = template_text_features(backbone, self.classnames, cfg.template)
+        self.register_buffer("handcrafted", hand, persistent=False)
+
+    def forward_features(self, features: torch.Tensor) -> ProGradOutput:
+        """B x D unit-norm image features → B x C logits (+ zero-shot logits in training)."""
+        text = self.text_features()  # C x D
+        scale = self.backbone.logit_scale.float()
+        feats = features.float()
+        logits = scale * feats @ text.T
+        if not self.training:
+            return ProGradOutput(logits=logits)
+        with torch.no_grad():
+            zeroshot = scale * feats @ self.handcrafted.T
+        return ProGradOutput(logits=logits, zeroshot_logits=zeroshot)
+
+    def distill_loss(self, logits: torch.Tensor, zeroshot_logits: torch.Tensor) -> torch.Tensor:
+        """T² · KL(softmax(zero-shot / T) ‖ softmax(logits / T)), summed over classes and
+        averaged over the B images.
+
+        The reference writes it as the soft-target cross-entropy; the two differ by the
+        teacher's entropy, a constant, so their gradients are equal.
+        """
+        t = self.config.temperature
+        student = F.log_softmax(logits.float() / t, dim=-1)
+        teacher = F.log_softmax(zeroshot_logits.float() / t, dim=-1)
+        kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+        return kl * (t * t)
+
+    def backward(self, loss: torch.Tensor, output: MethodOutput, labels: torch.Tensor) -> None:
+        """Fill ``.grad`` of the context with the projected gradient of ``loss``.
+
+        Args:
+            loss: The engine's training loss (cross-entropy plus any auxiliary terms).
+            output: This step's :meth:`forward_features` output, in training mode.
+            labels: B class indices (the loss already holds them; unused here).
+        """
+        del labels
+        zeroshot = getattr(output, "zeroshot_logits", None)
+        if zeroshot is None:
+            raise ValueError(
+                "ProGrad.backward needs the training-mode output of ProGrad's forward "
+                "(with zero-shot logits)"
+            )
+        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        kl = self.distill_loss(output.logits, zeroshot)
+        kl_grads = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
+        loss.backward()
+        lam = self.config.grad_lambda
+        for param, kl_grad in zip(params, kl_grads, strict=True):
+            if param.grad is not None and kl_grad is not None:
+                param.grad = project_conflicting(param.grad, kl_grad, lam)
+
+    def _retarget_config(self, templates: Sequence[str] | None) -> Any:
+        return config_with_template(self.config, templates)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, grad_lambda={self.config.grad_lambda}"
