@@ -3,7 +3,14 @@
 Importing this package registers every command on :func:`main`.
 """
 
-from vprompt.cli import classify, data, data_setup, protocol, train  # noqa: F401  (registers)
+from vprompt.cli import (  # noqa: F401  (registers)
+    classify,
+    data,
+    data_setup,
+    presets,
+    protocol,
+    train,
+)
 from vprompt.cli.common import main
 
 __all__ = ["main"]

@@ -49,6 +49,14 @@ weights_option = click.option(
     help="Weight tag, hf-hub:ORG/REPO, local file or folder, or 'none' (random init). "
     "Default: the model's default tag.",
 )
+preset_option = click.option(
+    "--preset",
+    "preset_name",
+    default=None,
+    metavar="NAME",
+    help="A published setting (see `vprompt presets`), applied before --set; it names the "
+    "method, so --method may be left out.",
+)
 device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … or auto."
 )
@@ -86,6 +94,15 @@ def feature_cache_dir(path: str | None, disabled: bool) -> Path | None:
     if path:
         return Path(path)
     return Path(os.environ.get("VPROMPT_CACHE", Path.home() / ".cache" / "vprompt")) / "features"
+
+
+def model_for(model: str | None, preset: Any) -> str:
+    """``--model``, else the preset's model; a usage error when neither names one."""
+    if model:
+        return model
+    if preset is not None and preset.model:
+        return str(preset.model)
+    raise click.UsageError("give --model (FAMILY:ARCH, e.g. clip:ViT-B-16)")
 
 
 def predict_options(fn: F) -> F:

@@ -14,6 +14,8 @@ from vprompt.cli.common import (
     feature_cache_options,
     friendly_errors,
     main,
+    model_for,
+    preset_option,
     weights_option,
 )
 
@@ -40,8 +42,18 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.argument(
     "protocol", type=click.Choice(["few-shot", "base-to-novel", "cross-dataset", "domain-gen"])
 )
-@click.option("--method", "method_name", required=True, help="Registered method.")
-@click.option("--model", required=True, help="Backbone as FAMILY:ARCH.")
+@click.option(
+    "--method",
+    "method_name",
+    default=None,
+    help="Registered method; required unless --preset names it.",
+)
+@preset_option
+@click.option(
+    "--model",
+    default=None,
+    help="Backbone as FAMILY:ARCH (default with --preset: the preset's model).",
+)
 @weights_option
 @click.option(
     "--data-root",
@@ -84,8 +96,9 @@ def _int_list(value: str, what: str) -> list[int]:
 @friendly_errors
 def protocol_cmd(
     protocol: str,
-    method_name: str,
-    model: str,
+    method_name: str | None,
+    preset_name: str | None,
+    model: str | None,
     weights: str | None,
     data_root: str | None,
     datasets: str,
@@ -109,7 +122,11 @@ def protocol_cmd(
     """
     from vprompt.data.sources import resolve_data_root
     from vprompt.engine.protocol import RESULT_FILE, ProtocolRun, plan_jobs, run_protocol
+    from vprompt.methods.presets import get_preset, resolve_method
 
+    preset = get_preset(preset_name) if preset_name else None
+    method_name = resolve_method(preset, method_name)
+    model = model_for(model, preset)
     jobs = plan_jobs(
         protocol,  # type: ignore[arg-type]  # click.Choice checked it
         method=method_name,
@@ -138,6 +155,7 @@ def protocol_cmd(
         device=device,
         num_workers=workers,
         feature_cache=cache,
+        preset=preset_name,
     )
 
     def report(job: Any, record: dict[str, Any], skipped: bool) -> None:

@@ -14,6 +14,8 @@ from vprompt.cli.common import (
     feature_cache_options,
     friendly_errors,
     main,
+    model_for,
+    preset_option,
     weights_option,
 )
 
@@ -65,10 +67,17 @@ def _write_json(path: Path, data: Any) -> None:
 @click.option(
     "--method",
     "method_name",
-    required=True,
-    help="Registered method (visual-prompt, mapping-only, linear-probe, full-finetune, …).",
+    default=None,
+    help="Registered method (coop, visual-prompt, linear-probe, full-finetune, …); "
+    "required unless --preset names it.",
 )
-@click.option("--model", "model", required=True, help="Backbone as FAMILY:ARCH.")
+@preset_option
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="Backbone as FAMILY:ARCH (default with --preset: the preset's model).",
+)
 @weights_option
 @click.option("--data", "data_spec", required=True, help=_DATA_HELP)
 @data_root_option
@@ -115,8 +124,9 @@ def _write_json(path: Path, data: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the final test metrics as JSON.")
 @friendly_errors
 def train_cmd(
-    method_name: str,
-    model: str,
+    method_name: str | None,
+    preset_name: str | None,
+    model: str | None,
     weights: str | None,
     data_spec: str,
     data_root: str | None,
@@ -140,14 +150,18 @@ def train_cmd(
     from vprompt.data.feature_cache import FeatureCache
     from vprompt.data.sources import load_data
     from vprompt.engine import evaluate, fit
-    from vprompt.methods.base import METHODS, apply_overrides
+    from vprompt.methods.base import METHODS
+    from vprompt.methods.presets import get_preset, resolve_method
 
+    preset = get_preset(preset_name) if preset_name else None
+    method_name = resolve_method(preset, method_name)
+    model = model_for(model, preset)
     cls = METHODS.get(method_name)
     if not hasattr(cls, "trainable_parameters"):
         raise click.UsageError(
             f"method {method_name!r} has nothing to train; see `vprompt zeroshot`"
         )
-    config = apply_overrides(cls.Config(), overrides)
+    config = _preset_config(cls, preset, overrides, shots)
     splits = load_data(
         data_spec,
         data_root=data_root,
@@ -190,6 +204,7 @@ def train_cmd(
     )
     report = {
         "method": method_name,
+        "preset": preset_name,
         "model": model,
         "weights": backbone.weights,
         "data": data_spec,
@@ -210,6 +225,23 @@ def train_cmd(
     click.echo(f"pack:    {result.pack_path}")
     click.echo(f"outputs: {out} (metrics.jsonl, config.json, test_metrics.json, *.png)")
     click.echo(f"test accuracy: {100 * scores.accuracy:.1f}% on {scores.n} images")
+
+
+def _preset_config(cls: Any, preset: Any, overrides: tuple[str, ...], shots: int | None) -> Any:
+    """The method's defaults, then the preset (with its epochs for ``shots`` unless --set
+    gives optim.epochs), then the --set overrides."""
+    from vprompt.methods.base import apply_overrides
+    from vprompt.methods.presets import apply_config_mapping, with_epochs
+
+    config = cls.Config()
+    if preset is not None:
+        config = apply_config_mapping(config, preset.config, what=f"preset {preset.name}")
+        user_sets_epochs = any(o.split("=", 1)[0].strip() == "optim.epochs" for o in overrides)
+        epochs = None if user_sets_epochs else preset.epochs_for(shots)
+        if epochs is not None:
+            config = with_epochs(config, epochs)
+            click.echo(f"vprompt: preset {preset.name}: {shots} shots -> {epochs} epochs", err=True)
+    return apply_overrides(config, overrides)
 
 
 @main.command("eval")

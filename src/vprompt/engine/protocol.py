@@ -40,6 +40,7 @@ from vprompt.engine.protocol_table import (
 )
 from vprompt.errors import ConfigError
 from vprompt.methods.base import METHODS, apply_overrides, config_to_dict
+from vprompt.methods.presets import apply_config_mapping, get_preset, resolve_method, with_epochs
 from vprompt.utils.io import atomic_write_text
 
 ProtocolName = Literal["few-shot", "base-to-novel", "cross-dataset", "domain-gen"]
@@ -102,6 +103,9 @@ class ProtocolRun:
         num_workers: Data-loading workers.
         feature_cache: Folder of the frozen-feature cache for methods that declare it.
         progress: Progress bars.
+        preset: A published setting (``vprompt presets``) applied over the method's defaults
+            before ``overrides``; its ``epochs_by_shots`` sets each job's epochs unless
+            ``overrides`` set ``optim.epochs``.
     """
 
     protocol: ProtocolName
@@ -117,6 +121,7 @@ class ProtocolRun:
     feature_cache: Path | None = None
     progress: bool = True
     eval_batch_size: int = 256
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         # Accept str paths (and ~) from Python callers.
@@ -128,6 +133,8 @@ class ProtocolRun:
             raise ConfigError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
         if self.select not in ("last", "best-val"):
             raise ConfigError(f"select must be last or best-val, got {self.select!r}")
+        if self.preset is not None:
+            resolve_method(get_preset(self.preset), self.method)
 
 
 def is_trainable(method: str) -> bool:
@@ -207,8 +214,19 @@ class _Runner:
         self.run = run
         self.cls = METHODS.get(run.method)
         self.trainable = is_trainable(run.method)
-        self.base_config = apply_overrides(self.cls.Config(), run.overrides)
-        self.user_keys = {o.split("=", 1)[0].strip().split(".")[0] for o in run.overrides}
+        self.preset = get_preset(run.preset) if run.preset is not None else None
+        config = self.cls.Config()
+        if self.preset is not None:
+            what = f"preset {self.preset.name}"
+            config = apply_config_mapping(config, self.preset.config, what=what)
+        self.base_config = apply_overrides(config, run.overrides)
+        paths = {o.split("=", 1)[0].strip() for o in run.overrides}
+        self.user_keys = {p.split(".")[0] for p in paths}
+        self.epochs_by_shots = (
+            dict(self.preset.epochs_by_shots)
+            if self.preset is not None and "optim.epochs" not in paths
+            else {}
+        )
         self.device = resolve_device(run.device)
         self.backbone = load_backbone(run.model, run.weights, device=self.device)
         self.cache = None
@@ -218,7 +236,7 @@ class _Runner:
             self.cache = FeatureCache(run.feature_cache)
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "method": self.run.method,
             "config": config_to_dict(self.base_config),
             "model": self.run.model,
@@ -226,21 +244,26 @@ class _Runner:
             "fingerprint": self.backbone.fingerprint(),
             "select": self.run.select,
         }
+        if self.epochs_by_shots:
+            identity["epochs_by_shots"] = {str(k): v for k, v in self.epochs_by_shots.items()}
+        return identity
 
-    def config_for(self, template: str) -> Any:
+    def config_for(self, template: str, shots: int | None = None) -> Any:
         """The dataset's paper template goes into ``templates``/``template`` config fields
-        unless the user set them."""
+        unless the user set them; a preset's ``epochs_by_shots`` sets the epochs for ``shots``."""
         names = {f.name for f in dataclasses.fields(self.base_config)}
         config = self.base_config
         if "templates" in names and "templates" not in self.user_keys:
             config = dataclasses.replace(config, templates=(template,))
         if "template" in names and "template" not in self.user_keys:
             config = dataclasses.replace(config, template=template)
+        if self.epochs_by_shots and self.preset is not None:
+            config = with_epochs(config, self.preset.epochs_for(shots))
         return config
 
-    def build(self, task: SuiteTask) -> Any:
+    def build(self, task: SuiteTask, shots: int | None = None) -> Any:
         factory: Callable[..., Any] = getattr(self.cls, "from_config", self.cls)
-        return factory(self.backbone, task.classnames, self.config_for(task.template))
+        return factory(self.backbone, task.classnames, self.config_for(task.template, shots))
 
     def train(self, method: Any, task: SuiteTask, job: Job, folder: Path) -> dict[str, Any]:
         if not self.trainable:
@@ -295,13 +318,13 @@ class _Runner:
             k, s = job.shots, job.seed
             base = load_suite_task(job.dataset, root, shots=k, seed=s, subsample="base")
             new = load_suite_task(job.dataset, root, shots=k, seed=s, subsample="new")
-            method = self.build(base)
+            method = self.build(base, k)
             info = self.train(method, base, job, folder)
             b = self.test(method, base, f"{job.dataset} base")
             n = self.test(method.retarget(new.classnames, templates=[new.template]), new, "new")
             return {"metrics": {"base": b, "new": n, "hm": harmonic_mean(b, n)}, "train": info}
         task = load_suite_task(job.dataset, root, shots=job.shots, seed=job.seed)
-        method = self.build(task)
+        method = self.build(task, job.shots)
         info = self.train(method, task, job, folder)
         acc = self.test(method, task, f"{job.dataset} test")
         if job.protocol == "few-shot":
@@ -337,7 +360,8 @@ def run_protocol(
     out.mkdir(parents=True, exist_ok=True)
     runner = _Runner(run)
     identity = runner.identity()
-    _write_json(out / "protocol.json", {"identity": identity, "jobs": [j.to_dict() for j in jobs]})
+    plan = {"identity": identity, "preset": run.preset, "jobs": [j.to_dict() for j in jobs]}
+    _write_json(out / "protocol.json", plan)
     records = []
     bar = tqdm(jobs, desc=f"{run.protocol} jobs", unit="job", disable=not run.progress)
     for job in bar:
