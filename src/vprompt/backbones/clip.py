@@ -172,6 +172,25 @@ class ClipBackbone(nn.Module):
         self._require_seam()
         return self._text.token_embedding(tokens)
 
+    def token_embedding_table(self) -> torch.Tensor:
+        """V x W: the frozen token-embedding table (row i embeds token id i), detached."""
+        self._require_seam()
+        return self._text.token_embedding.weight.detach()
+
+    def decode_token(self, token_id: int) -> str:
+        """The text of one vocabulary token (a BPE piece; word-final pieces lose their marker).
+
+        Raises:
+            WeightsError: The tokenizer has no decoder (it cannot map ids back to text).
+        """
+        tok = self._tokenizer
+        decode = getattr(tok, "decode", None) or getattr(
+            getattr(tok, "tokenizer", None), "decode", None
+        )
+        if decode is None:
+            raise WeightsError(f"{self.name}: its tokenizer cannot decode token ids")
+        return str(decode([int(token_id)])).strip()
+
     def encode_text_embeddings(
         self, embeddings: torch.Tensor, eot_index: torch.Tensor
     ) -> torch.Tensor:

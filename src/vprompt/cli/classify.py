@@ -245,3 +245,64 @@ def inspect_cmd(pack_path: str, as_json: bool) -> None:
     for key in ("config", "metrics"):
         if meta[key]:
             click.echo(f"{key + ':':<13}{json.dumps(meta[key], ensure_ascii=False)[:2000]}")
+
+
+@main.command("interpret")
+@click.argument("pack_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--top-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Nearest vocabulary tokens per context vector.",
+)
+@weights_option
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with every vector.")
+@friendly_errors
+def interpret_cmd(
+    pack_path: str, top_k: int, weights: str | None, device: str, as_json: bool
+) -> None:
+    """Show the vocabulary words nearest to each learned context vector of a pack.
+
+    Works on packs of learned-text-context methods (coop, cocoop, kgcoop, prograd …): the
+    Euclidean nearest tokens in the frozen token-embedding table, as in the CoOp paper.
+    """
+    from vprompt.engine.pack import build_from_pack, load_pack
+    from vprompt.errors import PackError
+    from vprompt.methods.interpret import nearest_words
+
+    pack = load_pack(pack_path)
+    ctx = pack.tensors.get("ctx")
+    if ctx is None:
+        raise PackError(
+            f"{pack_path}: a {pack.method} pack has no learned text context (no 'ctx' tensor; "
+            f"it holds {', '.join(sorted(pack.tensors))}); interpret reads packs of "
+            "coop-style methods"
+        )
+    method = build_from_pack(pack, weights=weights, device=device)
+    found = nearest_words(method.backbone, ctx, top_k)
+    groups = pack.classnames if ctx.dim() == 3 and ctx.shape[0] == len(pack.classnames) else None
+    if as_json:
+        report = {
+            "pack": pack_path,
+            "method": pack.method,
+            "backbone": pack.backbone.name,
+            "ctx_shape": list(ctx.shape),
+            "top_k": top_k,
+            "vectors": [entry.to_dict(groups) for entry in found],
+        }
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    kind = "class-specific" if ctx.dim() == 3 else "shared"
+    click.echo(
+        f"{pack_path}: {pack.method} on {pack.backbone.name}, {ctx.shape[-2]} {kind} context "
+        f"vectors; nearest tokens (Euclidean distance):"
+    )
+    for entry in found:
+        where = f"ctx {entry.position + 1:>2}"
+        if entry.group is not None:
+            label = groups[entry.group] if groups is not None else f"#{entry.group}"
+            where = f"{label}: {where}"
+        words = ", ".join(f"{w.word!r} {w.distance:.4f}" for w in entry.nearest)
+        click.echo(f"{where}: {words}")
