@@ -17,12 +17,11 @@ def dassl_epoch_lrs(base: float, epochs: int, warmup: int, cons: float) -> list[
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=base)
     successor = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    lrs, last_epoch = [], 0
-    for _ in range(epochs):
+    lrs = []
+    for last_epoch in range(epochs):  # the wrapper's own epoch counter
         lrs.append(cons if last_epoch < warmup else successor.get_last_lr()[0])
         if last_epoch >= warmup:  # the wrapper's step() at the end of the epoch
             successor.step()
-        last_epoch += 1
     return lrs
 
 
