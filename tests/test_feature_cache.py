@@ -642,3 +642,15 @@ def test_before_epoch_sees_features_for_feature_methods(tiny_clip, folders, tmp_
         )
         dim = tiny_clip.embed_dim
         assert seen == [(e, (8, dim)) for e in range(EPOCHS) for _ in range(4)]
+
+
+def test_labels_are_read_without_decoding_images(tmp_path):
+    """Feature-path labels come from all_labels(): no image file is opened (none exist here)."""
+    from vprompt.data.dataset import Subset
+    from vprompt.data.items import Datum, ItemDataset
+    from vprompt.engine.features import dataset_labels
+
+    items = [Datum(f"missing/{i}.jpg", i % 3, f"c{i % 3}") for i in range(7)]
+    data = ItemDataset(tmp_path, items)
+    assert dataset_labels(data).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert dataset_labels(Subset(data, [6, 1, 5])).tolist() == [0, 1, 2]

@@ -20,6 +20,7 @@ def dassl_epoch_lrs(base: float, epochs: int, warmup: int, cons: float) -> list[
     lrs = []
     for last_epoch in range(epochs):  # the wrapper's own epoch counter
         lrs.append(cons if last_epoch < warmup else successor.get_last_lr()[0])
+        opt.step()  # the epoch's updates (no gradients here), before the scheduler steps
         if last_epoch >= warmup:  # the wrapper's step() at the end of the epoch
             successor.step()
     return lrs

@@ -11,7 +11,12 @@ from PIL import Image
 
 @runtime_checkable
 class ClassificationDataset(Protocol):
-    """Indexable (image, label) pairs with class names in label order."""
+    """Indexable (image, label) pairs with class names in label order.
+
+    Optional extras the engine uses when present: ``identity(index) -> str`` (a key that
+    changes with the image, for feature caches) and ``all_labels() -> list[int]`` (every label
+    without decoding images).
+    """
 
     classnames: list[str]
 
@@ -62,6 +67,13 @@ class Subset:
         base_identity: Callable[[int], str] = self.base.identity  # type: ignore[attr-defined]
         indices = self.indices
         return lambda index: base_identity(indices[index])
+
+    def all_labels(self) -> list[int]:
+        """Every label in order, without decoding images when the base can say them."""
+        if hasattr(self.base, "all_labels"):
+            labels = self.base.all_labels()
+            return [int(labels[i]) for i in self.indices]
+        return [int(self.base[i][1]) for i in self.indices]
 
 
 class TransformedDataset:

@@ -109,6 +109,10 @@ class FashionMNIST:
         self.split = split
         self._digest: str | None = None
 
+    def all_labels(self) -> list[int]:
+        """Every label in order (no image is decoded)."""
+        return self.labels.tolist()
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -52,6 +52,10 @@ class ImageFolder:
         if not self.samples:
             raise DatasetError(f"{self.root}: no images found in its class folders")
 
+    def all_labels(self) -> list[int]:
+        """Every label in order (no image is decoded)."""
+        return [label for _, label in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 

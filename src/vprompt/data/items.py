@@ -107,6 +107,10 @@ class ItemDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def all_labels(self) -> list[int]:
+        """Every label in order (no image is decoded)."""
+        return [item.label for item in self.items]
+
     def path(self, index: int) -> Path:
         return self.root / self.items[index].path
 

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vprompt.data.dataset import ClassificationDataset, Subset
-from vprompt.data.fashion_mnist import FashionMNIST
+from vprompt.data.dataset import ClassificationDataset
 from vprompt.data.feature_cache import (
     FeatureCache,
     FeatureKey,
@@ -34,8 +33,6 @@ from vprompt.data.feature_cache import (
     has_identity,
     identities_of,
 )
-from vprompt.data.folder import ImageFolder
-from vprompt.data.items import ItemDataset
 from vprompt.engine.runtime import autocast_for, precision_tag
 from vprompt.methods.base import feature_views, uses_image_features
 
@@ -60,26 +57,11 @@ def view_for_epoch(method: Any, epoch: int) -> int | None:
 
 
 def dataset_labels(data: ClassificationDataset) -> torch.Tensor:
-    """N labels in dataset order, read without decoding images for vprompt's own datasets."""
-    indices: list[int] = list(range(len(data)))
-    base: Any = data
-    while isinstance(base, Subset):
-        indices = [base.indices[i] for i in indices]
-        base = base.base
-    known = _known_labels(base)
-    if known is not None:
-        return torch.as_tensor(np.asarray(known, dtype=np.int64)[indices])
+    """N labels in dataset order: the dataset's ``all_labels()`` when it has one (vprompt's own
+    datasets: no image is decoded), else by loading each item once."""
+    if hasattr(data, "all_labels"):
+        return torch.as_tensor(np.asarray(data.all_labels(), dtype=np.int64))
     return torch.tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.long)
-
-
-def _known_labels(data: Any) -> Any:
-    if isinstance(data, FashionMNIST):
-        return data.labels
-    if isinstance(data, ImageFolder):
-        return [label for _, label in data.samples]
-    if isinstance(data, ItemDataset):
-        return [item.label for item in data.items]
-    return None
 
 
 @dataclass(frozen=True)
