@@ -289,6 +289,27 @@ def test_resume_with_other_config_is_refused(baseline, make_method, data, tmp_pa
         fit(make_method(), data[0], val=data[1], out_dir=baseline["out"], seed=1, progress=False)
 
 
+def test_checkpoint_from_before_a_new_config_field_still_resumes(make_method, data, tmp_path):
+    """A config field added in a later version is absent from older checkpoints: resuming takes
+    its default as the saved value (same run when the current value is the default)."""
+    from vprompt.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    fit(make_method(epochs=1), data[0], out_dir=tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt is not None
+    del ckpt.run["config"]["optim"]["warmup_type"]  # as written before the field existed
+    save_checkpoint(tmp_path, ckpt)
+    result = fit(make_method(epochs=1), data[0], out_dir=tmp_path, progress=False)
+    assert result.epochs_run == 1
+    with pytest.raises(ConfigError, match="warmup_type"):
+        fit(
+            make_method(epochs=1, warmup_type="constant", warmup_lr=0.001, warmup_epochs=1),
+            data[0],
+            out_dir=tmp_path,
+            progress=False,
+        )
+
+
 def test_no_resume_starts_over(make_method, data, tmp_path):
     fit(make_method(epochs=1), data[0], out_dir=tmp_path, progress=False)
     method = make_method(epochs=2, lr=1.0)

@@ -49,7 +49,12 @@ from vprompt.engine.runtime import (
 )
 from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import ConfigError
-from vprompt.methods.base import OptimConfig, config_to_dict, uses_image_features
+from vprompt.methods.base import (
+    OptimConfig,
+    config_from_dict,
+    config_to_dict,
+    uses_image_features,
+)
 from vprompt.utils.io import atomic_write_text
 
 PACK_FILE = "prompt.safetensors"
@@ -189,7 +194,7 @@ def fit(
     if not resume:
         clear_checkpoint(out)
     if ckpt is not None:
-        check_same_run(ckpt.run, run, out)
+        check_same_run(_with_config_defaults(ckpt.run, method), run, out)
         method.load_prompt_state(ckpt.prompt)
     else:
         ckpt = Checkpoint(run=json.loads(json.dumps(run)))
@@ -427,6 +432,20 @@ def _run_identity(
         "data": {"train": len(train), "val": None if val is None else len(val)},
         "max_steps_per_epoch": max_steps_per_epoch,
     }
+
+
+def _with_config_defaults(saved: dict[str, Any], method: Any) -> dict[str, Any]:
+    """A checkpoint's run identity with config fields it predates filled with their defaults,
+    so runs written before a field was added still resume (and differ only if the current
+    value is not the default)."""
+    config = saved.get("config")
+    if not isinstance(config, dict):
+        return saved
+    try:
+        filled = config_to_dict(config_from_dict(type(method.config), config))
+    except (ConfigError, TypeError, ValueError):
+        return saved  # not this method's config: the comparison will say what differs
+    return {**saved, "config": filled}
 
 
 def _prompt_state(method: Any) -> dict[str, torch.Tensor]:
