@@ -27,6 +27,7 @@ from vprompt.backbones import (
     ClipBackbone,
     ImageTextBackbone,
     Preprocess,
+    PromptableSegmenter,
     build_eval_transform,
     list_models,
     load_backbone,
@@ -62,15 +63,23 @@ def test_every_family_has_a_tiny_variant() -> None:
 @pytest.mark.parametrize("name", TINY_NAMES)
 def test_tiny_builds_frozen_and_fits_the_protocol(name: str, photos_dir: Path) -> None:
     backbone = load_backbone(name, RANDOM_INIT)
-    assert isinstance(backbone, Backbone)
     assert backbone.name == name
     assert backbone.weights == RANDOM_INIT
-    assert isinstance(backbone.preprocess, Preprocess)
     assert all(not p.requires_grad for p in backbone.parameters())
     assert next(backbone.parameters(), None) is not None
     assert not backbone.training
     assert all(not m.training for m in backbone.modules())
     assert len(backbone.fingerprint()) >= 8
+    if name.startswith("sam:"):
+        assert isinstance(backbone, PromptableSegmenter)
+        pixels = backbone.preprocess([Image.open(photos_dir / "chelsea.png")])
+        side = backbone.frame.target
+        assert pixels.shape == (1, 3, side, side)
+        parts = backbone.embed(pixels)
+        assert parts["embeddings"].shape[0] == 1
+        return
+    assert isinstance(backbone, Backbone)
+    assert isinstance(backbone.preprocess, Preprocess)
     pixels = backbone.transform(Image.open(photos_dir / "chelsea.png"))
     assert pixels.shape == (3, *backbone.preprocess.size)
     if not name.startswith("clip:"):

@@ -241,8 +241,9 @@ def test_mask_dtypes():
         Mask(np.array([[0, 7]], dtype=np.uint8))
     with pytest.raises(PromptError, match="2-D"):
         Mask(np.ones((2, 2, 2), dtype=bool))
-    with pytest.raises(PromptError, match=r"expected shape \(256, 256\)"):
-        MaskLogits(np.zeros((64, 64)))
+    with pytest.raises(PromptError, match="square low-res"):
+        MaskLogits(np.zeros((64, 32)))
+    assert MaskLogits(np.zeros((64, 64))).array.shape == (64, 64)  # a small model's decoder
     assert MaskLogits(np.zeros((1, 256, 256))).array.shape == (256, 256)
 
 
@@ -342,13 +343,17 @@ def test_mixed_kinds_refused_and_split_into_groups():
         ObjectPrompt(points=[Point(2, 2)], boxes=[Box(0, 0, 5, 5)]),
         ObjectPrompt(points=[Point(3, 3), Point(4, 4)]),
         ObjectPrompt(boxes=[Box(0, 0, 5, 5)]),
+        ObjectPrompt(points=[Point(5, 5)]),
     ]
     prompts = _set(*objs)
     with pytest.raises(PromptError, match="groups"):
         prompts.to_arrays()
     groups = prompts.groups()
-    assert [g.indices for g in groups] == [(0, 2), (1,), (3,)]
-    assert sum(len(g.prompts) for g in groups) == 4
-    first = groups[0].prompts.to_arrays()
-    assert first["labels"].tolist() == [[1, -10], [1, 1]]
+    # Same kind AND same number of points, so no group needs padding points.
+    assert [g.indices for g in groups] == [(0, 4), (1,), (2,), (3,)]
+    assert sum(len(g.prompts) for g in groups) == 5
+    assert groups[0].prompts.to_arrays()["labels"].tolist() == [[1], [1]]
     assert groups[1].prompts.to_arrays()["boxes"].shape == (1, 4)
+    # to_arrays itself still pads a same-kind set with different point counts.
+    padded = _set(objs[0], objs[2]).to_arrays()
+    assert padded["labels"].tolist() == [[1, -10], [1, 1]]

@@ -10,6 +10,7 @@ from vprompt.backbones.protocols import (
     Backbone,
     ImageTextBackbone,
     NotAViTError,
+    PromptableSegmenter,
     TokenBackbone,
 )
 from vprompt.backbones.registry import (
@@ -21,16 +22,19 @@ from vprompt.backbones.registry import (
     register_family,
     split_name,
 )
+from vprompt.backbones.sam import SAM_FAMILY, SamBackbone
 from vprompt.backbones.timm_family import TIMM_FAMILY
 from vprompt.backbones.torchvision_family import TORCHVISION_FAMILY
 
 register_family(CLIP_FAMILY)
 register_family(TIMM_FAMILY)
 register_family(TORCHVISION_FAMILY)
+register_family(SAM_FAMILY)
 
 __all__ = [
     "FAMILIES",
     "RANDOM_INIT",
+    "SAM_FAMILY",
     "Backbone",
     "BackboneFamily",
     "ClassifierBackbone",
@@ -38,6 +42,8 @@ __all__ = [
     "ImageTextBackbone",
     "NotAViTError",
     "Preprocess",
+    "PromptableSegmenter",
+    "SamBackbone",
     "TokenBackbone",
     "build_eval_transform",
     "list_models",

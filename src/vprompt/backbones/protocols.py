@@ -11,6 +11,8 @@ from torch import nn
 
 from vprompt.backbones.preprocess import Preprocess
 from vprompt.errors import WeightsError
+from vprompt.prompts.resize import ResizeLongestSide
+from vprompt.prompts.spatial import PromptArrays
 
 
 class NotAViTError(WeightsError, AttributeError):
@@ -125,4 +127,34 @@ class TokenBackbone(Protocol):
 
     def pool_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """B x L x D tokens after the last block → B x F features (final norm, pooling, …)."""
+        ...
+
+
+@runtime_checkable
+class PromptableSegmenter(Protocol):
+    """A SAM-like segmenter: embed an image once, decode many prompts against it.
+
+    Shapes: B objects, K masks per object, S the input side, L = S / 4 the low-res side.
+    Coordinates enter through ``frame`` (:mod:`vprompt.prompts.resize`), nowhere else.
+    """
+
+    name: str
+    weights: str
+    frame: ResizeLongestSide
+
+    def fingerprint(self) -> str: ...
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB images → B x 3 x S x S pixels, as the model's processor prepares them."""
+        ...
+
+    def embed(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pixels → named embedding tensors, batch first."""
+        ...
+
+    def decode(
+        self, parts: dict[str, torch.Tensor], arrays: PromptArrays, *, multimask: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's embeddings + B objects' model-frame prompts → (B x K x L x L logits,
+        B x K predicted IoU)."""
         ...

@@ -12,7 +12,12 @@ The arithmetic matches transformers' ``SamImageProcessor._get_preprocess_shape``
 - points are scaled per axis by the *rounded* ratios ``w' / W`` and ``h' / H`` (not by ``scale``),
   so the image corner ``(W, H)`` lands exactly on ``(w', h')``.
 - the resized image sits in the top-left of a ``target x target`` padded square; the mask
-  decoder's low-resolution logits (``256 x 256``) cover that whole padded square.
+  decoder's low-resolution logits (``low_res x low_res``, 256 for released models) cover that
+  whole padded square.
+
+SAM 2 and EdgeTAM instead stretch the image to the full square (:class:`ResizeSquare`): no
+padding, per-axis ratios ``target / W`` and ``target / H``, and masks are resized from the
+low-res logits straight to the original size, as ``Sam2Processor`` does.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class MaskPostprocess:
     padded: tuple[int, int]
     crop: tuple[int, int]
     original: tuple[int, int]
+    direct: bool = False
+    """Resize the low-res logits straight to ``original`` (SAM 2: no padding, no crop)."""
 
     @property
     def low_res_crop(self) -> tuple[float, float]:
@@ -88,15 +95,20 @@ class ResizeLongestSide:
     Args:
         target: Longest side after resizing, which is also the padded square's side (1024 for
             every released SAM).
+        low_res: Side of the decoder's low-res logits and of the mask prompt (``target / 4``
+            for every released SAM).
     """
 
     target: int = 1024
+    low_res: int = LOW_RES_SIZE
 
     def __post_init__(self) -> None:
-        if isinstance(self.target, bool) or not isinstance(self.target, int) or self.target <= 0:
-            raise PromptError(
-                f"ResizeLongestSide target: expected a positive int, got {self.target!r}"
-            )
+        for name in ("target", "low_res"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PromptError(
+                    f"{type(self).__name__} {name}: expected a positive int, got {value!r}"
+                )
 
     def scale(self, image_size: tuple[int, int]) -> float:
         """``target / max(W, H)`` for an original ``image_size`` (W, H)."""
@@ -153,11 +165,17 @@ class ResizeLongestSide:
         w, h = _check_size(image_size)
         new_w, new_h = self.resized_size(w, h)
         return MaskPostprocess(
-            low_res=(LOW_RES_SIZE, LOW_RES_SIZE),
+            low_res=(self.low_res, self.low_res),
             padded=(self.target, self.target),
             crop=(new_h, new_w),
             original=(h, w),
+            direct=self.direct,
         )
+
+    @property
+    def direct(self) -> bool:
+        """Whether masks go from low-res logits straight to the original size."""
+        return False
 
     def mask_to_low_res(
         self, mask: NDArray[np.bool_], image_size: tuple[int, int], *, logit: float = 10.0
@@ -174,19 +192,37 @@ class ResizeLongestSide:
             logit: Magnitude of the logits written.
 
         Returns:
-            256 x 256 float32 logits.
+            low_res x low_res float32 logits.
         """
         w, h = _check_size(image_size)
         if mask.shape != (h, w):
             raise PromptError(f"mask: expected shape (H, W) = {(h, w)}, got {mask.shape}")
         rx, ry, _, _ = self._ratios((w, h))
-        cell = self.target / LOW_RES_SIZE
-        centres = (np.arange(LOW_RES_SIZE) + 0.5) * cell  # model-frame pixels
+        cell = self.target / self.low_res
+        centres = (np.arange(self.low_res) + 0.5) * cell  # model-frame pixels
         cols = np.floor(centres / rx).astype(np.int64)
         rows = np.floor(centres / ry).astype(np.int64)
         col_ok = cols < w
         row_ok = rows < h
-        out = np.full((LOW_RES_SIZE, LOW_RES_SIZE), -logit, dtype=np.float32)
+        out = np.full((self.low_res, self.low_res), -logit, dtype=np.float32)
         sub = mask[np.ix_(rows[row_ok], cols[col_ok])]
         out[np.ix_(row_ok, col_ok)] = np.where(sub, logit, -logit)
         return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResizeSquare(ResizeLongestSide):
+    """Stretch to a ``target x target`` square, as SAM 2's and EdgeTAM's processors do.
+
+    Points scale per axis by ``target / W`` and ``target / H``; nothing is padded, and masks
+    are resized from the low-res logits straight to the original size.
+    """
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """Always ``(target, target)``."""
+        _check_size((width, height))
+        return self.target, self.target
+
+    @property
+    def direct(self) -> bool:
+        return True

@@ -136,9 +136,11 @@ class MaskLogits:
         raw = np.asarray(self.array)
         if raw.ndim == 3 and raw.shape[0] == 1:
             raw = raw[0]
-        expected = (LOW_RES_SIZE, LOW_RES_SIZE)
-        if raw.shape != expected:
-            raise PromptError(f"mask logits: expected shape {expected}, got {raw.shape}")
+        if raw.ndim != 2 or raw.shape[0] != raw.shape[1] or raw.shape[0] < 4:
+            raise PromptError(
+                f"mask logits: expected a square low-res array such as "
+                f"{(LOW_RES_SIZE, LOW_RES_SIZE)}, got shape {raw.shape}"
+            )
         if not np.issubdtype(raw.dtype, np.floating) and not np.issubdtype(raw.dtype, np.integer):
             raise PromptError(f"mask logits: expected a float array, got {raw.dtype}")
         out = raw.astype(np.float32)
@@ -401,10 +403,15 @@ class PromptSet:
         return len(self.objects)
 
     def groups(self) -> list[PromptGroup]:
-        """Batchable groups, in order of each group's first object."""
-        by_kind: dict[tuple[bool, bool, bool], list[int]] = {}
+        """Batchable groups, in order of each group's first object.
+
+        Objects also group by their number of points, so no group needs padding points: a
+        padding point is still a token the decoder attends to, so a padded batch would not
+        equal decoding each object alone. Grouped decoding does, exactly.
+        """
+        by_kind: dict[tuple[int, bool, bool, bool], list[int]] = {}
         for i, obj in enumerate(self.objects):
-            by_kind.setdefault(_kind(obj), []).append(i)
+            by_kind.setdefault((len(obj.points), *_kind(obj)), []).append(i)
         return [
             PromptGroup(
                 indices=tuple(idx),
@@ -448,9 +455,15 @@ class PromptSet:
             )
             boxes = transform.apply_boxes(raw, (w, h)).astype(np.float32)
         if has_mask:
-            masks = np.empty((n_obj, 1, LOW_RES_SIZE, LOW_RES_SIZE), dtype=np.float32)
+            side = transform.low_res
+            masks = np.empty((n_obj, 1, side, side), dtype=np.float32)
             for i, obj in enumerate(self.objects):
                 if obj.logits is not None:
+                    if obj.logits.array.shape != (side, side):
+                        raise PromptError(
+                            f"object {i}: previous logits have shape {obj.logits.array.shape}, "
+                            f"but this model's decoder works at {(side, side)}"
+                        )
                     masks[i, 0] = obj.logits.array
                 elif obj.mask is not None:
                     masks[i, 0] = transform.mask_to_low_res(obj.mask.array, (w, h))

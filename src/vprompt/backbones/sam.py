@@ -1,0 +1,289 @@
+"""The SAM family through ``transformers``: SAM, SAM-HQ, SAM 2 and EdgeTAM in image mode.
+
+One small seam (:class:`SamBackbone`): ``preprocess`` (the model's own image processor),
+``embed`` (pixels → named embedding tensors) and ``decode`` (embeddings + batched prompt
+arrays → low-res logits and predicted IoU). Objects ride on the batch axis, so every object has
+its own points, box and mask input and decoding N objects equals decoding each alone.
+Coordinates move between the original image and the model frame only in
+:mod:`vprompt.prompts.resize`; this module picks the frame that matches the model.
+
+Weight sources: a Hugging Face repo id (``facebook/sam-vit-base``, also ``hf-hub:ORG/REPO``),
+a local folder saved by ``save_pretrained``, or ``none`` (deterministic random init from
+:mod:`vprompt.backbones.sam_configs`). Only safetensors checkpoints are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vprompt.backbones.fingerprint import weights_fingerprint
+from vprompt.backbones.registry import (
+    RANDOM_INIT,
+    RANDOM_INIT_SEED,
+    BackboneFamily,
+    unknown_weights_error,
+)
+from vprompt.backbones.sam_configs import ARCHS, MODEL_TYPES, TINY_ARCHS, SamKind
+from vprompt.errors import PromptError, WeightsError
+from vprompt.prompts.resize import ResizeLongestSide, ResizeSquare
+from vprompt.prompts.spatial import PromptArrays
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _classes(kind: SamKind) -> tuple[Any, Any]:
+    """(model class, config class) for a kind; imports transformers lazily."""
+    import transformers as tf
+
+    return {
+        "sam": (tf.SamModel, tf.SamConfig),
+        "sam-hq": (tf.SamHQModel, tf.SamHQConfig),
+        "sam2": (tf.Sam2Model, tf.Sam2Config),
+        "edgetam": (tf.EdgeTamModel, tf.EdgeTamConfig),
+    }[kind]
+
+
+def _image_processor(kind: SamKind, side: int) -> Any:
+    import transformers as tf
+
+    if kind in ("sam", "sam-hq"):
+        return tf.SamImageProcessor(
+            size={"longest_edge": side}, pad_size={"height": side, "width": side}
+        )
+    low = side // 4
+    return tf.Sam2ImageProcessor(
+        size={"height": side, "width": side}, mask_size={"height": low, "width": low}
+    )
+
+
+class SamBackbone(nn.Module):
+    """A frozen promptable segmenter.
+
+    Shapes: B objects, N points per object, K masks per object (3 with multimask output, else
+    1), S the model's input side (1024 for released models), L = S / 4 the low-res side.
+
+    Attributes:
+        name: ``sam:ARCH``.
+        weights: The weight source it was built from.
+        kind: ``sam``, ``sam-hq``, ``sam2`` or ``edgetam``.
+        frame: The coordinate frame (resize rules) of this model.
+    """
+
+    def __init__(self, *, model: nn.Module, name: str, weights: str, kind: SamKind) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.weights = weights
+        self.kind: SamKind = kind
+        prompt_cfg: Any = model.config.prompt_encoder_config  # type: ignore[union-attr]
+        side = int(prompt_cfg.image_size)
+        low = side // int(prompt_cfg.patch_size) * 4
+        frame_cls = ResizeLongestSide if kind in ("sam", "sam-hq") else ResizeSquare
+        self.frame: ResizeLongestSide = frame_cls(target=side, low_res=low)
+        self.image_processor = _image_processor(kind, side)
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB images → B x 3 x S x S pixels, exactly as the model's processor prepares them."""
+        out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        return out["pixel_values"].to(self.device)
+
+    @torch.inference_mode()
+    def embed(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """B x 3 x S x S pixels → named image embeddings, each batch-first.
+
+        ``embeddings`` (B x C x h x w) always; SAM-HQ adds ``intermediate.i`` (its early ViT
+        features), SAM 2 and EdgeTAM add ``high_res.i`` (the FPN's finer levels).
+        """
+        model: Any = self.model
+        if self.kind == "sam":
+            return {"embeddings": model.get_image_embeddings(pixels)}
+        if self.kind == "sam-hq":
+            emb, inter = model.get_image_embeddings(pixels)
+            parts = {"embeddings": emb}
+            parts.update({f"intermediate.{i}": t for i, t in enumerate(inter)})
+            return parts
+        levels = model.get_image_embeddings(pixels)
+        parts = {f"high_res.{i}": t for i, t in enumerate(levels[:-1])}
+        parts["embeddings"] = levels[-1]
+        return parts
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        parts: dict[str, torch.Tensor],
+        arrays: PromptArrays,
+        *,
+        multimask: bool = True,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode B objects of ONE image in one call.
+
+        Args:
+            parts: One image's embeddings from :meth:`embed` (batch of 1).
+            arrays: Model-frame prompts of B objects (:meth:`PromptSet.to_arrays`).
+            multimask: Three candidate masks per object (SAM's default for ambiguous
+                prompts) instead of one.
+            attention_similarity: PerSAM's target-guided attention bias, B x 1 x T x HW.
+            target_embedding: PerSAM's target-semantic prompt, B x 1 x 1 x C.
+
+        Returns:
+            Low-res logits (B x K x L x L, float32) and predicted IoU (B x K).
+        """
+        n = _num_objects(arrays)
+        device = self.device
+        expanded = {k: v.expand(n, *v.shape[1:]) for k, v in parts.items()}
+        kwargs: dict[str, Any] = {"multimask_output": multimask}
+        if arrays["points"] is not None:
+            kwargs["input_points"] = torch.from_numpy(arrays["points"]).to(device)[:, None]
+            kwargs["input_labels"] = torch.from_numpy(arrays["labels"]).to(device)[:, None]
+        if arrays["boxes"] is not None:
+            kwargs["input_boxes"] = torch.from_numpy(arrays["boxes"]).to(device)[:, None]
+        if arrays["masks"] is not None:
+            kwargs["input_masks"] = torch.from_numpy(arrays["masks"]).to(device)
+        if attention_similarity is not None:
+            kwargs["attention_similarity"] = attention_similarity
+        if target_embedding is not None:
+            kwargs["target_embedding"] = target_embedding
+        dtype = expanded["embeddings"].dtype
+        for key in ("input_points", "input_boxes", "input_masks"):
+            if key in kwargs:
+                kwargs[key] = kwargs[key].to(dtype)
+        model: Any = self.model
+        if self.kind == "sam":
+            out = model(image_embeddings=expanded["embeddings"], **kwargs)
+        elif self.kind == "sam-hq":
+            inter = [expanded[k] for k in sorted(expanded) if k.startswith("intermediate.")]
+            out = model(
+                image_embeddings=expanded["embeddings"], intermediate_embeddings=inter, **kwargs
+            )
+        else:
+            levels = [expanded[k] for k in sorted(expanded) if k.startswith("high_res.")]
+            out = model(image_embeddings=[*levels, expanded["embeddings"]], **kwargs)
+        logits = out.pred_masks.reshape(n, -1, *out.pred_masks.shape[-2:]).float()
+        iou = out.iou_scores.reshape(n, -1).float()
+        return logits, iou
+
+
+def _num_objects(arrays: PromptArrays) -> int:
+    for key in ("points", "boxes", "masks"):
+        value = arrays[key]
+        if value is not None:
+            return int(value.shape[0])
+    raise PromptError("decode: the prompt arrays hold no points, boxes or masks")
+
+
+def list_archs() -> list[str]:
+    return list(ARCHS)
+
+
+def list_tags(arch: str) -> list[str]:
+    hub = ARCHS[arch].hub_id
+    return [hub] if hub else []
+
+
+def default_weights(arch: str) -> str:
+    return ARCHS[arch].hub_id or RANDOM_INIT
+
+
+def _random_init(arch: str) -> nn.Module:
+    spec = ARCHS[arch]
+    model_cls, config_cls = _classes(spec.kind)
+    try:
+        config = config_cls(**spec.config)
+    except Exception as exc:  # transformers validates configs with several error types
+        raise WeightsError(f"sam:{arch}: cannot build a random-init config: {exc}") from exc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return model_cls(config)
+
+
+def _pretrained(arch: str, weights: str) -> nn.Module:
+    spec = ARCHS[arch]
+    model_cls, _ = _classes(spec.kind)
+    source = weights.removeprefix("hf-hub:")
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    if not local and not _HUB_ID.match(source):
+        raise unknown_weights_error(f"sam:{arch}", weights, list_tags(arch))
+    if local and not (path / "config.json").is_file():
+        raise WeightsError(
+            f"weights folder {path} has no config.json (expected a folder "
+            "written by save_pretrained)"
+        )
+    where = str(path) if local else source
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        import transformers as tf
+
+        config = tf.AutoConfig.from_pretrained(where, local_files_only=local)
+        found = getattr(config, "model_type", None)
+        if found != MODEL_TYPES[spec.kind]:
+            raise WeightsError(
+                f"{weights}: holds a {found!r} model, but sam:{arch} is a {spec.kind} architecture"
+            )
+        model, info = model_cls.from_pretrained(
+            where,
+            config=config,
+            use_safetensors=True,
+            local_files_only=local,
+            output_loading_info=True,
+        )
+    except WeightsError:
+        raise
+    except Exception as exc:  # hub, safetensors and config errors come in many types
+        text = " ".join(str(exc).split())[:500]
+        raise WeightsError(f"cannot load sam:{arch} weights from {weights!r}: {text}") from exc
+    finally:
+        logging.disable(previous)
+    missing = sorted(info.get("missing_keys", []))
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{weights}: does not fit sam:{arch}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    return model
+
+
+def build_sam(arch: str, weights: str, device: torch.device) -> SamBackbone:
+    if weights == RANDOM_INIT:
+        model = _random_init(arch)
+    elif not ARCHS[arch].hub_id:
+        raise WeightsError(f"sam:{arch} is a test architecture; its only weights are 'none'")
+    else:
+        model = _pretrained(arch, weights)
+    backbone = SamBackbone(
+        model=model.eval(), name=f"sam:{arch}", weights=weights, kind=ARCHS[arch].kind
+    )
+    return backbone.to(device)
+
+
+SAM_FAMILY = BackboneFamily(
+    name="sam",
+    description="promptable segmenters from transformers (SAM, SAM-HQ, SAM 2, EdgeTAM)",
+    list_archs=list_archs,
+    list_tags=list_tags,
+    default_weights=default_weights,
+    build=build_sam,
+    tiny=TINY_ARCHS,
+)

@@ -1,0 +1,245 @@
+"""Promptable segmentation on one image: embed once, decode many prompts.
+
+:class:`Segmenter` wraps a frozen :class:`~vprompt.backbones.sam.SamBackbone` with the
+embedding cache and the mask post-processing SAM's processors apply (upsample the low-res
+logits, drop the padding, resize to the original image, threshold at 0). Objects of a
+:class:`~vprompt.prompts.spatial.PromptSet` are decoded in as few decoder calls as possible
+(one per group of same-shaped prompts); the result equals decoding each object alone.
+
+Iterative refinement: feed an object's previous low-res logits back with
+``ObjectPrompt(points=..., logits=result.prompt_logits(i))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from PIL import Image
+
+from vprompt.backbones.registry import load_backbone
+from vprompt.backbones.sam import SamBackbone
+from vprompt.data.images import load_image
+from vprompt.errors import ConfigError, PromptError
+from vprompt.prompts.resize import MaskPostprocess
+from vprompt.prompts.spatial import MaskLogits, PromptSet
+from vprompt.segment.cache import EmbeddingCache, image_key
+
+MASK_THRESHOLD = 0.0
+STABILITY_OFFSET = 1.0  # SAM's automatic mask generator default
+_CHUNK = 8  # objects upsampled at once: bounds the full-resolution float buffer
+
+
+@dataclass(frozen=True, eq=False)
+class ImageEmbedding:
+    """One image's embeddings, ready for any number of decodes.
+
+    Attributes:
+        key: Content hash (the cache key).
+        image_size: Original ``(W, H)``.
+        parts: Named embedding tensors, batch of one (see ``SamBackbone.embed``).
+    """
+
+    key: str
+    image_size: tuple[int, int]
+    parts: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """Decoded masks for N objects with K candidates each.
+
+    Attributes:
+        masks: N x K x H x W bool masks of the original image.
+        logits: N x K x L x L float32 low-res logits (the refinement input).
+        iou: N x K predicted IoU.
+        stability: N x K stability scores (IoU of the mask thresholded at ±1 around 0).
+    """
+
+    masks: NDArray[np.bool_]
+    logits: NDArray[np.float32]
+    iou: NDArray[np.float32]
+    stability: NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+    @property
+    def best_index(self) -> NDArray[np.int64]:
+        """N: the candidate with the highest predicted IoU per object."""
+        return np.asarray(self.iou.argmax(axis=1), dtype=np.int64)
+
+    def best(self) -> Segmentation:
+        """The highest-IoU candidate per object (K = 1)."""
+        rows = np.arange(len(self))
+        k = self.best_index
+        return Segmentation(
+            masks=self.masks[rows, k][:, None],
+            logits=self.logits[rows, k][:, None],
+            iou=self.iou[rows, k][:, None],
+            stability=self.stability[rows, k][:, None],
+        )
+
+    def mask(self, i: int) -> NDArray[np.bool_]:
+        """Object ``i``'s best mask (H x W)."""
+        return self.masks[i, int(self.best_index[i])]
+
+    def prompt_logits(self, i: int) -> MaskLogits:
+        """Object ``i``'s best low-res logits, to feed back as its next mask input."""
+        return MaskLogits(self.logits[i, int(self.best_index[i])])
+
+
+def stability_score(
+    logits: torch.Tensor, *, threshold: float = MASK_THRESHOLD, offset: float = STABILITY_OFFSET
+) -> torch.Tensor:
+    """IoU between the masks at ``threshold + offset`` and ``threshold - offset`` (... x H x W).
+
+    A mask whose area barely moves when the threshold shifts is stable. Empty at both
+    thresholds scores 0.
+    """
+    inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int64)
+    union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int64)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter.float()))
+
+
+def upsample_logits(logits: torch.Tensor, plan: MaskPostprocess) -> torch.Tensor:
+    """N x K x L x L low-res logits → N x K x H x W logits of the original image.
+
+    SAM / SAM-HQ: bilinear to the padded square, crop the resized image, bilinear to the
+    original. SAM 2 / EdgeTAM (``plan.direct``): bilinear straight to the original.
+    """
+    if plan.direct:
+        return F.interpolate(logits, plan.original, mode="bilinear", align_corners=False)
+    up = F.interpolate(logits, plan.padded, mode="bilinear", align_corners=False)
+    up = up[..., : plan.crop[0], : plan.crop[1]]
+    return F.interpolate(up, plan.original, mode="bilinear", align_corners=False)
+
+
+class Segmenter:
+    """Segment objects in images with a frozen SAM-family backbone.
+
+    Args:
+        backbone: The frozen segmenter.
+        cache: Embedding cache; a private in-memory one by default.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``bf16`` or ``fp32``.
+        max_pixels: Largest image (in pixels) accepted from files.
+    """
+
+    def __init__(
+        self,
+        backbone: SamBackbone,
+        *,
+        cache: EmbeddingCache | None = None,
+        precision: str = "auto",
+        max_pixels: int | None = None,
+    ) -> None:
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
+        self.backbone = backbone
+        self.cache = cache if cache is not None else EmbeddingCache()
+        device = backbone.device
+        use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self.max_pixels = max_pixels
+        self.encodes = 0  # encoder runs, for tests and benchmarks
+
+    @classmethod
+    def load(
+        cls,
+        name: str = "sam:vit-base",
+        weights: str | None = None,
+        *,
+        device: str | torch.device | None = "auto",
+        **kwargs: Any,
+    ) -> Segmenter:
+        """Build a segmenter from a ``sam:ARCH`` name and a weight source."""
+        backbone = load_backbone(name, weights, device=device)
+        if not isinstance(backbone, SamBackbone):
+            raise ConfigError(f"{name} is not a promptable segmenter (expected a sam:* model)")
+        return cls(backbone, **kwargs)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.precision == "bf16":
+            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+    def _open(self, image: Image.Image | str | Path) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if self.max_pixels is None:
+            return load_image(image)
+        return load_image(image, max_pixels=self.max_pixels)
+
+    def embed_image(self, image: Image.Image | str | Path) -> ImageEmbedding:
+        """The image's embedding, from the cache when this content was embedded before."""
+        rgb = self._open(image)
+        model_id = f"{self.backbone.name}|{self.backbone.fingerprint()}|{self.precision}"
+        key = image_key(rgb, model_id=model_id)
+        device = self.backbone.device
+        parts = self.cache.get(key, device)
+        if parts is None:
+            pixels = self.backbone.preprocess([rgb])
+            with self._autocast():
+                parts = self.backbone.embed(pixels)
+            self.encodes += 1
+            self.cache.put(key, parts)
+        return ImageEmbedding(key=key, image_size=rgb.size, parts=parts)
+
+    def decode(
+        self,
+        image: ImageEmbedding | Image.Image | str | Path,
+        prompts: PromptSet,
+        *,
+        multimask: bool = True,
+    ) -> Segmentation:
+        """Masks for every object of ``prompts``, in their order.
+
+        Args:
+            image: An embedding from :meth:`embed_image`, or an image (embedded via the cache).
+            prompts: Objects of this image, validated against its size.
+            multimask: Three candidates per object (pick with :meth:`Segmentation.best`); with
+                False the decoder's single-mask output is returned (K = 1).
+        """
+        emb = image if isinstance(image, ImageEmbedding) else self.embed_image(image)
+        if tuple(prompts.image_size) != tuple(emb.image_size):
+            raise PromptError(
+                f"prompts were made for an image of size {prompts.image_size}, but the image is "
+                f"{emb.image_size} (W, H)"
+            )
+        frame = self.backbone.frame
+        plan = frame.postprocess_sizes(emb.image_size)
+        n, k = len(prompts), 3 if multimask else 1
+        h, w = plan.original
+        out_masks = np.zeros((n, k, h, w), dtype=bool)
+        out_logits = np.zeros((n, k, *plan.low_res), dtype=np.float32)
+        out_iou = np.zeros((n, k), dtype=np.float32)
+        out_stab = np.zeros((n, k), dtype=np.float32)
+        for group in prompts.groups():
+            arrays = group.prompts.to_arrays(frame)
+            with self._autocast():
+                logits, iou = self.backbone.decode(emb.parts, arrays, multimask=multimask)
+            idx = np.asarray(group.indices)
+            out_logits[idx] = logits.cpu().numpy()
+            out_iou[idx] = iou.cpu().numpy()
+            for start in range(0, len(idx), _CHUNK):
+                rows = idx[start : start + _CHUNK]
+                full = upsample_logits(logits[start : start + _CHUNK], plan)
+                out_masks[rows] = (full > MASK_THRESHOLD).cpu().numpy()
+                out_stab[rows] = stability_score(full).cpu().numpy()
+        return Segmentation(masks=out_masks, logits=out_logits, iou=out_iou, stability=out_stab)
+
+    def segment(
+        self, image: Image.Image | str | Path, prompts: PromptSet, *, multimask: bool = True
+    ) -> Segmentation:
+        """:meth:`embed_image` then :meth:`decode`."""
+        return self.decode(self.embed_image(image), prompts, multimask=multimask)
