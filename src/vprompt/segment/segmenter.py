@@ -173,7 +173,8 @@ class Segmenter:
         else:
             yield
 
-    def _open(self, image: Image.Image | str | Path) -> Image.Image:
+    def open_image(self, image: Image.Image | str | Path) -> Image.Image:
+        """An RGB image from a PIL image or a file (size-limited by ``max_pixels``)."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         if self.max_pixels is None:
@@ -182,7 +183,7 @@ class Segmenter:
 
     def embed_image(self, image: Image.Image | str | Path) -> ImageEmbedding:
         """The image's embedding, from the cache when this content was embedded before."""
-        rgb = self._open(image)
+        rgb = self.open_image(image)
         model_id = f"{self.backbone.name}|{self.backbone.fingerprint()}|{self.precision}"
         key = image_key(rgb, model_id=model_id)
         device = self.backbone.device
@@ -201,6 +202,8 @@ class Segmenter:
         prompts: PromptSet,
         *,
         multimask: bool = True,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
     ) -> Segmentation:
         """Masks for every object of ``prompts``, in their order.
 
@@ -209,6 +212,9 @@ class Segmenter:
             prompts: Objects of this image, validated against its size.
             multimask: Three candidates per object (pick with :meth:`Segmentation.best`); with
                 False the decoder's single-mask output is returned (K = 1).
+            attention_similarity: PerSAM's target-guided attention bias, passed to the decoder
+                for every object (see ``SamBackbone.decode``).
+            target_embedding: PerSAM's target-semantic prompt, passed likewise.
         """
         emb = image if isinstance(image, ImageEmbedding) else self.embed_image(image)
         if tuple(prompts.image_size) != tuple(emb.image_size):
@@ -227,7 +233,13 @@ class Segmenter:
         for group in prompts.groups():
             arrays = group.prompts.to_arrays(frame)
             with self._autocast():
-                logits, iou = self.backbone.decode(emb.parts, arrays, multimask=multimask)
+                logits, iou = self.backbone.decode(
+                    emb.parts,
+                    arrays,
+                    multimask=multimask,
+                    attention_similarity=attention_similarity,
+                    target_embedding=target_embedding,
+                )
             idx = np.asarray(group.indices)
             out_logits[idx] = logits.cpu().numpy()
             out_iou[idx] = iou.cpu().numpy()
