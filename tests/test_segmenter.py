@@ -101,6 +101,21 @@ def test_batched_objects_equal_one_by_one(segmenters, name):
     assert seg.encodes == before + 1
 
 
+def test_best_only_equals_best_of_all(segmenters):
+    seg = segmenters["sam:tiny-sam2"]
+    emb = seg.embed_image(_photo(300, 200))
+    prompts = PromptSet(
+        [ObjectPrompt(points=[Point(40, 50)]), ObjectPrompt(boxes=[Box(5, 5, 200, 150)])],
+        image_size=(300, 200),
+    )
+    full = seg.decode(emb, prompts).best()
+    fast = seg.decode(emb, prompts, best_only=True)
+    assert fast.masks.shape == (2, 1, 200, 300)
+    np.testing.assert_array_equal(fast.masks, full.masks)
+    np.testing.assert_allclose(fast.stability, full.stability)
+    np.testing.assert_allclose(fast.iou, full.iou)
+
+
 def test_cache_hits_skip_the_encoder(tmp_path):
     seg = Segmenter.load("sam:tiny", "none", device="cpu", cache=EmbeddingCache(disk_dir=tmp_path))
     image = _photo(200, 150)

@@ -92,7 +92,7 @@ class SamClickPredictor:
         first = len(points) == 1 and previous is None
         obj = ObjectPrompt(points=list(points), logits=None if first else previous)
         prompts = PromptSet([obj], image_size=self.embedding.image_size)
-        result = self.segmenter.decode(self.embedding, prompts, multimask=first).best()
+        result = self.segmenter.decode(self.embedding, prompts, multimask=first, best_only=True)
         return result.masks[0, 0], result.prompt_logits(0)
 
 

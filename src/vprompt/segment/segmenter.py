@@ -202,6 +202,7 @@ class Segmenter:
         prompts: PromptSet,
         *,
         multimask: bool = True,
+        best_only: bool = False,
         attention_similarity: torch.Tensor | None = None,
         target_embedding: torch.Tensor | None = None,
     ) -> Segmentation:
@@ -212,6 +213,9 @@ class Segmenter:
             prompts: Objects of this image, validated against its size.
             multimask: Three candidates per object (pick with :meth:`Segmentation.best`); with
                 False the decoder's single-mask output is returned (K = 1).
+            best_only: Keep only the highest-IoU candidate per object (K = 1) and upsample
+                only that one: the same as ``decode(...).best()``, at a third of the
+                post-processing cost.
             attention_similarity: PerSAM's target-guided attention bias, passed to the decoder
                 for every object (see ``SamBackbone.decode``).
             target_embedding: PerSAM's target-semantic prompt, passed likewise.
@@ -224,7 +228,7 @@ class Segmenter:
             )
         frame = self.backbone.frame
         plan = frame.postprocess_sizes(emb.image_size)
-        n, k = len(prompts), 3 if multimask else 1
+        n, k = len(prompts), 3 if multimask and not best_only else 1
         h, w = plan.original
         out_masks = np.zeros((n, k, h, w), dtype=bool)
         out_logits = np.zeros((n, k, *plan.low_res), dtype=np.float32)
@@ -240,6 +244,10 @@ class Segmenter:
                     attention_similarity=attention_similarity,
                     target_embedding=target_embedding,
                 )
+            if best_only and logits.shape[1] > 1:
+                rows_t = torch.arange(logits.shape[0], device=logits.device)
+                pick = iou.argmax(dim=1)
+                logits, iou = logits[rows_t, pick][:, None], iou[rows_t, pick][:, None]
             idx = np.asarray(group.indices)
             out_logits[idx] = logits.cpu().numpy()
             out_iou[idx] = iou.cpu().numpy()
