@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -77,6 +78,13 @@ def test_tiny_builds_frozen_and_fits_the_protocol(name: str, photos_dir: Path) -
         assert pixels.shape == (1, 3, side, side)
         parts = backbone.embed(pixels)
         assert parts["embeddings"].shape[0] == 1
+        return
+    if name.startswith("seggpt:"):
+        photo = Image.open(photos_dir / "chelsea.png")
+        mask = np.zeros((photo.height, photo.width), dtype=bool)
+        mask[50:150, 100:250] = True
+        (pred,) = backbone.segment([photo], [mask], [photo])
+        assert pred.mask.shape == (photo.height, photo.width)
         return
     assert isinstance(backbone, Backbone)
     assert isinstance(backbone.preprocess, Preprocess)

@@ -23,6 +23,7 @@ from vprompt.backbones.registry import (
     split_name,
 )
 from vprompt.backbones.sam import SAM_FAMILY, SamBackbone
+from vprompt.backbones.seggpt import SEGGPT_FAMILY, SegGptBackbone
 from vprompt.backbones.timm_family import TIMM_FAMILY
 from vprompt.backbones.torchvision_family import TORCHVISION_FAMILY
 
@@ -30,11 +31,13 @@ register_family(CLIP_FAMILY)
 register_family(TIMM_FAMILY)
 register_family(TORCHVISION_FAMILY)
 register_family(SAM_FAMILY)
+register_family(SEGGPT_FAMILY)
 
 __all__ = [
     "FAMILIES",
     "RANDOM_INIT",
     "SAM_FAMILY",
+    "SEGGPT_FAMILY",
     "Backbone",
     "BackboneFamily",
     "ClassifierBackbone",
@@ -44,6 +47,7 @@ __all__ = [
     "Preprocess",
     "PromptableSegmenter",
     "SamBackbone",
+    "SegGptBackbone",
     "TokenBackbone",
     "build_eval_transform",
     "list_models",
