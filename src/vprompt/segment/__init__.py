@@ -12,20 +12,45 @@ from vprompt.segment.clicks import (
     plot_miou_curve,
     simulate_clicks,
 )
+from vprompt.segment.persam import (
+    PERSONALIZERS,
+    ConceptReference,
+    PerSAM,
+    PerSAMConfig,
+    PerSAMF,
+    PerSAMFConfig,
+    PersonalizeResult,
+    TargetConcept,
+    personalize,
+    target_concept,
+)
+from vprompt.segment.seggpt import InContextMask, SegGptSegmenter
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, stability_score
 
 __all__ = [
+    "PERSONALIZERS",
     "ClickPredictor",
     "ClickReport",
     "ClickTrace",
+    "ConceptReference",
     "EmbeddingCache",
     "ImageEmbedding",
+    "InContextMask",
+    "PerSAM",
+    "PerSAMConfig",
+    "PerSAMF",
+    "PerSAMFConfig",
+    "PersonalizeResult",
+    "SegGptSegmenter",
     "Segmentation",
     "Segmenter",
+    "TargetConcept",
     "evaluate_clicks",
     "iou",
     "next_click",
+    "personalize",
     "plot_miou_curve",
     "simulate_clicks",
     "stability_score",
+    "target_concept",
 ]
