@@ -33,8 +33,8 @@ def models_cmd(as_json: bool, family: str | None) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    width = max(len(r["name"]) for r in rows) + 2
-    fwidth = max(len(r["family"]) for r in rows) + 2
+    width = max(len("NAME"), *(len(r["name"]) for r in rows)) + 2
+    fwidth = max(len("FAMILY"), *(len(r["family"]) for r in rows)) + 2
     click.echo(f"{'NAME':<{width}}{'FAMILY':<{fwidth}}TAGS")
     for r in rows:
         tags = ", ".join(r["tags"]) or ("none (tiny test model)" if r["tiny"] else "none")
