@@ -1,6 +1,11 @@
 """Promptable segmentation: SAM-family segmenters, automatic masks, in-context methods,
 interactive evaluation and mask outputs."""
 
+from vprompt.segment.automatic import (
+    AutomaticMaskConfig,
+    AutomaticMaskGenerator,
+    MaskRecord,
+)
 from vprompt.segment.cache import EmbeddingCache
 from vprompt.segment.clicks import (
     ClickPredictor,
@@ -29,6 +34,8 @@ from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, s
 
 __all__ = [
     "PERSONALIZERS",
+    "AutomaticMaskConfig",
+    "AutomaticMaskGenerator",
     "ClickPredictor",
     "ClickReport",
     "ClickTrace",
@@ -36,6 +43,7 @@ __all__ = [
     "EmbeddingCache",
     "ImageEmbedding",
     "InContextMask",
+    "MaskRecord",
     "PerSAM",
     "PerSAMConfig",
     "PerSAMF",

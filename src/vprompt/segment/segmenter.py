@@ -104,8 +104,8 @@ def stability_score(
     A mask whose area barely moves when the threshold shifts is stable. Empty at both
     thresholds scores 0.
     """
-    inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int64)
-    union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int64)
+    inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int32)
+    union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int32)
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter.float()))
 
 
