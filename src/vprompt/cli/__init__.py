@@ -9,6 +9,9 @@ from vprompt.cli import (  # noqa: F401  (registers)
     data_setup,
     presets,
     protocol,
+    segment,
+    segment_eval,
+    segment_incontext,
     train,
 )
 from vprompt.cli.common import main

@@ -1,0 +1,143 @@
+"""``vprompt personalize``: one-shot in-context segmentation (PerSAM, PerSAM-F, SegGPT)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vprompt.cli.common import friendly_errors, main
+from vprompt.cli.segment import build_segmenter, segmenter_options
+
+DEFAULT_MODELS = {
+    "persam": "sam:vit-base",
+    "persam-f": "sam:vit-base",
+    "seggpt": "seggpt:vit-large",
+}
+
+
+def _load_mask(path: str, image: Any) -> Any:
+    from vprompt.cli.segment_args import load_mask_file
+
+    return load_mask_file(path, image.size).array
+
+
+@main.command("personalize")
+@click.argument("targets", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--ref",
+    "refs",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A reference image (repeat for several references).",
+)
+@click.option(
+    "--ref-mask",
+    "ref_masks",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The object's mask in the matching --ref (PNG, non-zero = object).",
+)
+@click.option(
+    "--method", type=click.Choice(sorted(DEFAULT_MODELS)), default="persam", show_default=True
+)
+@click.option("--format", "form", type=click.Choice(["rle", "polygon"]), default="rle")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per target on stdout.")
+@functools.partial(segmenter_options, default_model=None)
+@friendly_errors
+def personalize_cmd(
+    targets: tuple[str, ...],
+    refs: tuple[str, ...],
+    ref_masks: tuple[str, ...],
+    method: str,
+    form: str,
+    out: str,
+    as_json: bool,
+    **seg_opts: Any,
+) -> None:
+    """Segment in every TARGET the object the reference image(s) and mask(s) show.
+
+    \b
+    vprompt personalize --ref dog.jpg --ref-mask dog.png park1.jpg park2.jpg --out out/
+    vprompt personalize --ref a.jpg --ref-mask a.png --method seggpt b.jpg --out out/
+    """
+    from vprompt.data.images import DEFAULT_MAX_PIXELS, load_image
+    from vprompt.errors import PromptError
+    from vprompt.segment.export import write_image_results
+
+    if len(refs) != len(ref_masks):
+        raise PromptError(
+            f"give one --ref-mask per --ref (got {len(refs)} --ref and {len(ref_masks)} --ref-mask)"
+        )
+    seg_opts["model"] = seg_opts["model"] or DEFAULT_MODELS[method]
+    max_pixels = seg_opts["max_pixels"] or DEFAULT_MAX_PIXELS
+
+    def open_image(path: str) -> Any:
+        return load_image(path, max_pixels=max_pixels)
+
+    ref_images = [open_image(r) for r in refs]
+    pairs = [(im, _load_mask(m, im)) for im, m in zip(ref_images, ref_masks, strict=True)]
+    target_images = [open_image(t) for t in targets]
+    if method == "seggpt":
+        results = _seggpt(seg_opts, pairs, target_images)
+    else:
+        from vprompt.segment.persam import personalize
+
+        if not seg_opts["model"].startswith("sam:"):
+            raise PromptError(f"--method {method} needs a sam:* model, got {seg_opts['model']}")
+        segmenter = build_segmenter(**seg_opts)
+        found = personalize(segmenter, pairs, target_images, method=method)
+        results = [(r.mask, r.score) for r in found]
+    out_dir = Path(out)
+    names = _unique_stems(targets)
+    for target, image, name, (mask, score) in zip(
+        targets, target_images, names, results, strict=True
+    ):
+        summary = write_image_results(
+            out_dir / name,
+            image,
+            [mask],
+            scores=[score],
+            file_name=Path(target).name,
+            form="polygon" if form == "polygon" else "rle",
+            meta={"method": method, "model": seg_opts["model"], "references": list(refs)},
+        )
+        row = summary["objects"][0]
+        if as_json:
+            click.echo(json.dumps(summary))
+        else:
+            click.echo(
+                f"{target}: score {row['score']:.3f}, area {row['area']} px -> {out_dir / name}"
+            )
+
+
+def _seggpt(seg_opts: dict[str, Any], pairs: list[Any], targets: list[Any]) -> list[Any]:
+    from vprompt.errors import PromptError
+    from vprompt.segment.seggpt import SegGptSegmenter
+
+    if not seg_opts["model"].startswith("seggpt:"):
+        raise PromptError(f"--method seggpt needs a seggpt:* model, got {seg_opts['model']}")
+    kwargs = {"precision": seg_opts["precision"]}
+    if seg_opts["max_pixels"]:
+        kwargs["max_pixels"] = seg_opts["max_pixels"]
+    segmenter = SegGptSegmenter.load(
+        seg_opts["model"], seg_opts["weights"], device=seg_opts["device"], **kwargs
+    )
+    return [(r.mask, r.score) for r in segmenter.personalize(pairs, targets)]
+
+
+def _unique_stems(paths: tuple[str, ...]) -> list[str]:
+    """Output folder per target: its stem, numbered when two targets share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
