@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vprompt.cli.segment_args import objects_from_cli, parse_point, parse_scribble
-from vprompt.errors import PromptError
+from vprompt.errors import DatasetError, PromptError
 
 TINY = ("--model", "sam:tiny", "--weights", "none", "--device", "cpu")
 
@@ -258,3 +258,67 @@ def test_models_lists_the_sam_family_with_readable_columns(run_cli) -> None:
     assert header.split() == ["NAME", "FAMILY", "TAGS"]  # short family names keep a gap
     assert any(r.startswith("sam:vit-base") and "facebook/sam-vit-base" in r for r in rows)
     assert any(r.startswith("sam:tiny ") for r in rows)
+
+
+def _perseg(root: Path) -> Path:
+    """Two concepts (a disc and a square), three images each, in the PerSeg layout."""
+    yy, xx = np.mgrid[0:64, 0:80]
+    for name, shape in (
+        ("disc", lambda cx: (xx - cx) ** 2 + (yy - 32) ** 2 < 12**2),
+        ("square", lambda cx: (abs(xx - cx) < 10) & (abs(yy - 30) < 10)),
+    ):
+        (root / name / "images").mkdir(parents=True)
+        (root / name / "masks").mkdir()
+        for i, cx in enumerate((20, 40, 60)):
+            m = shape(cx)
+            photo = np.full((64, 80, 3), 50, np.uint8)
+            photo[m] = (220, 60, 30)
+            Image.fromarray(photo).save(root / name / "images" / f"{i:02d}.png")
+            Image.fromarray((m * 255).astype(np.uint8)).save(root / name / "masks" / f"{i:02d}.png")
+    return root
+
+
+def test_eval_oneshot_cli(run_cli, tmp_path: Path) -> None:
+    data = _perseg(tmp_path / "perseg")
+    res = run_cli(
+        "eval-oneshot",
+        "--data",
+        data,
+        "--method",
+        "persam",
+        "--model",
+        "sam:tiny",
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "r",
+        "--json",
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert set(report["per_concept"]) == {"disc", "square"}
+    assert [len(v) for v in report["per_target"].values()] == [2, 2]  # the first is the ref
+    assert 0 <= report["miou"] <= 1
+    assert (tmp_path / "r" / "report.json").is_file()
+
+
+def test_oneshot_protocol_scores_targets_against_their_masks(tmp_path: Path) -> None:
+    from vprompt.segment.oneshot_eval import evaluate_oneshot, load_concepts
+
+    data = _perseg(tmp_path / "perseg")
+    concepts = load_concepts(data)
+    assert [c.name for c in concepts] == ["disc", "square"]
+    assert concepts[0].images[0].name == "00.png"  # the reference
+
+    def oracle(ref, mask, targets):  # the reference mask itself: right only where it overlaps
+        return [mask for _ in targets]
+
+    report = evaluate_oneshot(concepts, oracle, progress=False)
+    disc = report.per_target["disc"]
+    assert disc[0] > disc[1]  # the nearer target overlaps the reference disc more
+    assert report.miou == pytest.approx(np.mean([np.mean(v) for v in report.per_target.values()]))
+    assert load_concepts(data / "disc")[0].name == "disc"
+    with pytest.raises(DatasetError, match="images/ and masks/"):
+        load_concepts(tmp_path)

@@ -117,7 +117,7 @@ def personalize_cmd(
             )
 
 
-def _seggpt(seg_opts: dict[str, Any], pairs: list[Any], targets: list[Any]) -> list[Any]:
+def _seggpt_segmenter(seg_opts: dict[str, Any]) -> Any:
     from vprompt.errors import PromptError
     from vprompt.segment.seggpt import SegGptSegmenter
 
@@ -126,9 +126,13 @@ def _seggpt(seg_opts: dict[str, Any], pairs: list[Any], targets: list[Any]) -> l
     kwargs = {"precision": seg_opts["precision"]}
     if seg_opts["max_pixels"]:
         kwargs["max_pixels"] = seg_opts["max_pixels"]
-    segmenter = SegGptSegmenter.load(
+    return SegGptSegmenter.load(
         seg_opts["model"], seg_opts["weights"], device=seg_opts["device"], **kwargs
     )
+
+
+def _seggpt(seg_opts: dict[str, Any], pairs: list[Any], targets: list[Any]) -> list[Any]:
+    segmenter = _seggpt_segmenter(seg_opts)
     return [(r.mask, r.score) for r in segmenter.personalize(pairs, targets)]
 
 
@@ -141,3 +145,56 @@ def _unique_stems(paths: tuple[str, ...]) -> list[str]:
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return names
+
+
+@main.command("eval-oneshot")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A concept folder (images/ + masks/) or a folder of them (PerSeg layout).",
+)
+@click.option(
+    "--method", type=click.Choice(sorted(DEFAULT_MODELS)), default="persam", show_default=True
+)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@functools.partial(segmenter_options, default_model=None)
+@friendly_errors
+def eval_oneshot_cmd(data: str, method: str, out: str, as_json: bool, **seg_opts: Any) -> None:
+    """One-shot mIoU: per concept, the first image + mask is the reference, the rest targets.
+
+    \b
+    vprompt eval-oneshot --data PerSeg/ --method persam --out runs/perseg
+    """
+    from vprompt.segment.oneshot_eval import evaluate_oneshot, load_concepts
+    from vprompt.utils.io import atomic_write_text
+
+    seg_opts["model"] = seg_opts["model"] or DEFAULT_MODELS[method]
+    concepts = load_concepts(data)
+    if method == "seggpt":
+        seggpt = _seggpt_segmenter(seg_opts)
+
+        def run(ref: Any, mask: Any, targets: Any) -> list[Any]:
+            return [r.mask for r in seggpt.personalize([(ref, mask)], list(targets))]
+
+    else:
+        from vprompt.segment.persam import personalize
+
+        segmenter = build_segmenter(**seg_opts)
+
+        def run(ref: Any, mask: Any, targets: Any) -> list[Any]:
+            found = personalize(segmenter, [(ref, mask)], list(targets), method=method)
+            return [r.mask for r in found]
+
+    report = evaluate_oneshot(concepts, run, max_pixels=seg_opts["max_pixels"])
+    result = {**report.to_dict(), "method": method, "model": seg_opts["model"], "data": data}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=1))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for name, value in report.per_concept.items():
+        click.echo(f"{name}: IoU {value:.3f}")
+    click.echo(f"mIoU {report.miou:.3f} over {len(concepts)} concept(s); report in {out_dir}")
