@@ -14,10 +14,7 @@ a local folder saved by ``save_pretrained``, or ``none`` (deterministic random i
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,18 +22,15 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.fingerprint import weights_fingerprint
+from vprompt.backbones.hf_loading import load_pretrained, random_init
 from vprompt.backbones.registry import (
     RANDOM_INIT,
-    RANDOM_INIT_SEED,
     BackboneFamily,
-    unknown_weights_error,
 )
 from vprompt.backbones.sam_configs import ARCHS, MODEL_TYPES, TINY_ARCHS, SamKind
 from vprompt.errors import PromptError, WeightsError
 from vprompt.prompts.resize import ResizeLongestSide, ResizeSquare
 from vprompt.prompts.spatial import PromptArrays
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _classes(kind: SamKind) -> tuple[Any, Any]:
@@ -207,62 +201,19 @@ def default_weights(arch: str) -> str:
 def _random_init(arch: str) -> nn.Module:
     spec = ARCHS[arch]
     model_cls, config_cls = _classes(spec.kind)
-    try:
-        config = config_cls(**spec.config)
-    except Exception as exc:  # transformers validates configs with several error types
-        raise WeightsError(f"sam:{arch}: cannot build a random-init config: {exc}") from exc
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return model_cls(config)
+    return random_init(f"sam:{arch}", lambda: config_cls(**spec.config), model_cls)
 
 
 def _pretrained(arch: str, weights: str) -> nn.Module:
     spec = ARCHS[arch]
     model_cls, _ = _classes(spec.kind)
-    source = weights.removeprefix("hf-hub:")
-    path = Path(source).expanduser()
-    local = path.is_dir()
-    if not local and not _HUB_ID.match(source):
-        raise unknown_weights_error(f"sam:{arch}", weights, list_tags(arch))
-    if local and not (path / "config.json").is_file():
-        raise WeightsError(
-            f"weights folder {path} has no config.json (expected a folder "
-            "written by save_pretrained)"
-        )
-    where = str(path) if local else source
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        import transformers as tf
-
-        config = tf.AutoConfig.from_pretrained(where, local_files_only=local)
-        found = getattr(config, "model_type", None)
-        if found != MODEL_TYPES[spec.kind]:
-            raise WeightsError(
-                f"{weights}: holds a {found!r} model, but sam:{arch} is a {spec.kind} architecture"
-            )
-        model, info = model_cls.from_pretrained(
-            where,
-            config=config,
-            use_safetensors=True,
-            local_files_only=local,
-            output_loading_info=True,
-        )
-    except WeightsError:
-        raise
-    except Exception as exc:  # hub, safetensors and config errors come in many types
-        text = " ".join(str(exc).split())[:500]
-        raise WeightsError(f"cannot load sam:{arch} weights from {weights!r}: {text}") from exc
-    finally:
-        logging.disable(previous)
-    missing = sorted(info.get("missing_keys", []))
-    unexpected = sorted(info.get("unexpected_keys", []))
-    if missing or unexpected:
-        raise WeightsError(
-            f"{weights}: does not fit sam:{arch}: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}"
-        )
-    return model
+    return load_pretrained(
+        f"sam:{arch}",
+        weights,
+        model_cls=model_cls,
+        model_type=MODEL_TYPES[spec.kind],
+        tags=list_tags(arch),
+    )
 
 
 def build_sam(arch: str, weights: str, device: torch.device) -> SamBackbone:

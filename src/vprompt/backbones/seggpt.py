@@ -15,11 +15,8 @@ safetensors checkpoints are read.
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -31,17 +28,15 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.fingerprint import weights_fingerprint
+from vprompt.backbones.hf_loading import load_pretrained, random_init
 from vprompt.backbones.registry import (
     RANDOM_INIT,
-    RANDOM_INIT_SEED,
     BackboneFamily,
-    unknown_weights_error,
 )
 from vprompt.errors import PromptError, WeightsError
 
 EmbeddingType = Literal["instance", "semantic"]
 MODEL_TYPE = "seggpt"  # the model_type a loaded checkpoint's config must carry
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -311,62 +306,23 @@ def default_weights(arch: str) -> str:
 def _random_init(arch: str) -> nn.Module:
     import transformers as tf
 
-    try:
-        config = tf.SegGptConfig(**ARCHS[arch].config)
-    except Exception as exc:  # transformers validates configs with several error types
-        raise WeightsError(f"seggpt:{arch}: cannot build a random-init config: {exc}") from exc
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return tf.SegGptForImageSegmentation(config)
+    return random_init(
+        f"seggpt:{arch}",
+        lambda: tf.SegGptConfig(**ARCHS[arch].config),
+        tf.SegGptForImageSegmentation,
+    )
 
 
 def _pretrained(arch: str, weights: str) -> nn.Module:
-    source = weights.removeprefix("hf-hub:")
-    path = Path(source).expanduser()
-    local = path.is_dir()
-    if not local and not _HUB_ID.match(source):
-        raise unknown_weights_error(f"seggpt:{arch}", weights, list_tags(arch))
-    if local and not (path / "config.json").is_file():
-        raise WeightsError(
-            f"weights folder {path} has no config.json (expected a folder "
-            "written by save_pretrained)"
-        )
-    where = str(path) if local else source
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        import transformers as tf
+    import transformers as tf
 
-        config = tf.AutoConfig.from_pretrained(where, local_files_only=local)
-        found = getattr(config, "model_type", None)
-        if found != MODEL_TYPE:
-            raise WeightsError(
-                f"{weights}: holds a {found!r} model, but seggpt:{arch} needs a "
-                f"{MODEL_TYPE!r} checkpoint"
-            )
-        model_cls: Any = tf.SegGptForImageSegmentation
-        model, info = model_cls.from_pretrained(
-            where,
-            config=config,
-            use_safetensors=True,
-            local_files_only=local,
-            output_loading_info=True,
-        )
-    except WeightsError:
-        raise
-    except Exception as exc:  # hub, safetensors and config errors come in many types
-        text = " ".join(str(exc).split())[:500]
-        raise WeightsError(f"cannot load seggpt:{arch} weights from {weights!r}: {text}") from exc
-    finally:
-        logging.disable(previous)
-    missing = sorted(info.get("missing_keys", []))
-    unexpected = sorted(info.get("unexpected_keys", []))
-    if missing or unexpected:
-        raise WeightsError(
-            f"{weights}: does not fit seggpt:{arch}: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}"
-        )
-    return model
+    return load_pretrained(
+        f"seggpt:{arch}",
+        weights,
+        model_cls=tf.SegGptForImageSegmentation,
+        model_type=MODEL_TYPE,
+        tags=list_tags(arch),
+    )
 
 
 def build_seggpt(arch: str, weights: str, device: torch.device) -> SegGptBackbone:

@@ -1,0 +1,93 @@
+"""Building transformers models from a vprompt weight source (shared by ``sam:`` and
+``seggpt:``).
+
+A source is a Hugging Face repo id (``ORG/REPO``, also ``hf-hub:ORG/REPO``), a local folder
+written by ``save_pretrained``, or ``none`` (a seeded random init from a config). Only
+safetensors checkpoints are read; the checkpoint's ``model_type`` must match the architecture
+and every weight must fit (missing or unexpected keys are refused, not silently initialised).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vprompt.backbones.registry import RANDOM_INIT_SEED, unknown_weights_error
+from vprompt.errors import WeightsError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def random_init(name: str, build_config: Callable[[], Any], model_cls: Any) -> nn.Module:
+    """``model_cls(config)`` under the fixed seed, so ``none`` means the same weights always."""
+    try:
+        config = build_config()
+    except Exception as exc:  # transformers validates configs with several error types
+        raise WeightsError(f"{name}: cannot build a random-init config: {exc}") from exc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model: nn.Module = model_cls(config)
+    return model
+
+
+def load_pretrained(
+    name: str, weights: str, *, model_cls: Any, model_type: str, tags: list[str]
+) -> nn.Module:
+    """Load ``model_cls`` from a hub id or a local folder, strictly.
+
+    Args:
+        name: The ``family:arch`` name, for messages.
+        weights: The source as the user gave it.
+        model_type: The ``model_type`` the checkpoint's config must carry.
+        tags: Registered tags, for suggestions when the source is neither a folder nor an id.
+    """
+    source = weights.removeprefix("hf-hub:")
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    if not local and not _HUB_ID.match(source):
+        raise unknown_weights_error(name, weights, tags)
+    if local and not (path / "config.json").is_file():
+        raise WeightsError(
+            f"weights folder {path} has no config.json (expected a folder written by "
+            "save_pretrained)"
+        )
+    where = str(path) if local else source
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        import transformers as tf
+
+        config = tf.AutoConfig.from_pretrained(where, local_files_only=local)
+        found = getattr(config, "model_type", None)
+        if found != model_type:
+            raise WeightsError(
+                f"{weights}: holds a {found!r} model, but {name} needs a {model_type!r} checkpoint"
+            )
+        model, info = model_cls.from_pretrained(
+            where,
+            config=config,
+            use_safetensors=True,
+            local_files_only=local,
+            output_loading_info=True,
+        )
+    except WeightsError:
+        raise
+    except Exception as exc:  # hub, safetensors and config errors come in many types
+        text = " ".join(str(exc).split())[:500]
+        raise WeightsError(f"cannot load {name} weights from {weights!r}: {text}") from exc
+    finally:
+        logging.disable(previous)
+    missing = sorted(info.get("missing_keys", []))
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{weights}: does not fit {name}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    return model
