@@ -202,7 +202,8 @@ def test_views_differ_and_reproduce_across_caches(tiny_clip, folders, tmp_path):
     got = _features(
         FeatureCache(tmp_path / "c"), part, method, method.encode_images, view=0, transform=tf
     )
-    assert torch.equal(got, v0[[9, 2]])
+    # Same views; a batch of 2 instead of 32 may change BLAS blocking in the last bits.
+    torch.testing.assert_close(got, v0[[9, 2]], rtol=1e-5, atol=1e-6)
     other = FeatureCache(tmp_path / "d", view_seed=1)
     assert not torch.allclose(
         _features(other, data, method, method.encode_images, view=0, transform=tf), v0
