@@ -17,6 +17,22 @@ from vprompt.segment.clicks import (
     plot_miou_curve,
     simulate_clicks,
 )
+from vprompt.segment.outputs import (
+    PALETTE,
+    coco_annotations,
+    decode_rle,
+    encode_rle,
+    encode_rle_compressed,
+    mask_area,
+    mask_bbox,
+    mask_to_polygons,
+    overlay,
+    polygons_to_mask,
+    save_label_png,
+    save_mask_png,
+    save_overlay,
+    write_json_atomic,
+)
 from vprompt.segment.persam import (
     PERSONALIZERS,
     ConceptReference,
@@ -33,6 +49,7 @@ from vprompt.segment.seggpt import InContextMask, SegGptSegmenter
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, stability_score
 
 __all__ = [
+    "PALETTE",
     "PERSONALIZERS",
     "AutomaticMaskConfig",
     "AutomaticMaskGenerator",
@@ -53,12 +70,25 @@ __all__ = [
     "Segmentation",
     "Segmenter",
     "TargetConcept",
+    "coco_annotations",
+    "decode_rle",
+    "encode_rle",
+    "encode_rle_compressed",
     "evaluate_clicks",
     "iou",
+    "mask_area",
+    "mask_bbox",
+    "mask_to_polygons",
     "next_click",
+    "overlay",
     "personalize",
     "plot_miou_curve",
+    "polygons_to_mask",
+    "save_label_png",
+    "save_mask_png",
+    "save_overlay",
     "simulate_clicks",
     "stability_score",
     "target_concept",
+    "write_json_atomic",
 ]
