@@ -12,6 +12,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     segment,
     segment_eval,
     segment_incontext,
+    serve,
     train,
 )
 from vprompt.cli.common import main

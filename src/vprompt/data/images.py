@@ -64,7 +64,8 @@ def expand_image_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[
     return found, errors
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as RGB (16-bit and float scaled to 8 bits, transparency on white)."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -117,7 +118,7 @@ def load_image(
                 )
             img.load()
             upright: Image.Image = ImageOps.exif_transpose(img) or img
-            return _to_rgb(upright)
+            return to_rgb(upright)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:

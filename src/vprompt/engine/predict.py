@@ -84,7 +84,7 @@ def predict_files(
             results: dict[int, list[Prediction]] = {}
             if good:
                 pixels = torch.stack([prepared[i] for i in good])  # type: ignore[misc]
-                probs = _probabilities(classifier, pixels)
+                probs = class_probabilities(classifier, pixels)
                 for i, preds in zip(
                     good, topk_predictions(probs, classifier.classnames, top_k), strict=True
                 ):
@@ -100,7 +100,7 @@ def predict_files(
 
 
 @torch.no_grad()
-def _probabilities(classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
+def class_probabilities(classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
     """B x C softmax probabilities: the classifier's own ``predict_proba``, or its logits."""
     if hasattr(classifier, "predict_proba"):
         return classifier.predict_proba(pixels)

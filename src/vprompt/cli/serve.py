@@ -1,0 +1,167 @@
+"""``vprompt serve``: the HTTP API and the interactive web page (``docs/serve-api.md``)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import click
+
+from vprompt.cli.common import device_option, friendly_errors, main
+
+MiB = 2**20
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--model",
+    default="sam:vit-base",
+    show_default=True,
+    help="Segmenter as sam:ARCH (see `vprompt models --family sam`).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="Segmenter weights: hub repo id, local folder, or 'none' (random init).",
+)
+@click.option(
+    "--classifier",
+    default=None,
+    help="CLIP-like model for zero-shot /api/classify, e.g. clip:ViT-B-16 (default: none).",
+)
+@click.option("--classifier-weights", default=None, help="Weight source of --classifier.")
+@click.option(
+    "--pack",
+    "packs",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A prompt pack clients may use by NAME (repeatable).",
+)
+@device_option
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Segmenter precision; auto = bf16 autocast on CUDA, fp32 elsewhere.",
+)
+@click.option(
+    "--max-upload-mb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest uploaded image file.",
+)
+@click.option(
+    "--max-pixels",
+    default=40_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest image (width x height), checked before decoding.",
+)
+@click.option(
+    "--cache-mb",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Memory for cached image embeddings.",
+)
+@click.option(
+    "--max-images",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images kept at once (least recently used dropped first).",
+)
+@click.option(
+    "--image-ttl",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds an unused image is kept.",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may wait for the model before answering 503 busy.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+@friendly_errors
+def serve_cmd(
+    host: str,
+    port: int,
+    model: str,
+    weights: str | None,
+    classifier: str | None,
+    classifier_weights: str | None,
+    packs: tuple[str, ...],
+    device: str,
+    precision: str,
+    max_upload_mb: float,
+    max_pixels: int,
+    cache_mb: int,
+    max_images: int,
+    image_ttl: float,
+    timeout: float,
+    log_level: str,
+) -> None:
+    """Serve the segmentation / classification API and the web page.
+
+    \b
+    vprompt serve                                   # http://127.0.0.1:8000/
+    vprompt serve --model sam:tiny --weights none   # tiny random model, for trying it out
+    vprompt serve --classifier clip:ViT-B-16 --pack flowers=flowers.safetensors
+    """
+    try:
+        import uvicorn
+
+        from vprompt.serve import ServeSettings, create_app, parse_pack_specs
+    except ImportError as exc:
+        raise click.ClickException(
+            f"vprompt serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'vprompt[serve]'"
+        ) from None
+
+    settings = ServeSettings(
+        model=model,
+        weights=weights,
+        device=device,
+        precision=precision,  # type: ignore[arg-type]
+        classifier=classifier,
+        classifier_weights=classifier_weights,
+        packs=parse_pack_specs(packs),
+        max_upload_bytes=max(1, int(max_upload_mb * MiB)),
+        max_pixels=max_pixels,
+        cache_bytes=cache_mb * MiB,
+        max_images=max_images,
+        image_ttl_s=image_ttl,
+        request_timeout_s=timeout,
+    )
+    click.echo(f"vprompt: loading {model} …", err=True)
+    app = create_app(settings)
+    if not _is_loopback(host):
+        click.echo(
+            f"vprompt: warning: listening on {host}, not loopback; the API has no "
+            "authentication, so anyone who can reach this address can use it",
+            err=True,
+        )
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"vprompt: serving on http://{shown}:{port}/ (API docs at /docs; Ctrl+C stops)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,66 @@
+"""``create_app(settings)``: the FastAPI application behind ``vprompt serve``.
+
+One app serves the JSON API under ``/api`` (:mod:`vprompt.serve.routes`), the web page at
+``/`` with its files under ``/static``, and the OpenAPI schema at ``/openapi.json`` (docs page
+at ``/docs``). Models load when the app is created, so a bad model name or pack fails at
+start-up, not on the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from vprompt.serve.errors import ApiError, install_error_handlers
+from vprompt.serve.limits import BodyLimitMiddleware
+from vprompt.serve.routes import build_router
+from vprompt.serve.service import Service
+from vprompt.serve.settings import ServeSettings
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def _version() -> str:
+    from vprompt import __version__
+
+    return __version__
+
+
+def create_app(settings: ServeSettings | None = None, *, service: Service | None = None) -> FastAPI:
+    """Build the server application.
+
+    Args:
+        settings: Models and limits (defaults: ``ServeSettings()``).
+        service: An already-built :class:`Service` to serve instead (its settings win).
+
+    Returns:
+        The app; its :class:`Service` is ``app.state.service``.
+    """
+    service = service or Service(settings or ServeSettings())
+    app = FastAPI(
+        title="vprompt",
+        version=_version(),
+        description="Promptable segmentation and zero-shot classification with frozen models "
+        "(see docs/serve-api.md).",
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_upload_bytes=service.settings.max_upload_bytes,
+        max_json_bytes=service.settings.max_json_bytes,
+    )
+    app.include_router(build_router(service))
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise ApiError(404, "not_found", "the web page is not installed")
+        return FileResponse(page, media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    return app

@@ -1,0 +1,167 @@
+"""The ``/api`` endpoints of ``docs/serve-api.md``.
+
+Handlers parse and validate, hand model work to the service's runner (one call at a time, in a
+worker thread) and CPU work (decoding uploads, encoding masks) to worker threads, so the event
+loop stays responsive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+
+from vprompt.errors import ConfigError
+from vprompt.segment.automatic import AutomaticMaskConfig
+from vprompt.serve.classify import predict_image
+from vprompt.serve.errors import ApiError
+from vprompt.serve.runner import in_thread
+from vprompt.serve.schemas import (
+    AutomaticRequest,
+    AutomaticResponse,
+    ClassifyResponse,
+    ErrorResponse,
+    Health,
+    ImageInfo,
+    ModelsInfo,
+    SegmentRequest,
+    SegmentResponse,
+)
+from vprompt.serve.segment_ops import automatic_objects, prompt_set, segmented_objects
+from vprompt.serve.service import Service
+from vprompt.serve.uploads import decode_upload
+
+_E = {"model": ErrorResponse}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _E,
+    404: _E,
+    413: _E,
+    415: _E,
+    422: _E,
+    503: _E,
+}
+
+
+async def _read_upload(file: UploadFile, limit: int) -> bytes:
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"upload is over the limit of {limit} bytes")
+    if not data:
+        raise ApiError(415, "unsupported_media", "upload is empty (expected an image file)")
+    return data
+
+
+def build_router(service: Service) -> APIRouter:
+    """Every ``/api`` route, bound to ``service``."""
+    router = APIRouter(prefix="/api", responses=ERRORS)
+    settings = service.settings
+    store = service.store
+
+    def _info(image_id: str, size: tuple[int, int]) -> dict[str, Any]:
+        return {"image_id": image_id, "width": size[0], "height": size[1]}
+
+    @router.get("/health", response_model=Health)
+    async def health() -> dict[str, Any]:
+        """Liveness plus the number of kept images and the embedding cache's use."""
+        cache = service.segmenter.cache
+        return {
+            "status": "ok",
+            "images": len(store),
+            "cache_bytes": cache.nbytes,
+            "cache_limit_bytes": cache.max_bytes,
+        }
+
+    @router.get("/models", response_model=ModelsInfo)
+    async def models() -> dict[str, Any]:
+        """The segmenter, the zero-shot classifier (or null) and the loaded pack names."""
+        return service.models_info()
+
+    @router.post("/images", status_code=201, response_model=ImageInfo)
+    async def upload_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
+        """Store an image (multipart field ``file``) and embed it once."""
+        data = await _read_upload(file, settings.max_upload_bytes)
+        rgb = await in_thread(lambda: decode_upload(data, max_pixels=settings.max_pixels))
+        key = await service.runner.run(service.embed, rgb)
+        record = store.add(rgb, key)
+        return _info(record.image_id, record.size)
+
+    @router.get("/images/{image_id}", response_model=ImageInfo)
+    async def get_image(image_id: str) -> dict[str, Any]:
+        """An image's size (404 when unknown or expired)."""
+        return _info(image_id, store.get(image_id).size)
+
+    @router.delete("/images/{image_id}", status_code=204, response_class=Response)
+    async def delete_image(image_id: str) -> Response:
+        """Forget an image and its refinement logits."""
+        store.delete(image_id)
+        return Response(status_code=204)
+
+    @router.post("/images/{image_id}/segment", response_model=SegmentResponse)
+    async def segment(image_id: str, body: SegmentRequest) -> dict[str, Any]:
+        """Masks for one or more objects from points, boxes, scribbles, masks or refinement."""
+        record = store.get(image_id)
+        prompts = prompt_set(
+            body,
+            record.size,
+            lambda token: store.logits(image_id, token),
+            max_objects=settings.max_objects,
+        )
+        seg = await service.runner.run(service.segment, record, prompts, body.multimask)
+        tokens = [store.remember_logits(image_id, seg.logits[i, 0]) for i in range(len(seg))]
+        objects = await in_thread(segmented_objects, seg, tokens, body.format)
+        return {**_info(image_id, record.size), "objects": objects}
+
+    @router.post("/images/{image_id}/automatic", response_model=AutomaticResponse)
+    async def automatic(image_id: str, body: AutomaticRequest | None = None) -> dict[str, Any]:
+        """Every object in the image (SAM's automatic mask generator)."""
+        body = body or AutomaticRequest()
+        record = store.get(image_id)
+        try:
+            config = AutomaticMaskConfig(
+                points_per_side=body.points_per_side,
+                pred_iou_thresh=body.pred_iou_thresh,
+                stability_score_thresh=body.stability_score_thresh,
+                box_nms_thresh=body.box_nms_thresh,
+                crop_n_layers=body.crop_n_layers,
+                min_mask_region_area=body.min_mask_region_area,
+            )
+        except ConfigError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from None
+        records = await service.runner.run(service.automatic, record, config)
+        objects = await in_thread(automatic_objects, records, body.format)
+        return {**_info(image_id, record.size), "objects": objects}
+
+    @router.post("/classify", response_model=ClassifyResponse)
+    async def classify(
+        file: UploadFile = File(...),  # noqa: B008
+        classes: str | None = Form(None),
+        pack: str | None = Form(None),
+        top_k: int = Form(5, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """Top-k labels of an image: zero-shot over ``classes``, or a loaded ``pack``."""
+        classifiers = service.classifiers
+        if (classes is None) == (pack is None):
+            raise ApiError(
+                422, "invalid_request", "give exactly one of the form fields 'classes' or 'pack'"
+            )
+        if pack is not None:
+            method = classifiers.pack(pack)
+            source = f"pack:{pack}"
+        else:
+            classifiers.require_zeroshot()
+            names = classifiers.class_list(classes or "")
+            source = "zero-shot"
+        data = await _read_upload(file, settings.max_upload_bytes)
+        rgb = await in_thread(lambda: decode_upload(data, max_pixels=settings.max_pixels))
+
+        def run() -> list[Any]:
+            chosen = method if pack is not None else classifiers.zeroshot(names)
+            return predict_image(chosen, rgb, top_k)
+
+        predictions = await service.runner.run(run)
+        return {
+            "predictions": [{"label": p.label, "score": round(p.score, 6)} for p in predictions],
+            "source": source,
+        }
+
+    return router

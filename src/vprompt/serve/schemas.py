@@ -1,0 +1,143 @@
+"""Request and response bodies of the JSON API (``docs/serve-api.md``), as pydantic models.
+
+Shapes and types are checked here (a wrong type is 422 ``invalid_request``); meaning (finite
+coordinates inside the image, non-inverted boxes, non-empty objects) is checked by the prompt
+classes themselves (422 ``invalid_prompt``), so the rules live in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MaskFormat = Literal["png", "rle", "polygon"]
+MaskData = str | dict[str, Any] | list[list[float]]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    images: int
+    cache_bytes: int
+    cache_limit_bytes: int
+
+
+class SegmenterInfo(BaseModel):
+    name: str
+    weights: str
+    kinds: list[str]
+
+
+class ClassifierInfo(BaseModel):
+    name: str
+    weights: str
+
+
+class ModelsInfo(BaseModel):
+    segmenter: SegmenterInfo
+    classifier: ClassifierInfo | None
+    packs: list[str]
+
+
+class ImageInfo(BaseModel):
+    image_id: str
+    width: int
+    height: int
+
+
+class RleIn(BaseModel):
+    """COCO RLE of the image's size: ``counts`` compressed (a string) or a list of runs."""
+
+    size: tuple[int, int] = Field(description="[H, W]")
+    counts: str | list[int]
+
+
+class ScribbleIn(BaseModel):
+    points: list[tuple[float, float]] = Field(description="[[x, y], ...] along the stroke")
+    positive: bool = True
+    width: float = 5.0
+
+
+class ObjectIn(BaseModel):
+    """One object's prompts; at least one of them."""
+
+    points: list[tuple[float, float, int]] = Field(
+        default_factory=list, description="[[x, y, label], ...]; label 1 object, 0 background"
+    )
+    box: tuple[float, float, float, float] | None = Field(
+        default=None, description="[x0, y0, x1, y1]"
+    )
+    scribbles: list[ScribbleIn] = Field(default_factory=list)
+    mask: RleIn | None = None
+    previous: str | None = Field(
+        default=None, description="the logits token an earlier response returned"
+    )
+
+
+class SegmentRequest(BaseModel):
+    objects: list[ObjectIn]
+    multimask: Literal["auto"] | bool = "auto"
+    format: MaskFormat = "png"
+
+
+class SegmentedObject(BaseModel):
+    score: float
+    stability: float
+    area: int
+    bbox: list[int] = Field(description="COCO [x, y, w, h]")
+    mask: MaskData
+    logits: str
+
+
+class SegmentResponse(BaseModel):
+    image_id: str
+    width: int
+    height: int
+    objects: list[SegmentedObject]
+
+
+class AutomaticRequest(BaseModel):
+    """SAM's automatic mask generator options (its defaults); bounded to keep calls finite."""
+
+    points_per_side: int = Field(default=32, ge=1, le=128)
+    pred_iou_thresh: float = Field(default=0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(default=0.95, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(default=0.7, ge=0.0, le=1.0)
+    crop_n_layers: int = Field(default=0, ge=0, le=3)
+    min_mask_region_area: int = Field(default=0, ge=0)
+    format: MaskFormat = "rle"
+
+
+class AutomaticObject(BaseModel):
+    score: float
+    stability: float
+    area: int
+    bbox: list[int] = Field(description="COCO [x, y, w, h]")
+    mask: MaskData
+    point: list[float] = Field(description="[x, y] of the prompt point")
+
+
+class AutomaticResponse(BaseModel):
+    image_id: str
+    width: int
+    height: int
+    objects: list[AutomaticObject]
+
+
+class Label(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Label]
+    source: str

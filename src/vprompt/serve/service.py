@@ -1,0 +1,98 @@
+"""The server's models and state, and the model-side work each endpoint needs.
+
+Everything here that touches a model runs inside :class:`~vprompt.serve.runner.ModelRunner`,
+one call at a time; the routes (:mod:`vprompt.serve.routes`) only parse, validate and encode.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from vprompt.prompts.spatial import PromptSet
+from vprompt.segment.automatic import AutomaticMaskConfig, AutomaticMaskGenerator, MaskRecord
+from vprompt.segment.cache import EmbeddingCache
+from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter
+from vprompt.serve.classify import Classifiers
+from vprompt.serve.runner import ModelRunner
+from vprompt.serve.segment_ops import decode_objects
+from vprompt.serve.settings import ServeSettings
+from vprompt.serve.store import ImageStore, StoredImage
+
+PROMPT_KINDS = ["points", "box", "scribble", "mask"]
+
+
+class Service:
+    """Loads the models a :class:`ServeSettings` names and holds the server's state.
+
+    Attributes:
+        settings: The configuration.
+        segmenter: The promptable segmenter, with a memory-bounded embedding cache.
+        classifiers: Zero-shot classifier and packs.
+        store: Uploaded images and their refinement logits.
+        runner: The model lock.
+    """
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.segmenter = Segmenter.load(
+            settings.model,
+            settings.weights,
+            device=settings.device,
+            cache=EmbeddingCache(max_bytes=settings.cache_bytes),
+            precision=settings.precision,
+            max_pixels=settings.max_pixels,
+        )
+        self.classifiers = Classifiers(
+            classifier=settings.classifier,
+            classifier_weights=settings.classifier_weights,
+            packs=settings.packs,
+            device=settings.device,
+            max_classes=settings.max_classes,
+            zeroshot_cache=settings.zeroshot_cache,
+        )
+        self.store = ImageStore(
+            max_images=settings.max_images,
+            max_bytes=settings.max_store_bytes,
+            ttl_s=settings.image_ttl_s,
+            logits_per_image=settings.logits_per_image,
+        )
+        self.runner = ModelRunner(timeout_s=settings.request_timeout_s)
+
+    def models_info(self) -> dict[str, object]:
+        """The ``/api/models`` body."""
+        backbone = self.segmenter.backbone
+        return {
+            "segmenter": {
+                "name": backbone.name,
+                "weights": str(backbone.weights),
+                "kinds": list(PROMPT_KINDS),
+            },
+            "classifier": self.classifiers.info(),
+            "packs": sorted(self.classifiers.packs),
+        }
+
+    # ------------------------------------------------------------- model calls (under the lock)
+
+    def embed(self, image: Image.Image) -> str:
+        """Embed ``image`` (or find it in the cache); returns its cache key."""
+        return self.segmenter.embed_image(image).key
+
+    def embedding(self, record: StoredImage) -> ImageEmbedding:
+        """The stored image's embedding: from the cache, or computed again if it was evicted."""
+        device = self.segmenter.backbone.device
+        parts = self.segmenter.cache.get(record.embedding_key, device)
+        if parts is None:
+            emb = self.segmenter.embed_image(record.image)
+            record.embedding_key = emb.key
+            return emb
+        return ImageEmbedding(key=record.embedding_key, image_size=record.size, parts=parts)
+
+    def segment(
+        self, record: StoredImage, prompts: PromptSet, multimask: str | bool
+    ) -> Segmentation:
+        """Best mask per object, in order."""
+        return decode_objects(self.segmenter, self.embedding(record), prompts, multimask)
+
+    def automatic(self, record: StoredImage, config: AutomaticMaskConfig) -> list[MaskRecord]:
+        """SAM's automatic masks for the stored image."""
+        return AutomaticMaskGenerator(self.segmenter, config=config).generate(record.image)
