@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vprompt.backbones import load_backbone
-from vprompt.errors import PromptError, UnknownNameError, WeightsError
+from vprompt.errors import ConfigError, PromptError, UnknownNameError, WeightsError
 from vprompt.prompts.spatial import Box, Mask, MaskLogits, ObjectPrompt, Point, PromptSet
 from vprompt.segment.cache import EmbeddingCache
 from vprompt.segment.segmenter import Segmenter, stability_score
@@ -114,6 +114,21 @@ def test_best_only_equals_best_of_all(segmenters):
     np.testing.assert_array_equal(fast.masks, full.masks)
     np.testing.assert_allclose(fast.stability, full.stability)
     np.testing.assert_allclose(fast.iou, full.iou)
+
+
+def test_multimask_auto_is_per_object(segmenters):
+    seg = segmenters["sam:tiny"]
+    emb = seg.embed_image(_photo(300, 200))
+    click = ObjectPrompt(points=[Point(40, 50)])
+    box = ObjectPrompt(boxes=[Box(5, 5, 200, 150)])
+    both = seg.decode(emb, PromptSet([click, box], image_size=(300, 200)), multimask="auto")
+    lone = seg.decode(emb, PromptSet([click], image_size=(300, 200)), best_only=True)
+    boxed = seg.decode(emb, PromptSet([box], image_size=(300, 200)), multimask=False)
+    assert both.masks.shape == (2, 1, 200, 300)
+    np.testing.assert_allclose(both.logits[0], lone.logits[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both.logits[1], boxed.logits[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="multimask"):
+        seg.decode(emb, PromptSet([click], image_size=(300, 200)), multimask="yes")  # type: ignore[arg-type]
 
 
 def test_cache_hits_skip_the_encoder(tmp_path):

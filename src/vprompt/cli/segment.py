@@ -96,14 +96,6 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
     click.echo(f"wrote {len(result['objects'])} mask(s), overlay and annotations to {out}")
 
 
-def _multimask(choice: str, objects: list[Any]) -> bool:
-    if choice == "auto":
-        # SAM's advice: one click is ambiguous (part / object / whole), so ask for three
-        # candidates and keep the best; more prompts pin the object down.
-        return all(len(o.points) == 1 and o.box is None and not o.has_mask_input for o in objects)
-    return choice == "on"
-
-
 @main.command("segment")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--point", "points", multiple=True, metavar="X,Y[,L]", help="Click; L=0 negative.")
@@ -203,7 +195,7 @@ def segment_cmd(
     result = segmenter.decode(
         segmenter.embed_image(pil),
         prompts,
-        multimask=_multimask(multimask, object_prompts),
+        multimask="auto" if multimask == "auto" else multimask == "on",
         best_only=True,
     )
     out_dir = Path(out)

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from vprompt.backbones.sam import SamBackbone
 from vprompt.data.images import load_image
 from vprompt.errors import ConfigError, PromptError
 from vprompt.prompts.resize import MaskPostprocess
-from vprompt.prompts.spatial import MaskLogits, PromptSet
+from vprompt.prompts.spatial import MaskLogits, ObjectPrompt, PromptSet
 from vprompt.segment.cache import EmbeddingCache, image_key
 
 MASK_THRESHOLD = 0.0
@@ -107,6 +107,11 @@ def stability_score(
     inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int32)
     union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int32)
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter.float()))
+
+
+def lone_click(obj: ObjectPrompt) -> bool:
+    """Whether an object is prompted by exactly one click and nothing else."""
+    return len(obj.points) == 1 and obj.box is None and not obj.has_mask_input
 
 
 def upsample_logits(logits: torch.Tensor, plan: MaskPostprocess) -> torch.Tensor:
@@ -201,7 +206,7 @@ class Segmenter:
         image: ImageEmbedding | Image.Image | str | Path,
         prompts: PromptSet,
         *,
-        multimask: bool = True,
+        multimask: bool | Literal["auto"] = True,
         best_only: bool = False,
         attention_similarity: torch.Tensor | None = None,
         target_embedding: torch.Tensor | None = None,
@@ -212,7 +217,10 @@ class Segmenter:
             image: An embedding from :meth:`embed_image`, or an image (embedded via the cache).
             prompts: Objects of this image, validated against its size.
             multimask: Three candidates per object (pick with :meth:`Segmentation.best`); with
-                False the decoder's single-mask output is returned (K = 1).
+                False the decoder's single-mask output is returned (K = 1). ``"auto"``: three
+                candidates, best kept, only for objects prompted by one click (ambiguous:
+                part / object / whole, as SAM advises), the single-mask output for the rest;
+                it implies ``best_only``.
             best_only: Keep only the highest-IoU candidate per object (K = 1) and upsample
                 only that one: the same as ``decode(...).best()``, at a third of the
                 post-processing cost.
@@ -228,7 +236,11 @@ class Segmenter:
             )
         frame = self.backbone.frame
         plan = frame.postprocess_sizes(emb.image_size)
-        n, k = len(prompts), 3 if multimask and not best_only else 1
+        if multimask == "auto":
+            best_only = True
+        elif not isinstance(multimask, bool):
+            raise ConfigError(f"multimask: expected True, False or 'auto', got {multimask!r}")
+        n, k = len(prompts), 3 if multimask is True and not best_only else 1
         h, w = plan.original
         out_masks = np.zeros((n, k, h, w), dtype=bool)
         out_logits = np.zeros((n, k, *plan.low_res), dtype=np.float32)
@@ -236,11 +248,16 @@ class Segmenter:
         out_stab = np.zeros((n, k), dtype=np.float32)
         for group in prompts.groups():
             arrays = group.prompts.to_arrays(frame)
+            # A group shares the number of points and whether it has a box or mask input,
+            # so the "auto" rule is the same for all its objects.
+            group_multi = (
+                lone_click(group.prompts.objects[0]) if multimask == "auto" else bool(multimask)
+            )
             with self._autocast():
                 logits, iou = self.backbone.decode(
                     emb.parts,
                     arrays,
-                    multimask=multimask,
+                    multimask=group_multi,
                     attention_similarity=attention_similarity,
                     target_embedding=target_embedding,
                 )
@@ -259,7 +276,11 @@ class Segmenter:
         return Segmentation(masks=out_masks, logits=out_logits, iou=out_iou, stability=out_stab)
 
     def segment(
-        self, image: Image.Image | str | Path, prompts: PromptSet, *, multimask: bool = True
+        self,
+        image: Image.Image | str | Path,
+        prompts: PromptSet,
+        *,
+        multimask: bool | Literal["auto"] = True,
     ) -> Segmentation:
         """:meth:`embed_image` then :meth:`decode`."""
         return self.decode(self.embed_image(image), prompts, multimask=multimask)

@@ -27,7 +27,7 @@ from vprompt.segment.outputs import (
     mask_bbox,
     mask_to_polygons,
 )
-from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter
+from vprompt.segment.segmenter import Segmentation
 from vprompt.serve.schemas import MaskFormat, ObjectIn, SegmentRequest
 
 LogitsLookup = Callable[[str], NDArray[np.float32] | None]
@@ -97,47 +97,6 @@ def prompt_set(
         )
     objects = [object_prompt(o, i, size, previous) for i, o in enumerate(request.objects)]
     return PromptSet(objects, image_size=size)
-
-
-def wants_multimask(choice: str | bool, obj: ObjectPrompt) -> bool:
-    """``auto``: three candidates only for a lone click, which is ambiguous (part / object /
-    whole), as SAM advises; more prompts pin the object down."""
-    if choice == "auto":
-        return len(obj.points) == 1 and obj.box is None and not obj.has_mask_input
-    return bool(choice)
-
-
-def decode_objects(
-    segmenter: Segmenter, embedding: ImageEmbedding, prompts: PromptSet, multimask: str | bool
-) -> Segmentation:
-    """The best candidate per object (K = 1), in request order.
-
-    Objects that want three candidates and objects that want one go to separate decoder calls
-    (the decoder's multimask switch is per call); their results are put back in order.
-    """
-    flags = [wants_multimask(multimask, o) for o in prompts.objects]
-    parts: list[tuple[list[int], Segmentation]] = []
-    for flag in (True, False):
-        idx = [i for i, f in enumerate(flags) if f is flag]
-        if idx:
-            subset = PromptSet([prompts.objects[i] for i in idx], image_size=prompts.image_size)
-            parts.append((idx, segmenter.decode(embedding, subset, multimask=flag, best_only=True)))
-    if len(parts) == 1:
-        return parts[0][1]
-    n = len(prompts)
-    first = parts[0][1]
-    masks = np.zeros((n, *first.masks.shape[1:]), dtype=bool)
-    logits = np.zeros((n, *first.logits.shape[1:]), dtype=np.float32)
-    iou = np.zeros((n, 1), dtype=np.float32)
-    stability = np.zeros((n, 1), dtype=np.float32)
-    for idx, seg in parts:
-        masks[idx], logits[idx], iou[idx], stability[idx] = (
-            seg.masks,
-            seg.logits,
-            seg.iou,
-            seg.stability,
-        )
-    return Segmentation(masks=masks, logits=logits, iou=iou, stability=stability)
 
 
 def encode_mask(mask: NDArray[np.bool_], form: MaskFormat) -> Any:

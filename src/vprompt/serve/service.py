@@ -14,7 +14,6 @@ from vprompt.segment.cache import EmbeddingCache
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter
 from vprompt.serve.classify import Classifiers
 from vprompt.serve.runner import ModelRunner
-from vprompt.serve.segment_ops import decode_objects
 from vprompt.serve.settings import ServeSettings
 from vprompt.serve.store import ImageStore, StoredImage
 
@@ -91,7 +90,12 @@ class Service:
         self, record: StoredImage, prompts: PromptSet, multimask: str | bool
     ) -> Segmentation:
         """Best mask per object, in order."""
-        return decode_objects(self.segmenter, self.embedding(record), prompts, multimask)
+        return self.segmenter.decode(
+            self.embedding(record),
+            prompts,
+            multimask="auto" if multimask == "auto" else bool(multimask),
+            best_only=True,
+        )
 
     def automatic(self, record: StoredImage, config: AutomaticMaskConfig) -> list[MaskRecord]:
         """SAM's automatic masks for the stored image."""
