@@ -8,6 +8,7 @@ start-up, not on the first request.
 
 from __future__ import annotations
 
+import mimetypes
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -19,6 +20,10 @@ from vprompt.serve.limits import BodyLimitMiddleware
 from vprompt.serve.routes import build_router
 from vprompt.serve.service import Service
 from vprompt.serve.settings import ServeSettings
+
+# The page is ES modules, which browsers run only when served with a JavaScript type; some
+# platforms' mimetypes tables map .js to something else.
+mimetypes.add_type("text/javascript", ".js")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 

@@ -1,0 +1,60 @@
+/* dom.js: the page's element handles, the status line, the error alert and the score format.
+ * Every other module reaches the page through `el`; ids and data-testids live in index.html.
+ */
+
+const $ = (id) => document.getElementById(id);
+
+export const el = {
+  app: $("app"),
+  fileInput: $("file-input"),
+  stage: $("stage"),
+  dropHint: $("drop-hint"),
+  wrap: $("canvas-wrap"),
+  imageCanvas: $("image-canvas"),
+  overlay: $("overlay-canvas"),
+  prompt: $("prompt-canvas"),
+  tools: Array.from(document.querySelectorAll("[data-tool]")),
+  scribbleNegative: $("scribble-negative"),
+  brushWidth: $("brush-width"),
+  undo: $("undo"),
+  redo: $("redo"),
+  clear: $("clear"),
+  automatic: $("automatic"),
+  pointsPerSide: $("points-per-side"),
+  predIouThresh: $("pred-iou-thresh"),
+  stabilityThresh: $("stability-thresh"),
+  exportKind: $("export-kind"),
+  exportPng: $("export-png"),
+  exportCoco: $("export-coco"),
+  status: $("status"),
+  alert: $("alert"),
+  alertText: $("alert-text"),
+  alertDismiss: $("alert-dismiss"),
+  objectList: $("object-list"),
+  newObject: $("new-object"),
+  deleteObject: $("delete-object"),
+  classifyForm: $("classify-form"),
+  classifyClasses: $("classify-classes"),
+  classifyPack: $("classify-pack"),
+  classifyTopk: $("classify-topk"),
+  classifyButton: $("classify"),
+  classifySource: $("classify-source"),
+  classifyResults: $("classify-results"),
+  modelInfo: $("model-info"),
+};
+
+export function setStatus(message) {
+  el.status.textContent = message;
+}
+
+export function showError(message) {
+  el.alertText.textContent = message;
+  el.alert.hidden = false;
+}
+
+export function clearError() {
+  el.alert.hidden = true;
+  el.alertText.textContent = "";
+}
+
+export const fmtScore = (s) => (Math.abs(s) < 0.005 ? 0 : s).toFixed(2);

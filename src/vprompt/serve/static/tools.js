@@ -1,0 +1,103 @@
+/* tools.js: the prompt tools (positive/negative point, box, scribble) and the pointer input
+ * on the prompt canvas: clicks add points, drags draw a box or a scribble (state.drag while in
+ * progress), each finished prompt is one undoable edit of the active object.
+ */
+import { normBox, toImage, view } from "./canvas.js";
+import { el, setStatus } from "./dom.js";
+import { editActive } from "./history.js";
+import { renderPrompts } from "./overlay.js";
+import { image, state } from "./state.js";
+
+let tool = "positive";
+
+export function setTool(name) {
+  tool = name;
+  for (const button of el.tools) {
+    button.setAttribute("aria-pressed", String(button.dataset.tool === name));
+  }
+  el.prompt.dataset.tool = name;
+}
+
+/** Drop the box or scribble being drawn (Escape). */
+export function cancelDrag() {
+  if (!state.drag) return;
+  state.drag = null;
+  renderPrompts();
+}
+
+function brushWidth() {
+  const chosen = Number(el.brushWidth.value);
+  if (Number.isFinite(chosen) && chosen > 0) return chosen;
+  return Math.max(3, Math.round(Math.max(image.width, image.height) / 120));
+}
+
+export function onPointerDown(event) {
+  if (!image.id || state.drag) return;
+  if (event.button !== 0 && event.button !== 2) return;
+  event.preventDefault();
+  el.prompt.focus({ preventScroll: true });
+  const p = toImage(event);
+  if (tool === "positive" || tool === "negative") {
+    // Right click always adds a negative point.
+    const label = event.button === 2 || tool === "negative" ? 0 : 1;
+    editActive((rec) => rec.points.push([p[0], p[1], label]), "point");
+    return;
+  }
+  if (event.button !== 0) return;
+  el.prompt.setPointerCapture(event.pointerId);
+  if (tool === "box") {
+    state.drag = { kind: "box", pointerId: event.pointerId, start: p, end: null, client: [event.clientX, event.clientY] };
+  } else if (tool === "scribble") {
+    state.drag = {
+      kind: "scribble",
+      pointerId: event.pointerId,
+      scribble: { points: [p], positive: !el.scribbleNegative.checked, width: brushWidth() },
+    };
+    renderPrompts();
+  }
+}
+
+export function onPointerMove(event) {
+  const drag = state.drag;
+  if (!drag || event.pointerId !== drag.pointerId) return;
+  const p = toImage(event);
+  if (drag.kind === "box") {
+    drag.end = p;
+  } else {
+    const pts = drag.scribble.points;
+    const [lx, ly] = pts[pts.length - 1];
+    const minStep = 2 / view.scale; // two screen pixels
+    if (Math.hypot(p[0] - lx, p[1] - ly) < minStep) return;
+    pts.push(p);
+  }
+  renderPrompts();
+}
+
+export function onPointerUp(event) {
+  if (!state.drag || event.pointerId !== state.drag.pointerId) return;
+  const finished = state.drag;
+  state.drag = null;
+  if (el.prompt.hasPointerCapture(event.pointerId)) el.prompt.releasePointerCapture(event.pointerId);
+  if (finished.kind === "box") {
+    const end = toImage(event);
+    const moved = Math.hypot(event.clientX - finished.client[0], event.clientY - finished.client[1]);
+    const box = normBox(finished.start, end);
+    if (moved < 4 || box[2] - box[0] <= 0 || box[3] - box[1] <= 0) {
+      renderPrompts();
+      setStatus("Drag on the image to draw a box");
+      return;
+    }
+    editActive((rec) => {
+      rec.box = box;
+    }, "box");
+  } else {
+    const s = finished.scribble;
+    editActive((rec) => rec.scribbles.push(s), "scribble");
+  }
+}
+
+export function onPointerCancel(event) {
+  if (!state.drag || event.pointerId !== state.drag.pointerId) return;
+  state.drag = null;
+  renderPrompts();
+}
