@@ -357,3 +357,28 @@ def test_mixed_kinds_refused_and_split_into_groups():
     # to_arrays itself still pads a same-kind set with different point counts.
     padded = _set(objs[0], objs[2]).to_arrays()
     assert padded["labels"].tolist() == [[1, -10], [1, 1]]
+
+
+def test_square_frame_sam2_hand_computed_both_orientations():
+    from vprompt.prompts.resize import ResizeSquare
+
+    frame = ResizeSquare(target=1024, low_res=256)
+    for size in ((640, 480), (480, 640)):
+        w, h = size
+        assert frame.resized_size(w, h) == (1024, 1024)  # stretched, not padded
+        pts = frame.apply_points([[w, h], [w / 2, h / 4]], size)
+        np.testing.assert_allclose(pts, [[1024, 1024], [512, 256]])
+        boxes = frame.apply_boxes([[0, 0, w / 4, h]], size)
+        np.testing.assert_allclose(boxes, [[0, 0, 256, 1024]])
+        np.testing.assert_allclose(frame.unapply_points(pts, size), [[w, h], [w / 2, h / 4]])
+        plan = frame.postprocess_sizes(size)
+        assert plan.direct
+        assert plan.original == (h, w)
+        assert plan.crop == (1024, 1024)  # nothing to crop
+    # A mask covering the left half of the image covers the left half of the low-res grid.
+    mask = np.zeros((480, 640), dtype=bool)
+    mask[:, :320] = True
+    low = frame.mask_to_low_res(mask, (640, 480))
+    assert (low[:, :128] > 0).all()
+    assert (low[:, 128:] < 0).all()
+    assert not RLS.postprocess_sizes((640, 480)).direct
