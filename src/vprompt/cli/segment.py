@@ -68,6 +68,7 @@ def build_segmenter(
     no_embedding_cache: bool,
     max_pixels: int | None,
 ) -> Any:
+    from vprompt.data.images import DEFAULT_MAX_PIXELS
     from vprompt.segment import EmbeddingCache, Segmenter
 
     disk: Path | None = None
@@ -80,7 +81,7 @@ def build_segmenter(
         device=device,
         cache=EmbeddingCache(disk_dir=disk),
         precision=precision,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
     )
 
 

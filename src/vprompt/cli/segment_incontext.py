@@ -118,16 +118,18 @@ def personalize_cmd(
 
 
 def _seggpt_segmenter(seg_opts: dict[str, Any]) -> Any:
+    from vprompt.data.images import DEFAULT_MAX_PIXELS
     from vprompt.errors import PromptError
     from vprompt.segment.seggpt import SegGptSegmenter
 
     if not seg_opts["model"].startswith("seggpt:"):
         raise PromptError(f"--method seggpt needs a seggpt:* model, got {seg_opts['model']}")
-    kwargs = {"precision": seg_opts["precision"]}
-    if seg_opts["max_pixels"]:
-        kwargs["max_pixels"] = seg_opts["max_pixels"]
     return SegGptSegmenter.load(
-        seg_opts["model"], seg_opts["weights"], device=seg_opts["device"], **kwargs
+        seg_opts["model"],
+        seg_opts["weights"],
+        device=seg_opts["device"],
+        precision=seg_opts["precision"],
+        max_pixels=seg_opts["max_pixels"] or DEFAULT_MAX_PIXELS,
     )
 
 

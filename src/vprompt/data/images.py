@@ -129,3 +129,12 @@ def load_image(
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(p, f"cannot decode image ({exc})") from None
+
+
+def open_rgb(
+    image: Image.Image | str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """An RGB image from a PIL image (converted) or a file (:func:`load_image`)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return load_image(image, max_pixels=max_pixels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,8 @@ from PIL import Image
 
 from vprompt.backbones.registry import load_backbone
 from vprompt.backbones.seggpt import EmbeddingType, SegGptBackbone
-from vprompt.data.images import DEFAULT_MAX_PIXELS, load_image
+from vprompt.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from vprompt.engine.runtime import precision_autocast, resolve_precision
 from vprompt.errors import ConfigError, PromptError
 
 ImageInput = Image.Image | str | os.PathLike[str]
@@ -70,14 +71,12 @@ class SegGptSegmenter:
             raise ConfigError(
                 f"embedding_type: expected instance or semantic, got {embedding_type!r}"
             )
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
+        resolved = resolve_precision(precision, backbone.device)
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
         self.backbone = backbone
         self.embedding_type: EmbeddingType = embedding_type
-        use_bf16 = precision == "bf16" or (precision == "auto" and backbone.device.type == "cuda")
-        self.precision = "bf16" if use_bf16 else "fp32"
+        self.precision = resolved
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 
@@ -96,18 +95,11 @@ class SegGptSegmenter:
             raise ConfigError(f"{name} is not an in-context segmenter (expected a seggpt:* model)")
         return cls(backbone, **kwargs)
 
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        if self.precision == "bf16":
-            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return precision_autocast(self.precision, self.backbone.device)
 
     def _open(self, image: ImageInput) -> Image.Image:
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        return load_image(image, max_pixels=self.max_pixels)
+        return open_rgb(image, max_pixels=self.max_pixels)
 
     def personalize(
         self,

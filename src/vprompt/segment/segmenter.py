@@ -13,7 +13,6 @@ Iterative refinement: feed an object's previous low-res logits back with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,8 @@ from PIL import Image
 
 from vprompt.backbones.registry import load_backbone
 from vprompt.backbones.sam import SamBackbone
-from vprompt.data.images import load_image
+from vprompt.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from vprompt.engine.runtime import precision_autocast, resolve_precision
 from vprompt.errors import ConfigError, PromptError
 from vprompt.prompts.resize import MaskPostprocess
 from vprompt.prompts.spatial import MaskLogits, ObjectPrompt, PromptSet
@@ -143,15 +143,11 @@ class Segmenter:
         *,
         cache: EmbeddingCache | None = None,
         precision: str = "auto",
-        max_pixels: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
         self.backbone = backbone
         self.cache = cache if cache is not None else EmbeddingCache()
-        device = backbone.device
-        use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-        self.precision = "bf16" if use_bf16 else "fp32"
+        self.precision = resolve_precision(precision, backbone.device)
         self.max_pixels = max_pixels
         self.encodes = 0  # encoder runs, for tests and benchmarks
 
@@ -170,21 +166,12 @@ class Segmenter:
             raise ConfigError(f"{name} is not a promptable segmenter (expected a sam:* model)")
         return cls(backbone, **kwargs)
 
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        if self.precision == "bf16":
-            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return precision_autocast(self.precision, self.backbone.device)
 
     def open_image(self, image: Image.Image | str | Path) -> Image.Image:
         """An RGB image from a PIL image or a file (size-limited by ``max_pixels``)."""
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if self.max_pixels is None:
-            return load_image(image)
-        return load_image(image, max_pixels=self.max_pixels)
+        return open_rgb(image, max_pixels=self.max_pixels)
 
     def embed_image(self, image: Image.Image | str | Path) -> ImageEmbedding:
         """The image's embedding, from the cache when this content was embedded before."""
