@@ -18,6 +18,7 @@ from torch import nn
 
 from vprompt import ConfigError, build_from_pack, load_pack
 from vprompt.engine import EvalResult, FitEvent, FitResult, LRSchedule, evaluate, fit
+from vprompt.errors import VPromptError
 from vprompt.methods.base import MethodOutput, OptimConfig, TrainableMethod, register_method
 from vprompt.methods.zeroshot import encode_class_prompts
 
@@ -409,3 +410,35 @@ def test_evaluate_confusion_consistent_with_accuracy(baseline, data):
     assert math.isfinite(result.loss)
     assert result.loss > 0
     assert result.to_dict()["n"] == 32
+
+
+@pytest.mark.parametrize("with_callbacks", [False, True])
+def test_a_non_finite_loss_names_its_step_and_keeps_the_last_checkpoint(
+    make_method, data, tmp_path, with_callbacks
+):
+    """Losses are read back once per curve window (each step with callbacks); either way the
+    first non-finite step is the one reported, and the previous epoch's checkpoint survives."""
+    method = make_method(epochs=3)
+    clean_forward = method.forward
+    calls = {"n": 0}
+
+    def forward(images: torch.Tensor) -> MethodOutput:
+        out = clean_forward(images)
+        calls["n"] += 1
+        if method.training and calls["n"] > 8 + 3:  # 8 steps per epoch; breaks epoch 2's 4th
+            return MethodOutput(logits=out.logits * float("nan"), aux_loss=out.aux_loss)
+        return out
+
+    method.forward = forward  # type: ignore[method-assign]
+    seen: list[Any] = []
+    with pytest.raises(VPromptError, match=r"became nan at epoch 1, step 11;"):
+        fit(
+            method,
+            data[0],
+            out_dir=tmp_path,
+            progress=False,
+            callbacks=[seen.append] if with_callbacks else [],
+        )
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 0
+    if with_callbacks:
+        assert [e.step for e in seen if e.kind == "step"][-1] == 11

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 
@@ -14,8 +15,9 @@ class ClassificationDataset(Protocol):
     """Indexable (image, label) pairs with class names in label order.
 
     Optional extras the engine uses when present: ``identity(index) -> str`` (a key that
-    changes with the image, for feature caches) and ``all_labels() -> list[int]`` (every label
-    without decoding images).
+    changes with the image, for feature caches), ``all_labels() -> list[int]`` (every label
+    without decoding images) and ``pixel_array()`` (every image as one N x H x W or
+    N x H x W x 3 uint8 array, or None; see :mod:`vprompt.data.batched`).
     """
 
     classnames: list[str]
@@ -74,6 +76,13 @@ class Subset:
             labels = self.base.all_labels()
             return [int(labels[i]) for i in self.indices]
         return [int(self.base[i][1]) for i in self.indices]
+
+    def pixel_array(self) -> np.ndarray | None:
+        """The base's pixel array at these indices, or None when the base keeps none."""
+        from vprompt.data.batched import pixel_array
+
+        pixels = pixel_array(self.base)
+        return None if pixels is None else pixels[self.indices]
 
 
 class TransformedDataset:

@@ -113,6 +113,10 @@ class FashionMNIST:
         """Every label in order (no image is decoded)."""
         return self.labels.tolist()
 
+    def pixel_array(self) -> np.ndarray:
+        """All images as one N x 28 x 28 uint8 array (batches are cut from it directly)."""
+        return self.images
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -82,13 +82,35 @@ def train_one_epoch(
     every = max(1, steps_per_epoch // 20)
     curve: list[list[float]] = []
     win_loss, win_correct, win_seen = 0.0, 0, 0
+    # The host reads losses back only at the end of a curve window (every step when callbacks
+    # want step events), so it can queue the next steps while the device computes them.
+    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = []
+
+    def settle() -> None:
+        nonlocal loss_sum, correct, seen, win_loss, win_correct, win_seen
+        if not pending:
+            return
+        values = torch.stack([p[3] for p in pending]).tolist()
+        hits = torch.stack([p[4] for p in pending]).tolist()
+        for (at, n, step_lr, _, _), value, hit in zip(pending, values, hits, strict=True):
+            if not math.isfinite(value):
+                raise VPromptError(
+                    f"the training loss became {value} at epoch {epoch}, step {at}; "
+                    "lower optim.lr or set optim.grad_clip"
+                )
+            loss_sum, correct, seen = loss_sum + value * n, correct + int(hit), seen + n
+            win_loss, win_correct, win_seen = win_loss + value * n, win_correct + hit, win_seen + n
+            notify(callbacks, FitEvent("step", epoch, at + 1, {"loss": value, "lr": step_lr}))
+        pending.clear()
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+
     try:
         for index, (inputs, labels) in enumerate(loader):
             if index >= steps_per_epoch:
                 break
+            check_labels(labels, num_classes, "training")  # before the copy: no device sync
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            check_labels(labels, num_classes, "training")
             lr = schedule(step)
             set_lr(optimizer, lr)
             with autocast_for(device):
@@ -97,12 +119,6 @@ def train_one_epoch(
             loss = F.cross_entropy(logits, labels)
             for term in out.aux_loss.values():
                 loss = loss + term.float()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise VPromptError(
-                    f"the training loss became {value} at epoch {epoch}, step {step}; "
-                    "lower optim.lr or set optim.grad_clip"
-                )
             optimizer.zero_grad(set_to_none=True)
             if method_backward is None:
                 loss.backward()
@@ -111,22 +127,18 @@ def train_one_epoch(
             if optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()
+            hits = (logits.detach().argmax(dim=1) == labels).sum()
+            pending.append((step, len(labels), lr, loss.detach().float(), hits))
             step += 1
-            n = len(labels)
-            hits = int((logits.detach().argmax(dim=1) == labels).sum())
-            loss_sum += value * n
-            correct += hits
-            seen += n
-            win_loss, win_correct, win_seen = win_loss + value * n, win_correct + hits, win_seen + n
-            if (index + 1) % every == 0 or index + 1 == steps_per_epoch:
+            window_end = (index + 1) % every == 0 or index + 1 == steps_per_epoch
+            if window_end or callbacks:
+                settle()
+            if window_end:
                 position = epoch + (index + 1) / steps_per_epoch
                 curve.append([position, win_loss / win_seen, win_correct / win_seen])
                 win_loss, win_correct, win_seen = 0.0, 0, 0
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
-            )
-            notify(callbacks, FitEvent("step", epoch, step, {"loss": value, "lr": lr}))
+        settle()
     finally:
         bar.close()
     elapsed = time.perf_counter() - started

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vprompt.data.batched import array_batches
 from vprompt.data.dataset import ClassificationDataset, TransformedDataset
 from vprompt.errors import ConfigError
 
@@ -78,8 +79,16 @@ def make_loader(
     device: torch.device,
     num_workers: int = 0,
     generator: torch.Generator | None = None,
-) -> DataLoader[Any]:
-    """A loader of (images, labels); shuffled (reproducibly) when ``generator`` is given."""
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """A loader of (images, labels); shuffled (reproducibly) when ``generator`` is given.
+
+    Datasets held as one pixel array, with a transform that has a batched twin, are served
+    whole batches from the array on ``device`` (:mod:`vprompt.data.batched`: same images, same
+    order); everything else goes through a ``DataLoader`` with ``num_workers`` workers.
+    """
+    fast = array_batches(data, transform, batch_size=batch_size, device=device, generator=generator)
+    if fast is not None:
+        return fast
     return DataLoader(
         cast("Dataset[Any]", TransformedDataset(data, transform)),
         batch_size=batch_size,

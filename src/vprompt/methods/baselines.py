@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
+from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError
 from vprompt.methods.base import (
     InputKind,
@@ -49,18 +50,12 @@ def _image_transform(
     visual prompt at the same canvas size), plus flips when training with ``augment``."""
     from torchvision import transforms as T
 
-    base: Callable[[Image.Image], torch.Tensor] = backbone.transform
+    flip = train and augment
     if image_size is not None:
         pre = backbone.preprocess
-        base = T.Compose(
-            [
-                T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
-                T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR),
-                T.ToTensor(),
-                T.Normalize(pre.mean, pre.std),
-            ]
-        )
-    if not (train and augment):
+        return ResizeToTensor(image_size, flip=flip, mean=pre.mean, std=pre.std)
+    base: Callable[[Image.Image], torch.Tensor] = backbone.transform
+    if not flip:
         return base
     return T.Compose([T.RandomHorizontalFlip(), base])
 

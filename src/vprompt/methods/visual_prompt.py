@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
+from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError
 from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
@@ -226,17 +227,9 @@ class VisualPrompt(nn.Module):
         return self
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-        from torchvision import transforms as T
-
-        size = int(self.config.inner_size or 0)
-        steps: list[Any] = [
-            T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
-            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR),
-        ]
-        if train and self.config.augment:
-            steps.append(T.RandomHorizontalFlip())
-        steps.append(T.ToTensor())
-        return T.Compose(steps)
+        """The image resized to the inner size, in [0, 1] (flipped at random when training with
+        ``augment``); batchable, so in-memory datasets skip the per-image path."""
+        return ResizeToTensor(int(self.config.inner_size or 0), flip=train and self.config.augment)
 
     def before_epoch(
         self, epoch: int, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
