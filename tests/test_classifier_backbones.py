@@ -171,6 +171,29 @@ def test_features_feed_the_head_to_give_the_logits(name: str, tiny: dict) -> Non
     torch.testing.assert_close(backbone.head(feats), logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_channels_last_inputs_change_no_value(name: str, tiny: dict) -> None:
+    """CNNs see channels-last inputs (faster kernels); the logits and features are those of
+    the plain model on standard-layout inputs, and the weights keep their standard layout."""
+    backbone = tiny[name]
+    assert backbone.channels_last is (not backbone.is_vit)
+    x = _pixels(backbone)
+    seen: list[torch.Tensor] = []
+    first = next(m for m in backbone.model.modules() if isinstance(m, nn.Conv2d))
+    handle = first.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    try:
+        with torch.no_grad():
+            logits, feats = backbone(x), backbone.features(x)
+            plain = backbone.model(x.contiguous())
+    finally:
+        handle.remove()
+    wanted = torch.channels_last if backbone.channels_last else torch.contiguous_format
+    assert seen[0].is_contiguous(memory_format=wanted)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backbone.head(feats), plain, rtol=1e-5, atol=1e-5)
+    assert all(t.is_contiguous() for t in backbone.model.state_dict().values())
+
+
 def test_classifier_without_a_linear_head_says_so() -> None:
     squeeze = load_backbone("torchvision:squeezenet1_1", RANDOM_INIT)
     assert squeeze.num_classes == 1000
