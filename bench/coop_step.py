@@ -7,7 +7,10 @@
 2. **vprompt's fast path**: ``CoOp.forward_features`` on image features encoded once before
    timing (what the feature cache holds), prompts cut after the longest prompt's end-of-text
    token, bf16 autocast on CUDA, the same loss / backward / SGD step with the engine's
-   ``build_optimizer``. ``--compile`` also times it with ``torch.compile`` on the text side.
+   ``build_optimizer``. The prompts' shared beginning (SOS and the 16 context tokens) runs
+   through the text tower once per step, not once per class (``vprompt.backbones.text_prefix``);
+   the same step with whole prompts is timed too, to show what that is worth. ``--compile``
+   also times it with ``torch.compile`` on the text side.
 
 Both start from the same context vectors; one step's loss and context gradient are compared
 before timing (fp32 on CPU must agree tightly; on CUDA the reference's fp16 and vprompt's bf16
@@ -157,6 +160,22 @@ class FastCoOp:
         return float(loss.detach())
 
 
+#: The text-tower entry points vprompt's CoOp step calls (compiled together with --compile).
+TEXT_ENTRIES = ("encode_text_embeddings", "encode_text_shared_prefix")
+
+
+@contextlib.contextmanager
+def whole_prompts(backbone: Any) -> Any:
+    """Time vprompt's step as it was before prefix sharing: every prompt runs whole."""
+    cls = type(backbone)
+    saved = cls.__dict__["shares_text_prefix"]
+    cls.shares_text_prefix = property(lambda self: False)
+    try:
+        yield
+    finally:
+        cls.shares_text_prefix = saved
+
+
 def time_steps(
     step: Callable[[], float], *, warmup: int, steps: int, device: torch.device
 ) -> list[float]:
@@ -287,10 +306,24 @@ def render(info: dict[str, Any]) -> str:
         f"| reference (image encoder every step, full context) | {info['reference_tokens']} | "
         f"{info['reference_precision']} | {ref['median_ms']:.1f} | {ref['images_per_s']:.1f} | "
         "1.0x |",
-        f"| vprompt (cached features, truncated prompts) | {info['vprompt_tokens']} | "
-        f"{info['vprompt_precision']} | {fast['median_ms']:.1f} | {fast['images_per_s']:.1f} | "
-        f"{info['speedup']:.1f}x |",
     ]
+    whole = info.get("vprompt_whole_prompts")
+    if whole is not None:
+        lines.append(
+            f"| vprompt, whole prompts (cached features, truncated prompts) | "
+            f"{info['vprompt_tokens']} | {info['vprompt_precision']} | {whole['median_ms']:.1f} | "
+            f"{whole['images_per_s']:.1f} | {ref['median_ms'] / whole['median_ms']:.1f}x |"
+        )
+    shared = info.get("shared_prefix_tokens")
+    label = (
+        f"vprompt (cached features, truncated prompts, {shared}-token prefix run once)"
+        if shared
+        else "vprompt (cached features, truncated prompts)"
+    )
+    lines.append(
+        f"| {label} | {info['vprompt_tokens']} | {info['vprompt_precision']} | "
+        f"{fast['median_ms']:.1f} | {fast['images_per_s']:.1f} | {info['speedup']:.1f}x |"
+    )
     comp = info.get("compiled")
     if comp is not None and "median_ms" in comp:
         lines.append(
@@ -346,9 +379,11 @@ def render(info: dict[str, Any]) -> str:
     lines += [
         "",
         "The reference step runs the image encoder on every batch and all prompts at 77 "
-        "tokens; vprompt reads image features encoded once (the feature cache) and cuts the "
-        "prompts after the longest one's end-of-text token, which changes no feature (the text "
-        "tower is causal). Weights are random (`none`); timings do not depend on them.",
+        "tokens; vprompt reads image features encoded once (the feature cache), cuts the "
+        "prompts after the longest one's end-of-text token and runs the tokens every prompt "
+        "starts with (SOS and the shared context) once instead of once per class; none of this "
+        "changes a feature (the text tower is causal). Weights are random (`none`); timings do "
+        "not depend on them.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -413,15 +448,20 @@ def main() -> None:
         lambda: ref.step(images, labels), warmup=args.warmup, steps=args.steps, device=device
     )
     print(f"reference: {statistics.median(ref_times) * 1000:.1f} ms/step", flush=True)
+    with whole_prompts(backbone):
+        whole_times = time_steps(
+            lambda: fast.step(feats, labels), warmup=args.warmup, steps=args.steps, device=device
+        )
+    print(f"vprompt, whole prompts: {statistics.median(whole_times) * 1000:.1f} ms/step")
     fast_times = time_steps(
         lambda: fast.step(feats, labels), warmup=args.warmup, steps=args.steps, device=device
     )
     print(f"vprompt:   {statistics.median(fast_times) * 1000:.1f} ms/step", flush=True)
     compiled: dict[str, Any] | None = None
     if args.compile:
-        original = backbone.encode_text_embeddings
         try:
-            backbone.encode_text_embeddings = torch.compile(original)
+            for name in TEXT_ENTRIES:
+                setattr(backbone, name, torch.compile(getattr(backbone, name)))
             started = time.perf_counter()
             fast.step(feats, labels)
             sync(device)
@@ -438,10 +478,12 @@ def main() -> None:
             compiled = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             print(f"compile failed: {compiled['error']}", flush=True)
         finally:
-            backbone.__dict__.pop("encode_text_embeddings", None)  # back to the bound method
+            for name in TEXT_ENTRIES:
+                backbone.__dict__.pop(name, None)  # back to the bound methods
 
     ref_stats = summarize(ref_times, args.batch_size)
     fast_stats = summarize(fast_times, args.batch_size)
+    whole_stats = summarize(whole_times, args.batch_size)
     info: dict[str, Any] = {
         "command": shlex.join(
             [".venv/bin/python" if device.type == "cpu" else "python", *sys.argv]
@@ -460,6 +502,8 @@ def main() -> None:
         "vprompt_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "reference": ref_stats | {"times_ms": [1000 * t for t in ref_times]},
         "vprompt": fast_stats | {"times_ms": [1000 * t for t in fast_times]},
+        "vprompt_whole_prompts": whole_stats | {"times_ms": [1000 * t for t in whole_times]},
+        "shared_prefix_tokens": int(fast.method.assembler.shared_prefix_len),
         "speedup": ref_stats["median_ms"] / fast_stats["median_ms"],
         "compiled": compiled,
         "agreement": agreement,

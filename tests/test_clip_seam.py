@@ -500,3 +500,65 @@ def test_zero_shot_matches_open_clip_by_hand(
     # Guards against a vacuous match (uniform probabilities everywhere).
     assert (expected.max(dim=1).values - expected.min(dim=1).values).min() > 1e-3
     assert not torch.allclose(expected[0], expected[1], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- shared prefix
+def _prefix_check(backbone: ClipBackbone, prefix_len: int) -> None:
+    """Prompts sharing their first tokens: encoding the prefix once equals whole prompts,
+    features and gradients (the prefix embeddings stand in for a learned context)."""
+    prompts = ["a photo of a cat.", "a photo of a golden retriever.", "a photo of a x y z w v."]
+    tokens = backbone.tokenize(prompts)
+    eot = backbone.eot_index(tokens)
+    emb = backbone.embed_tokens(tokens[:, : int(eot.max()) + 1]).detach()
+    assert torch.equal(emb[0, :prefix_len], emb[2, :prefix_len])  # they really share it
+    grads = []
+    for shared in (True, False):
+        prefix = emb[0, :prefix_len].clone().requires_grad_(True)
+        suffix = emb[:, prefix_len:]
+        if shared:
+            out = backbone.encode_text_shared_prefix(prefix, suffix, eot)
+        else:
+            whole = torch.cat([prefix.expand(len(prompts), -1, -1), suffix], dim=1)
+            out = backbone.encode_text_embeddings(whole, eot)
+        (out.square().sum() + out[:, 1].sum()).backward()
+        grads.append((out.detach(), prefix.grad))
+    (fast, g_fast), (slow, g_slow) = grads
+    assert fast.shape == (len(prompts), backbone.embed_dim)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    # Float32 sums in another order: compare against the gradient's own scale.
+    scale = float(g_slow.abs().max())
+    torch.testing.assert_close(g_fast, g_slow, atol=1e-5 * scale, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast, backbone.model.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_len", [2, 5])
+def test_shared_prefix_equals_whole_prompts(tiny_clip: ClipBackbone, prefix_len: int) -> None:
+    assert tiny_clip.shares_text_prefix
+    _prefix_check(tiny_clip, prefix_len)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_shared_prefix_on_other_text_towers(tiny_clip: ClipBackbone, variant: str) -> None:
+    """Every causal tower shares prefixes exactly; the others refuse with the reason."""
+    custom, pad_mask, text, truncatable = VARIANTS[variant]
+    backbone = _tiny_variant(tiny_clip, custom=custom, pad_mask=pad_mask, **text)
+    assert backbone.shares_text_prefix is truncatable
+    if truncatable:
+        # The mid-sentence variant pools "photo" (position 2), so its prefix must end before.
+        _prefix_check(backbone, 2 if variant == "clip-eos-mid-sentence" else 5)
+    else:
+        with pytest.raises(WeightsError, match="cannot share a prefix"):
+            backbone.encode_text_shared_prefix(
+                torch.zeros(2, backbone.text_width),
+                torch.zeros(1, 3, backbone.text_width),
+                torch.tensor([4]),
+            )
+
+
+def test_shared_prefix_refuses_a_pooled_token_inside_the_prefix(tiny_clip: ClipBackbone) -> None:
+    width = tiny_clip.text_width
+    with pytest.raises(ValueError, match="after the shared prefix"):
+        tiny_clip.encode_text_shared_prefix(
+            torch.zeros(4, width), torch.zeros(2, 3, width), torch.tensor([5, 2])
+        )

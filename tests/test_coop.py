@@ -110,13 +110,14 @@ def test_chunked_text_encoding_matches(tiny_clip) -> None:
 def test_inference_encodes_class_prompts_once(tiny_clip, monkeypatch) -> None:
     method = CoOp(tiny_clip, NAMES, CoOpConfig(n_ctx=4)).eval()
     calls = []
-    original = tiny_clip.encode_text_embeddings
+    for name in ("encode_text_embeddings", "encode_text_shared_prefix"):  # whole or shared
+        original = getattr(tiny_clip, name)
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+        def counting(*args, original=original, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_clip, "encode_text_embeddings", counting)
+        monkeypatch.setattr(tiny_clip, name, counting)
     feats = F.normalize(torch.randn(4, tiny_clip.embed_dim), dim=-1)
     with torch.no_grad():
         first = method.forward_features(feats).logits

@@ -200,3 +200,45 @@ def test_truncated_prompts_equal_open_clips_full_length_encode_text(tiny_clip, p
         reference = F.normalize(tiny_clip.model.encode_text(tokens).float(), dim=-1)
         ours = method.eval().text_features()
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["end", "middle"])
+def test_shared_prefix_encoding_gives_the_same_loss_and_gradient(
+    tiny_clip, position, monkeypatch
+) -> None:
+    """CoOp's shared context runs once per step, not once per class: same loss, same gradient
+    as encoding every whole prompt (fast path = slow path)."""
+    method = CoOp(
+        tiny_clip,
+        NAMES,
+        CoOpConfig(n_ctx=6, class_token_position=position),  # type: ignore[arg-type]
+    )
+    with torch.no_grad():
+        method.ctx.normal_(std=0.3, generator=torch.Generator().manual_seed(5))
+    feats = F.normalize(torch.randn(7, tiny_clip.embed_dim), dim=-1)
+    labels = torch.tensor([0, 5, 1, 2, 3, 4, 5])
+    cls = type(tiny_clip)
+    calls = []
+    original = cls.encode_text_shared_prefix
+
+    def spy(self, prefix, suffix, eot):
+        calls.append((tuple(prefix.shape), tuple(suffix.shape)))
+        return original(self, prefix, suffix, eot)
+
+    monkeypatch.setattr(cls, "encode_text_shared_prefix", spy)
+
+    def loss_and_grad():
+        method.train()
+        loss = F.cross_entropy(method.forward_features(feats).logits, labels)
+        (grad,) = torch.autograd.grad(loss, method.ctx)
+        return loss.detach(), grad
+
+    loss_a, grad_a = loss_and_grad()
+    prefix_len = 1 + (6 if position == "end" else 3)
+    assert [c[0] for c in calls] == [(prefix_len, tiny_clip.text_width)]
+    assert calls[0][1][0] == len(NAMES)
+    monkeypatch.setattr(cls, "shares_text_prefix", property(lambda self: False))
+    loss_b, grad_b = loss_and_grad()
+    assert len(calls) == 1  # whole prompts this time
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-4)

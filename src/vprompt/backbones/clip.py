@@ -23,6 +23,7 @@ from vprompt.backbones.registry import (
     BackboneFamily,
     unknown_weights_error,
 )
+from vprompt.backbones.text_prefix import encode_shared_prefix, prefix_sharing_problem
 from vprompt.errors import WeightsError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -96,6 +97,7 @@ class ClipBackbone(nn.Module):
         # CLIP keeps the text tower's parts on the model itself; CustomTextCLIP nests them.
         self._text = model if text is None else text
         self._seam_problem = self._check_seam()
+        self._prefix_problem = self._seam_problem or prefix_sharing_problem(self._text)
         self.context_length = int(getattr(tokenizer, "context_length", 77))
         self.embed_dim = int(self._infer_embed_dim())
         self.text_width = (
@@ -248,6 +250,34 @@ class ClipBackbone(nn.Module):
             self._seam_problem is None
             and self._text.attn_mask is not None
             and self._pool_type in ("argmax", "eos")
+        )
+
+    @property
+    def shares_text_prefix(self) -> bool:
+        """Whether :meth:`encode_text_shared_prefix` works for this text tower (causal, plain
+        open_clip blocks, EOT pooling)."""
+        return self.truncatable and self._prefix_problem is None
+
+    def encode_text_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Text features of T prompts that all start with the same P token embeddings.
+
+        Args:
+            prefix: P x W token embeddings shared by every prompt (run once).
+            suffix: T x S x W token embeddings after the prefix.
+            eot_index: T positions of the pooled token in the whole prompt (≥ P).
+
+        Returns:
+            T x D features, equal to :meth:`encode_text_embeddings` of the whole prompts.
+        """
+        if not self.shares_text_prefix:
+            raise WeightsError(
+                f"{self.name}: prompts cannot share a prefix because "
+                f"{self._prefix_problem or 'its text tower is not causal'}"
+            )
+        return encode_shared_prefix(
+            self._text, prefix, suffix, eot_index, pool_type=self._pool_type
         )
 
     @property

@@ -131,6 +131,16 @@ class PromptAssembler(nn.Module):
             rows.append(torch.cat(parts, dim=0))
         return torch.stack(rows)
 
+    @property
+    def shared_prefix_len(self) -> int:
+        """P: leading tokens that are the same in every prompt when the context is shared
+        (SOS and the context before the class name)."""
+        if self.position == "end":
+            return 1 + self.n_ctx
+        if self.position == "middle":
+            return 1 + self.n_ctx // 2
+        return 1
+
     def eot_positions(self, classes: slice | None = None) -> torch.Tensor:
         """EOT position of each prompt (the class-token position does not move it)."""
         return self.eot[classes or slice(0, self.num_classes)]
@@ -143,6 +153,7 @@ def encode_prompts(
     *,
     chunk: int | None = None,
     checkpointed: bool = False,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """C x D unit-norm text features for a shared or class-specific context.
 
@@ -150,9 +161,21 @@ def encode_prompts(
         chunk: Classes per text-encoder call (bounds activation memory for 1000 classes).
         checkpointed: Recompute each chunk's activations in the backward pass instead of
             keeping them (with ``chunk``, memory then grows with the chunk, not the classes).
+        share_prefix: With a shared context and a causal text tower, run the tokens every
+            prompt starts with (SOS and the context before the class name) once per call
+            instead of once per class (:mod:`vprompt.backbones.text_prefix`; same features up
+            to float rounding).
     """
     total = assembler.num_classes
     step = chunk or total
+    prefix_len = assembler.shared_prefix_len
+    shared = (
+        share_prefix
+        and ctx.dim() == 2
+        and prefix_len > 1
+        and getattr(backbone, "shares_text_prefix", False)
+        and int(assembler.eot.min()) >= prefix_len  # the pooled token follows the prefix
+    )
     feats = []
     for start in range(0, total, step):
         sel = slice(start, min(start + step, total))
@@ -160,7 +183,12 @@ def encode_prompts(
 
         def run(c: torch.Tensor, sel: slice = sel) -> torch.Tensor:
             emb = assembler(c, sel)
-            return backbone.encode_text_embeddings(emb, assembler.eot_positions(sel))
+            eot = assembler.eot_positions(sel)
+            if shared:
+                return backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
+                    emb[0, :prefix_len], emb[:, prefix_len:], eot
+                )
+            return backbone.encode_text_embeddings(emb, eot)
 
         if checkpointed and torch.is_grad_enabled():
             out = checkpoint(run, part_ctx, use_reentrant=False)

@@ -1,0 +1,125 @@
+"""Text features of many prompts that begin with the same tokens, computing that beginning once.
+
+CoOp-style prompts with one shared context are ``[SOS] [V]_1 … [V]_M NAME . [EOT]``: every class
+starts with the same M + 1 tokens. In a causal text tower a token's hidden state depends only on
+the tokens before it, so those first P tokens have the same hidden states in every prompt, at
+every layer. :func:`encode_shared_prefix` runs the prefix once (1 x P tokens) and only the
+suffixes per prompt (T x S tokens), whose queries attend to the prefix's keys and values plus
+their own. The features equal the full T x (P + S) forward up to float rounding; for C classes,
+a 16-token context and short class names this is ~3x less text-tower work per training step.
+
+Only open_clip's plain ``ResidualAttentionBlock`` stack (fused ``nn.MultiheadAttention``, no
+cross-attention) with a causal mask and no padding mask is handled;
+:func:`prefix_sharing_problem` says why a tower is not, and callers then run full prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def prefix_sharing_problem(tower: Any) -> str | None:
+    """Why ``tower`` (open_clip text parts) cannot share a prefix, or None when it can."""
+    mask = getattr(tower, "attn_mask", None)
+    if mask is None:
+        return "its text attention is not causal"
+    if getattr(tower, "use_pad_mask", False):
+        return "its text tower masks padding per prompt"
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return "its text tower has no resblocks"
+    for block in blocks:
+        if type(block).__name__ != "ResidualAttentionBlock" or hasattr(block, "ln_1_kv"):
+            return f"its text blocks are {type(block).__name__}, not plain self-attention"
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+            return "its text attention is not a fused nn.MultiheadAttention"
+        if attn.bias_k is not None or attn.add_zero_attn or attn.dropout:
+            return "its text attention adds bias tokens, zero attention or dropout"
+    return None
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """N x L x W → N x heads x L x W/heads."""
+    n, length, width = x.shape
+    return x.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+def _block_step(
+    block: Any, prefix: torch.Tensor, suffix: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ResidualAttentionBlock on the prefix (1 x P x W) and the suffixes (T x S x W).
+
+    ``mask`` is the tower's (P + S) x (P + S) additive causal mask.
+    """
+    attn: nn.MultiheadAttention = block.attn
+    heads, p = attn.num_heads, prefix.shape[1]
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = (None, None, None) if attn.in_proj_bias is None else attn.in_proj_bias.chunk(3)
+    h_pre, h_suf = block.ln_1(prefix), block.ln_1(suffix)
+    q_pre, k_pre, v_pre = (
+        _heads(F.linear(h_pre, w, b), heads) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v))
+    )
+    q_suf, k_suf, v_suf = (
+        _heads(F.linear(h_suf, w, b), heads) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v))
+    )
+    t = suffix.shape[0]
+    dtype = q_pre.dtype
+    # The prefix attends only to itself (causally), exactly as inside every full prompt.
+    a_pre = F.scaled_dot_product_attention(q_pre, k_pre, v_pre, attn_mask=mask[:p, :p].to(dtype))
+    # Suffix queries see the shared prefix keys and values, then their own, causally.
+    keys = torch.cat([k_pre.expand(t, -1, -1, -1), k_suf], dim=2)
+    values = torch.cat([v_pre.expand(t, -1, -1, -1), v_suf], dim=2)
+    a_suf = F.scaled_dot_product_attention(q_suf, keys, values, attn_mask=mask[p:, :].to(dtype))
+
+    def finish(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        a = a.transpose(1, 2).reshape(x.shape)
+        x = x + block.ls_1(attn.out_proj(a))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    return finish(prefix, a_pre), finish(suffix, a_suf)
+
+
+def encode_shared_prefix(
+    tower: Any,
+    prefix: torch.Tensor,
+    suffix: torch.Tensor,
+    eot_index: torch.Tensor,
+    *,
+    pool_type: str,
+) -> torch.Tensor:
+    """Pooled, projected text features of T prompts ``[prefix, suffix[i]]``.
+
+    Args:
+        tower: open_clip's text parts (``transformer``, ``positional_embedding``, ``attn_mask``,
+            ``ln_final``, ``text_projection``), accepted by :func:`prefix_sharing_problem`.
+        prefix: P x W token embeddings every prompt starts with.
+        suffix: T x S x W token embeddings after the prefix.
+        eot_index: T positions (in the whole prompt, ≥ P) of the pooled token.
+        pool_type: ``argmax`` or ``eos`` (pool the EOT token).
+
+    Returns:
+        T x D features, equal to running the T whole prompts.
+    """
+    if pool_type not in ("argmax", "eos"):
+        raise ValueError(f"prefix sharing pools the EOT token, not {pool_type!r}")
+    p, s = prefix.shape[0], suffix.shape[1]
+    if int(eot_index.min()) < p:
+        raise ValueError("every pooled token must lie after the shared prefix")
+    cast = tower.transformer.get_cast_dtype()
+    pos = tower.positional_embedding[: p + s].to(cast)
+    x_pre = (prefix.to(cast) + pos[:p]).unsqueeze(0)
+    x_suf = suffix.to(cast) + pos[p:]
+    mask = tower.attn_mask[: p + s, : p + s]
+    for block in tower.transformer.resblocks:
+        x_pre, x_suf = _block_step(block, x_pre, x_suf, mask)
+    rows = torch.arange(x_suf.shape[0], device=x_suf.device)
+    x = tower.ln_final(x_suf[rows, eot_index - p])
+    proj = tower.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
