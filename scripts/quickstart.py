@@ -51,7 +51,8 @@ def main() -> None:
     # "before": the frozen model read out through the frequency label mapping (FLM), the
     # standard visual-prompting baseline; "after": a learned padding prompt (free pixel values
     # starting black, i.e. from the mapping-only input) read out through a learned linear label
-    # mapping (AutoVP's FullyMap). See README for the linear mapping alone.
+    # mapping (AutoVP's FullyMap) that learns at a tenth of the frame's rate. See README for
+    # the linear mapping alone.
     before = run("mapping-only", [*PROMPT, "--method", "mapping-only", "--set=mapping=frequency"])
     after = run(
         "visual-prompt",
@@ -62,6 +63,7 @@ def main() -> None:
             "--set=kind=padding",
             "--set=pixel_range=free",
             "--set=mapping=linear",
+            "--set=mapping_lr_scale=0.1",
             "--set=optim.epochs=1",
         ],
     )
