@@ -426,13 +426,13 @@ def test_cocoop_micro_batched_inference_equals_one_pass(tiny_clip, monkeypatch, 
     with torch.no_grad():
         expected = whole.forward_features(feats).logits
     sizes = []
-    original = tiny_clip.encode_text_embeddings
+    original = tiny_clip.encode_text_shared_prefix
 
-    def counting(emb, eot):
-        sizes.append(emb.shape[0])
-        return original(emb, eot)
+    def counting(prefix, suffix, eot, group):
+        sizes.append(suffix.shape[0])
+        return original(prefix, suffix, eot, group)
 
-    monkeypatch.setattr(tiny_clip, "encode_text_embeddings", counting)
+    monkeypatch.setattr(tiny_clip, "encode_text_shared_prefix", counting)
     with torch.no_grad():
         got = part.forward_features(feats).logits
     total = 5 * len(NAMES)
@@ -444,6 +444,26 @@ def test_cocoop_micro_batched_inference_equals_one_pass(tiny_clip, monkeypatch, 
     with torch.no_grad():
         single = torch.cat([part.forward_features(f[None]).logits for f in feats])
     torch.testing.assert_close(single, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cocoop_shared_prefixes_equal_whole_prompts(tiny_clip, monkeypatch) -> None:
+    """Each image's [SOS] + context runs once for all its classes (micro-batches that split an
+    image's classes included): the same logits and gradients as whole prompts."""
+    method = randomized_cocoop(tiny_clip, prompt_batch=5)  # 4 classes: chunks split images
+    feats = F.normalize(torch.randn(3, tiny_clip.embed_dim), dim=-1)
+    labels = torch.tensor([1, 0, len(NAMES) - 1])
+    params = [method.ctx, *meta_weights(method)]
+    method.train()
+    results = []
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(type(tiny_clip), "shares_text_prefix", property(lambda s: False))
+        loss = F.cross_entropy(method.forward_features(feats).logits, labels)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
 
 
 def test_cocoop_pack_round_trip_and_retarget(tiny_clip, tmp_path) -> None:

@@ -259,14 +259,19 @@ class ClipBackbone(nn.Module):
         return self.truncatable and self._prefix_problem is None
 
     def encode_text_shared_prefix(
-        self, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor
+        self,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        eot_index: torch.Tensor,
+        group: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Text features of T prompts that all start with the same P token embeddings.
+        """Text features of T prompts that start with the same P token embeddings.
 
         Args:
-            prefix: P x W token embeddings shared by every prompt (run once).
+            prefix: P x W token embeddings shared by every prompt (run once), or G x P x W.
             suffix: T x S x W token embeddings after the prefix.
             eot_index: T positions of the pooled token in the whole prompt (≥ P).
+            group: With G prefixes, which one each of the T prompts starts with.
 
         Returns:
             T x D features, equal to :meth:`encode_text_embeddings` of the whole prompts.
@@ -277,7 +282,7 @@ class ClipBackbone(nn.Module):
                 f"{self._prefix_problem or 'its text tower is not causal'}"
             )
         return encode_shared_prefix(
-            self._text, prefix, suffix, eot_index, pool_type=self._pool_type
+            self._text, prefix, suffix, eot_index, pool_type=self._pool_type, group=group
         )
 
     @property

@@ -5,8 +5,10 @@ starts with the same M + 1 tokens. In a causal text tower a token's hidden state
 the tokens before it, so those first P tokens have the same hidden states in every prompt, at
 every layer. :func:`encode_shared_prefix` runs the prefix once (1 x P tokens) and only the
 suffixes per prompt (T x S tokens), whose queries attend to the prefix's keys and values plus
-their own. The features equal the full T x (P + S) forward up to float rounding; for C classes,
-a 16-token context and short class names this is ~3x less text-tower work per training step.
+their own. Several prefixes work the same way (CoCoOp: one context per image, shared by that
+image's C class prompts). The features equal the full T x (P + S) forward up to float
+rounding; for C classes, a 16-token context and short class names this is ~3x less text-tower
+work per training step.
 
 Only open_clip's plain ``ResidualAttentionBlock`` stack (fused ``nn.MultiheadAttention``, no
 cross-attention) with a causal mask and no padding mask is handled;
@@ -50,9 +52,14 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _block_step(
-    block: Any, prefix: torch.Tensor, suffix: torch.Tensor, mask: torch.Tensor
+    block: Any,
+    prefix: torch.Tensor,
+    suffix: torch.Tensor,
+    mask: torch.Tensor,
+    group: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ResidualAttentionBlock on the prefix (1 x P x W) and the suffixes (T x S x W).
+    """One ResidualAttentionBlock on the prefixes (G x P x W) and the suffixes (T x S x W);
+    suffix t follows prefix ``group[t]`` (the only prefix when ``group`` is None).
 
     ``mask`` is the tower's (P + S) x (P + S) additive causal mask.
     """
@@ -72,8 +79,12 @@ def _block_step(
     # The prefix attends only to itself (causally), exactly as inside every full prompt.
     a_pre = F.scaled_dot_product_attention(q_pre, k_pre, v_pre, attn_mask=mask[:p, :p].to(dtype))
     # Suffix queries see the shared prefix keys and values, then their own, causally.
-    keys = torch.cat([k_pre.expand(t, -1, -1, -1), k_suf], dim=2)
-    values = torch.cat([v_pre.expand(t, -1, -1, -1), v_suf], dim=2)
+    if group is None:
+        k_pre, v_pre = k_pre.expand(t, -1, -1, -1), v_pre.expand(t, -1, -1, -1)
+    else:
+        k_pre, v_pre = k_pre[group], v_pre[group]
+    keys = torch.cat([k_pre, k_suf], dim=2)
+    values = torch.cat([v_pre, v_suf], dim=2)
     a_suf = F.scaled_dot_product_attention(q_suf, keys, values, attn_mask=mask[p:, :].to(dtype))
 
     def finish(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -91,32 +102,40 @@ def encode_shared_prefix(
     eot_index: torch.Tensor,
     *,
     pool_type: str,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pooled, projected text features of T prompts ``[prefix, suffix[i]]``.
+    """Pooled, projected text features of T prompts ``[prefix, suffix[t]]``.
 
     Args:
         tower: open_clip's text parts (``transformer``, ``positional_embedding``, ``attn_mask``,
             ``ln_final``, ``text_projection``), accepted by :func:`prefix_sharing_problem`.
-        prefix: P x W token embeddings every prompt starts with.
+        prefix: P x W token embeddings every prompt starts with, or G x P x W for G prefixes
+            (with ``group``).
         suffix: T x S x W token embeddings after the prefix.
         eot_index: T positions (in the whole prompt, ≥ P) of the pooled token.
         pool_type: ``argmax`` or ``eos`` (pool the EOT token).
+        group: T indices into the G prefixes (e.g. CoCoOp: one context per image, C classes
+            each); required exactly when ``prefix`` is G x P x W.
 
     Returns:
         T x D features, equal to running the T whole prompts.
     """
     if pool_type not in ("argmax", "eos"):
         raise ValueError(f"prefix sharing pools the EOT token, not {pool_type!r}")
-    p, s = prefix.shape[0], suffix.shape[1]
+    if (prefix.dim() == 3) != (group is not None):
+        raise ValueError("give group exactly when there are several (G x P x W) prefixes")
+    p, s = prefix.shape[-2], suffix.shape[1]
     if int(eot_index.min()) < p:
         raise ValueError("every pooled token must lie after the shared prefix")
     cast = tower.transformer.get_cast_dtype()
     pos = tower.positional_embedding[: p + s].to(cast)
-    x_pre = (prefix.to(cast) + pos[:p]).unsqueeze(0)
+    x_pre = prefix.to(cast) + pos[:p]
+    if x_pre.dim() == 2:
+        x_pre = x_pre.unsqueeze(0)
     x_suf = suffix.to(cast) + pos[p:]
     mask = tower.attn_mask[: p + s, : p + s]
     for block in tower.transformer.resblocks:
-        x_pre, x_suf = _block_step(block, x_pre, x_suf, mask)
+        x_pre, x_suf = _block_step(block, x_pre, x_suf, mask, group)
     rows = torch.arange(x_suf.shape[0], device=x_suf.device)
     x = tower.ln_final(x_suf[rows, eot_index - p])
     proj = tower.text_projection

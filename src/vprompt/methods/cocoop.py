@@ -176,8 +176,21 @@ class CoCoOp(nn.Module):
         for start in range(0, total, step):
             rows = torch.arange(start, min(start + step, total), device=ctx.device)
             images, classes = rows // c, rows % c
-            emb = assemble_conditional(self.assembler, ctx, images, classes)
-            out = self.backbone.encode_text_embeddings(emb, self.assembler.eot[classes])
+            eot = self.assembler.eot[classes]
+            if getattr(self.backbone, "shares_text_prefix", False):
+                # Each image's [SOS] + context runs once, not once per class.
+                used = torch.unique(images)
+                sos = self.assembler.token_prefix[:1].expand(len(used), -1, -1)
+                prefix = torch.cat([sos, ctx[used].to(sos.dtype)], dim=1)  # G x (1 + M) x W
+                out = self.backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
+                    prefix,
+                    self.assembler.token_suffix[classes],
+                    eot,
+                    torch.searchsorted(used, images),
+                )
+            else:
+                emb = assemble_conditional(self.assembler, ctx, images, classes)
+                out = self.backbone.encode_text_embeddings(emb, eot)
             feats.append(out.float())
         return F.normalize(torch.cat(feats), dim=-1).view(b, c, -1)
 
