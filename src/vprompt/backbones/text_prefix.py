@@ -112,7 +112,9 @@ def encode_shared_prefix(
         prefix: P x W token embeddings every prompt starts with, or G x P x W for G prefixes
             (with ``group``).
         suffix: T x S x W token embeddings after the prefix.
-        eot_index: T positions (in the whole prompt, ≥ P) of the pooled token.
+        eot_index: T positions (in the whole prompt, ≥ P) of the pooled token. Checked when
+            it lives on the CPU; on an accelerator the check would stall the host until the
+            device catches up, so there the caller vouches for it.
         pool_type: ``argmax`` or ``eos`` (pool the EOT token).
         group: T indices into the G prefixes (e.g. CoCoOp: one context per image, C classes
             each); required exactly when ``prefix`` is G x P x W.
@@ -125,7 +127,7 @@ def encode_shared_prefix(
     if (prefix.dim() == 3) != (group is not None):
         raise ValueError("give group exactly when there are several (G x P x W) prefixes")
     p, s = prefix.shape[-2], suffix.shape[1]
-    if int(eot_index.min()) < p:
+    if eot_index.device.type == "cpu" and int(eot_index.min()) < p:
         raise ValueError("every pooled token must lie after the shared prefix")
     cast = tower.transformer.get_cast_dtype()
     pos = tower.positional_embedding[: p + s].to(cast)

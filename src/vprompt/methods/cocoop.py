@@ -172,21 +172,27 @@ class CoCoOp(nn.Module):
         ctx = self.conditional_context(features)  # B x M x W
         b, c = ctx.shape[0], self.assembler.num_classes
         total, step = b * c, self.config.prompt_batch
+        shared = (
+            getattr(self.backbone, "shares_text_prefix", False)
+            and self.assembler.min_eot >= self.assembler.shared_prefix_len
+        )
         feats = []
         for start in range(0, total, step):
-            rows = torch.arange(start, min(start + step, total), device=ctx.device)
+            stop = min(start + step, total)
+            rows = torch.arange(start, stop, device=ctx.device)
             images, classes = rows // c, rows % c
             eot = self.assembler.eot[classes]
-            if getattr(self.backbone, "shares_text_prefix", False):
-                # Each image's [SOS] + context runs once, not once per class.
-                used = torch.unique(images)
-                sos = self.assembler.token_prefix[:1].expand(len(used), -1, -1)
-                prefix = torch.cat([sos, ctx[used].to(sos.dtype)], dim=1)  # G x (1 + M) x W
+            if shared:
+                # Each image's [SOS] + context runs once, not once per class. A chunk's rows
+                # are consecutive, so its images are too: first .. last.
+                first, last = start // c, (stop - 1) // c
+                sos = self.assembler.token_prefix[:1].expand(last - first + 1, -1, -1)
+                own = ctx[first : last + 1].to(sos.dtype)
                 out = self.backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
-                    prefix,
+                    torch.cat([sos, own], dim=1),  # G x (1 + M) x W
                     self.assembler.token_suffix[classes],
                     eot,
-                    torch.searchsorted(used, images),
+                    images - first,
                 )
             else:
                 emb = assemble_conditional(self.assembler, ctx, images, classes)

@@ -95,6 +95,7 @@ class PromptAssembler(nn.Module):
         self.register_buffer("token_prefix", emb[:, :1].clone(), persistent=False)
         self.register_buffer("token_suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)
         self.register_buffer("eot", eot.clone(), persistent=False)
+        self.min_eot = int(eot.min())  # read once, so no step waits on the device for it
 
     @property
     def num_classes(self) -> int:
@@ -174,7 +175,7 @@ def encode_prompts(
         and ctx.dim() == 2
         and prefix_len > 1
         and getattr(backbone, "shares_text_prefix", False)
-        and int(assembler.eot.min()) >= prefix_len  # the pooled token follows the prefix
+        and assembler.min_eot >= prefix_len  # the pooled token follows the prefix
     )
     feats = []
     for start in range(0, total, step):
