@@ -239,3 +239,25 @@ def test_interrupted_run_on_the_array_path_resumes_bit_identical(tiny_cnn, tmp_p
     resumed = _train(method(), data, tmp_path / "b")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_arrays_too_big_for_the_device_are_cut_on_the_host(monkeypatch):
+    """Both placements of the array give the same batches."""
+    from vprompt.data import batched
+
+    data = ArrayData(_grey(13))
+    tf = ResizeToTensor(20, flip=True)
+
+    def batches():
+        loader = make_loader(
+            data, tf, batch_size=4, device=CPU, generator=torch.Generator().manual_seed(2)
+        )
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    resident = batches()
+    monkeypatch.setattr(batched, "DEVICE_ARRAY_BYTES", 0)
+    per_batch = batches()
+    assert len(resident) == len(per_batch) == 4
+    for (x, y), (x2, y2) in zip(resident, per_batch, strict=True):
+        assert torch.equal(x, x2)
+        assert torch.equal(y, y2)

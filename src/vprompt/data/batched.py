@@ -151,21 +151,19 @@ class ArrayBatches:
         else:
             order = torch.arange(n)
         labels = self.labels[order]
-        if self.device.type == "cuda":
-            # One upload per epoch and pinned labels: no batch waits for a host copy, so the
-            # host can queue the next steps while the device computes.
-            labels = labels.pin_memory()
-            if self.pixels.nbytes <= DEVICE_ARRAY_BYTES:
-                pixels = self.pixels.to(self.device)
-                order = order.pin_memory().to(self.device, non_blocking=True)
-            else:
-                pixels = self.pixels
+        cuda = self.device.type == "cuda"
+        if cuda:
+            labels = labels.pin_memory()  # the engine's copies then queue without waiting
+        if self.pixels.nbytes <= DEVICE_ARRAY_BYTES:
+            # One upload per pass (nothing to copy on the CPU); batches are cut on the device.
+            pixels = self.pixels.to(self.device)
+            order = (order.pin_memory() if cuda else order).to(self.device, non_blocking=True)
         else:
             pixels = self.pixels
         for start in range(0, n, self.batch_size):
             batch = pixels[order[start : start + self.batch_size]]
             if batch.device != self.device:
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
+                batch = (batch.pin_memory() if cuda else batch).to(self.device, non_blocking=True)
             yield self.transform.batch(batch, flips), labels[start : start + self.batch_size]
 
 
