@@ -242,3 +242,21 @@ def test_shared_prefix_encoding_gives_the_same_loss_and_gradient(
     assert len(calls) == 1  # whole prompts this time
     torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_under_bf16_autocast_stays_within_bf16_rounding(tiny_clip) -> None:
+    """Under bf16 autocast (the CUDA training precision) the shared-prefix features differ
+    from whole prompts by no more than bf16 itself moves whole prompts away from fp32."""
+    from vprompt.methods.text_context import PromptAssembler, encode_prompts
+
+    assembler = PromptAssembler(tiny_clip, NAMES, n_ctx=8)
+    ctx = torch.randn(8, tiny_clip.text_width, generator=torch.Generator().manual_seed(3)) * 0.3
+    with torch.no_grad():
+        exact = encode_prompts(tiny_clip, assembler, ctx, share_prefix=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            shared = encode_prompts(tiny_clip, assembler, ctx, share_prefix=True)
+            whole = encode_prompts(tiny_clip, assembler, ctx, share_prefix=False)
+    bf16_error = float((whole - exact).abs().max())
+    assert 0 < bf16_error < 0.05  # autocast really ran in bf16, and stayed close
+    assert float((shared - whole).abs().max()) <= bf16_error
+    assert float((shared - exact).abs().max()) <= 2 * bf16_error
