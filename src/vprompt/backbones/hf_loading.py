@@ -11,17 +11,36 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vprompt.backbones.registry import RANDOM_INIT_SEED, unknown_weights_error
+from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, unknown_weights_error
 from vprompt.errors import WeightsError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class HubCatalogue:
+    """A family's architectures, each with one default hub id (empty for test-only ones):
+    the ``list_archs`` / ``list_tags`` / ``default_weights`` a :class:`BackboneFamily` needs."""
+
+    archs: Mapping[str, Any]  # arch name -> spec with a ``hub_id`` attribute
+
+    def list_archs(self) -> list[str]:
+        return list(self.archs)
+
+    def list_tags(self, arch: str) -> list[str]:
+        hub = self.archs[arch].hub_id
+        return [hub] if hub else []
+
+    def default_weights(self, arch: str) -> str:
+        return str(self.archs[arch].hub_id or RANDOM_INIT)
 
 
 def random_init(name: str, build_config: Callable[[], Any], model_cls: Any) -> nn.Module:

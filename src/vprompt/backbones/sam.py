@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.fingerprint import weights_fingerprint
-from vprompt.backbones.hf_loading import load_pretrained, random_init
+from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
 from vprompt.backbones.registry import (
     RANDOM_INIT,
     BackboneFamily,
@@ -185,17 +185,7 @@ def _num_objects(arrays: PromptArrays) -> int:
     raise PromptError("decode: the prompt arrays hold no points, boxes or masks")
 
 
-def list_archs() -> list[str]:
-    return list(ARCHS)
-
-
-def list_tags(arch: str) -> list[str]:
-    hub = ARCHS[arch].hub_id
-    return [hub] if hub else []
-
-
-def default_weights(arch: str) -> str:
-    return ARCHS[arch].hub_id or RANDOM_INIT
+CATALOGUE = HubCatalogue(ARCHS)
 
 
 def _random_init(arch: str) -> nn.Module:
@@ -212,7 +202,7 @@ def _pretrained(arch: str, weights: str) -> nn.Module:
         weights,
         model_cls=model_cls,
         model_type=MODEL_TYPES[spec.kind],
-        tags=list_tags(arch),
+        tags=CATALOGUE.list_tags(arch),
     )
 
 
@@ -232,9 +222,9 @@ def build_sam(arch: str, weights: str, device: torch.device) -> SamBackbone:
 SAM_FAMILY = BackboneFamily(
     name="sam",
     description="promptable segmenters from transformers (SAM, SAM-HQ, SAM 2, EdgeTAM)",
-    list_archs=list_archs,
-    list_tags=list_tags,
-    default_weights=default_weights,
+    list_archs=CATALOGUE.list_archs,
+    list_tags=CATALOGUE.list_tags,
+    default_weights=CATALOGUE.default_weights,
     build=build_sam,
     tiny=TINY_ARCHS,
 )

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.fingerprint import weights_fingerprint
-from vprompt.backbones.hf_loading import load_pretrained, random_init
+from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
 from vprompt.backbones.registry import (
     RANDOM_INIT,
     BackboneFamily,
@@ -290,17 +290,7 @@ def _label_map(mask: ArrayLike, image: Image.Image, index: int) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def list_archs() -> list[str]:
-    return list(ARCHS)
-
-
-def list_tags(arch: str) -> list[str]:
-    hub = ARCHS[arch].hub_id
-    return [hub] if hub else []
-
-
-def default_weights(arch: str) -> str:
-    return ARCHS[arch].hub_id or RANDOM_INIT
+CATALOGUE = HubCatalogue(ARCHS)
 
 
 def _random_init(arch: str) -> nn.Module:
@@ -321,7 +311,7 @@ def _pretrained(arch: str, weights: str) -> nn.Module:
         weights,
         model_cls=tf.SegGptForImageSegmentation,
         model_type=MODEL_TYPE,
-        tags=list_tags(arch),
+        tags=CATALOGUE.list_tags(arch),
     )
 
 
@@ -339,9 +329,9 @@ def build_seggpt(arch: str, weights: str, device: torch.device) -> SegGptBackbon
 SEGGPT_FAMILY = BackboneFamily(
     name="seggpt",
     description="in-context segmentation from example image/mask pairs (SegGPT, transformers)",
-    list_archs=list_archs,
-    list_tags=list_tags,
-    default_weights=default_weights,
+    list_archs=CATALOGUE.list_archs,
+    list_tags=CATALOGUE.list_tags,
+    default_weights=CATALOGUE.default_weights,
     build=build_seggpt,
     tiny=TINY_ARCHS,
 )
