@@ -60,6 +60,13 @@ preset_option = click.option(
 device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … or auto."
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Segmenter precision; auto = bf16 autocast on CUDA, fp32 elsewhere.",
+)
 images_argument = click.argument("images", nargs=-1, required=True)
 common_predict_options = [
     click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1)),

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vprompt.cli.common import device_option, friendly_errors, main
+from vprompt.cli.common import device_option, friendly_errors, main, precision_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,13 +32,7 @@ def segmenter_options(fn: F, *, default_model: str | None = "sam:vit-base") -> F
             "or 'none' (random init). Default: the architecture's hub id.",
         ),
         device_option,
-        click.option(
-            "--precision",
-            type=click.Choice(["auto", "bf16", "fp32"]),
-            default="auto",
-            show_default=True,
-            help="auto = bf16 autocast on CUDA, fp32 elsewhere.",
-        ),
+        precision_option,
         click.option(
             "--embedding-cache",
             type=click.Path(file_okay=False),

@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from vprompt.cli.common import device_option, friendly_errors, main
+from vprompt.cli.common import device_option, friendly_errors, main, precision_option
 
 MiB = 2**20
 
@@ -48,13 +48,7 @@ def _is_loopback(host: str) -> bool:
     help="A prompt pack clients may use by NAME (repeatable).",
 )
 @device_option
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "bf16", "fp32"]),
-    default="auto",
-    show_default=True,
-    help="Segmenter precision; auto = bf16 autocast on CUDA, fp32 elsewhere.",
-)
+@precision_option
 @click.option(
     "--max-upload-mb",
     default=20.0,
