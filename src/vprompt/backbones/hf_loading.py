@@ -42,6 +42,23 @@ class HubCatalogue:
     def default_weights(self, arch: str) -> str:
         return str(self.archs[arch].hub_id or RANDOM_INIT)
 
+    def model(
+        self,
+        name: str,
+        arch: str,
+        weights: str,
+        *,
+        random: Callable[[str], nn.Module],
+        pretrained: Callable[[str, str], nn.Module],
+    ) -> nn.Module:
+        """``none`` → ``random(arch)``; any other source → ``pretrained(arch, weights)``,
+        refused for test architectures (they have no weights but ``none``)."""
+        if weights == RANDOM_INIT:
+            return random(arch)
+        if not self.archs[arch].hub_id:
+            raise WeightsError(f"{name}:{arch} is a test architecture; its only weights are 'none'")
+        return pretrained(arch, weights)
+
 
 def random_init(name: str, build_config: Callable[[], Any], model_cls: Any) -> nn.Module:
     """``model_cls(config)`` under the fixed seed, so ``none`` means the same weights always."""

@@ -24,11 +24,10 @@ from torch import nn
 from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
 from vprompt.backbones.registry import (
-    RANDOM_INIT,
     BackboneFamily,
 )
 from vprompt.backbones.sam_configs import ARCHS, MODEL_TYPES, TINY_ARCHS, SamKind
-from vprompt.errors import PromptError, WeightsError
+from vprompt.errors import PromptError
 from vprompt.prompts.resize import ResizeLongestSide, ResizeSquare
 from vprompt.prompts.spatial import PromptArrays
 
@@ -207,12 +206,7 @@ def _pretrained(arch: str, weights: str) -> nn.Module:
 
 
 def build_sam(arch: str, weights: str, device: torch.device) -> SamBackbone:
-    if weights == RANDOM_INIT:
-        model = _random_init(arch)
-    elif not ARCHS[arch].hub_id:
-        raise WeightsError(f"sam:{arch} is a test architecture; its only weights are 'none'")
-    else:
-        model = _pretrained(arch, weights)
+    model = CATALOGUE.model("sam", arch, weights, random=_random_init, pretrained=_pretrained)
     backbone = SamBackbone(
         model=model.eval(), name=f"sam:{arch}", weights=weights, kind=ARCHS[arch].kind
     )

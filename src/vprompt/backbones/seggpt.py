@@ -30,10 +30,9 @@ from torch import nn
 from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
 from vprompt.backbones.registry import (
-    RANDOM_INIT,
     BackboneFamily,
 )
-from vprompt.errors import PromptError, WeightsError
+from vprompt.errors import PromptError
 
 EmbeddingType = Literal["instance", "semantic"]
 MODEL_TYPE = "seggpt"  # the model_type a loaded checkpoint's config must carry
@@ -316,12 +315,7 @@ def _pretrained(arch: str, weights: str) -> nn.Module:
 
 
 def build_seggpt(arch: str, weights: str, device: torch.device) -> SegGptBackbone:
-    if weights == RANDOM_INIT:
-        model = _random_init(arch)
-    elif not ARCHS[arch].hub_id:
-        raise WeightsError(f"seggpt:{arch} is a test architecture; its only weights are 'none'")
-    else:
-        model = _pretrained(arch, weights)
+    model = CATALOGUE.model("seggpt", arch, weights, random=_random_init, pretrained=_pretrained)
     backbone = SegGptBackbone(model=model.eval(), name=f"seggpt:{arch}", weights=weights)
     return backbone.to(device)
 
