@@ -16,6 +16,15 @@ from vprompt.cli.common import device_option, friendly_errors, main, precision_o
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+mask_format_option = click.option(
+    "--format",
+    "form",
+    type=click.Choice(["rle", "polygon"]),
+    default="rle",
+    help="Segmentation encoding in annotations.json (COCO): compressed RLE or polygons.",
+)
+
+
 def segmenter_options(fn: F, *, default_model: str | None = "sam:vit-base") -> F:
     """Model, weights, device, precision and embedding-cache options shared by every command."""
     options = [
@@ -124,7 +133,7 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
     default=None,
     help="logits.npy of an earlier run: refine its objects with the new prompts.",
 )
-@click.option("--format", "form", type=click.Choice(["rle", "polygon"]), default="rle")
+@mask_format_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print result.json on stdout.")
 @segmenter_options
@@ -244,7 +253,7 @@ def _describe(obj: Any) -> dict[str, Any]:
     type=click.IntRange(min=0),
     help="Remove islands and fill holes smaller than this many pixels.",
 )
-@click.option("--format", "form", type=click.Choice(["rle", "polygon"]), default="rle")
+@mask_format_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print result.json on stdout.")
 @segmenter_options

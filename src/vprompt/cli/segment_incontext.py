@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from vprompt.cli.common import friendly_errors, main
-from vprompt.cli.segment import build_segmenter, segmenter_options
+from vprompt.cli.segment import build_segmenter, mask_format_option, segmenter_options
 
 DEFAULT_MODELS = {
     "persam": "sam:vit-base",
@@ -46,7 +46,7 @@ def _load_mask(path: str, image: Any) -> Any:
 @click.option(
     "--method", type=click.Choice(sorted(DEFAULT_MODELS)), default="persam", show_default=True
 )
-@click.option("--format", "form", type=click.Choice(["rle", "polygon"]), default="rle")
+@mask_format_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per target on stdout.")
 @functools.partial(segmenter_options, default_model=None)
