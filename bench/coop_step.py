@@ -56,8 +56,8 @@ import torch.nn.functional as F
 
 import vprompt
 from vprompt.engine.optim import build_optimizer
-from vprompt.engine.runtime import autocast_for
 from vprompt.methods.coop import CoOp, CoOpConfig, coop_optim
+from vprompt.utils.precision import autocast_for
 
 _WORDS = (
     "red", "mountain", "bike", "golden", "retriever", "space", "shuttle", "sea", "lake",

@@ -36,7 +36,8 @@ import vprompt
 from vprompt.data.dataset import Subset, TransformedDataset
 from vprompt.data.fashion_mnist import load_fashion_mnist
 from vprompt.engine import evaluate, fit
-from vprompt.methods.base import METHODS, apply_overrides
+from vprompt.methods.config import apply_overrides
+from vprompt.methods.registry import METHODS
 
 
 def subset(data: Any, n: int | None, seed: int) -> Any:

@@ -16,7 +16,7 @@ from vprompt.engine import fit
 from vprompt.engine.runtime import make_loader
 from vprompt.errors import DatasetError
 from vprompt.methods import LinearProbe, VisualPrompt
-from vprompt.methods.base import apply_overrides
+from vprompt.methods.config import apply_overrides
 
 CPU = torch.device("cpu")
 

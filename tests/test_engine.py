@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,15 @@ from torch import nn
 from vprompt import ConfigError, build_from_pack, load_pack
 from vprompt.engine import EvalResult, FitEvent, FitResult, LRSchedule, evaluate, fit
 from vprompt.errors import VPromptError
-from vprompt.methods.base import MethodOutput, OptimConfig, TrainableMethod, register_method
+from vprompt.methods.base import (
+    Capabilities,
+    MethodData,
+    MethodExample,
+    MethodOutput,
+    PromptMethod,
+)
+from vprompt.methods.config import OptimConfig
+from vprompt.methods.registry import register_method
 from vprompt.methods.zeroshot import encode_class_prompts
 
 CLASSES = ["red", "blue"]
@@ -34,19 +42,16 @@ class AdditiveConfig:
 
 
 @register_method("test-engine-additive")
-class AdditivePrompt(nn.Module):
+class AdditivePrompt(PromptMethod):
     """A learned 3 x 32 x 32 pattern added to the (normalized) image; CLIP text head."""
 
-    is_prompt_method = True
     Config = AdditiveConfig
+    capabilities = Capabilities(inputs="images")
 
     def __init__(
         self, backbone: Any, classnames: Sequence[str], config: AdditiveConfig | None = None
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classnames = list(classnames)
-        self.config = config or AdditiveConfig()
+        super().__init__(backbone, classnames, config)
         self.prompt = nn.Parameter(torch.zeros(3, 32, 32))
         prompts = [[f"a photo of a {c}."] for c in self.classnames]
         self.register_buffer(
@@ -55,24 +60,8 @@ class AdditivePrompt(nn.Module):
         self.hook_calls: list[tuple[int, int]] = []
 
     @classmethod
-    def from_state(
-        cls,
-        backbone: Any,
-        classnames: Sequence[str],
-        config: AdditiveConfig,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> AdditivePrompt:
-        method = cls(backbone, classnames, config)
-        method.load_prompt_state(tensors)
-        return method
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.prompt]
-
-    def train(self, mode: bool = True) -> AdditivePrompt:
-        super().train(mode)
-        self.backbone.eval()
-        return self
+    def examples(cls) -> list[MethodExample]:
+        return [MethodExample("clip:tiny")]
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         from torchvision import transforms as T
@@ -86,15 +75,8 @@ class AdditivePrompt(nn.Module):
         logits = self.backbone.logit_scale.float() * feats @ self.class_embeddings.T
         return MethodOutput(logits=logits, aux_loss={"l2": 1e-3 * self.prompt.pow(2).mean()})
 
-    def before_epoch(self, epoch: int, train_batches: Callable[[], Any]) -> None:
-        self.hook_calls.append((epoch, sum(len(labels) for _, labels in train_batches())))
-
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        return {"prompt": self.prompt.detach().cpu().clone()}
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.prompt.copy_(tensors["prompt"])
+    def before_epoch(self, epoch: int, data: MethodData) -> None:
+        self.hook_calls.append((epoch, sum(len(labels) for _, labels in data.train())))
 
     def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.prompt.detach()
@@ -167,7 +149,7 @@ def baseline(tmp_path_factory, make_method, data, tiny_clip):
 
 
 def test_toy_method_satisfies_protocol(make_method):
-    assert isinstance(make_method(), TrainableMethod)
+    assert isinstance(make_method(), PromptMethod)
 
 
 def test_fit_learns_and_keeps_backbone_frozen(baseline, tiny_clip, data):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,13 +32,12 @@ from vprompt.data.folder import ImageFolder
 from vprompt.engine import FitEvent, evaluate, fit
 from vprompt.engine.features import FeatureSource, FeatureTable, dataset_labels
 from vprompt.engine.runtime import make_loader
-from vprompt.methods.base import uses_image_features
 from vprompt.methods.baselines import LinearProbeConfig
 
 
 def test_linear_probe_declares_image_features(tiny_clip):
     method = _probe(tiny_clip)
-    assert uses_image_features(method)
+    assert method.capabilities.inputs == "image-features"
     assert method.feature_views == 1
     with pytest.raises(ConfigError, match="feature_views"):
         LinearProbeConfig(feature_views=0)
@@ -230,13 +228,14 @@ def test_dataset_without_identity_falls_back_silently(plain_run, tiny_clip, fold
 
 
 def test_image_methods_ignore_the_cache(tiny_clip, folders, tmp_path):
-    from vprompt.methods.base import METHODS, apply_overrides
+    from vprompt.methods.config import apply_overrides
+    from vprompt.methods.registry import METHODS
 
     cls = METHODS.get("vpt")
     overrides = ["num_tokens=2", "optim.epochs=1", "optim.batch_size=16", "optim.warmup_epochs=0"]
     config = apply_overrides(cls.Config(), overrides)
     method = cls(tiny_clip, CLASSES, config)
-    assert not uses_image_features(method)
+    assert method.capabilities.inputs == "images"
     fit(
         method,
         ImageFolder(folders[0]),
@@ -253,8 +252,8 @@ def test_before_epoch_sees_features_for_feature_methods(tiny_clip, folders, tmp_
         method = _probe(tiny_clip)
         seen: list[tuple[int, tuple[int, ...]]] = []
 
-        def hook(epoch: int, batches: Callable[[], Any], seen: Any = seen) -> None:
-            seen.extend((epoch, tuple(f.shape)) for f, _ in batches())
+        def hook(epoch: int, data: Any, seen: Any = seen) -> None:
+            seen.extend((epoch, tuple(f.shape)) for f, _ in data.train())
 
         method.before_epoch = hook  # type: ignore[method-assign]
         fit(

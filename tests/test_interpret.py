@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from vprompt.errors import ConfigError, WeightsError
-from vprompt.methods.base import METHODS
 from vprompt.methods.interpret import nearest_words
+from vprompt.methods.registry import METHODS
 
 WORDS = ["photo", "cat", "dog", "shuttle"]
 
@@ -132,7 +132,7 @@ def test_phrase_initialised_packs_of_every_text_context_method_read_back(
     name, tiny_clip, tmp_path
 ) -> None:
     from vprompt.engine.pack import load_pack, save_pack
-    from vprompt.methods.base import apply_overrides
+    from vprompt.methods.config import apply_overrides
 
     cls = METHODS.get(name)
     method = cls(

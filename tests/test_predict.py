@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 
 from vprompt import ZeroShotClassifier
 from vprompt.engine.predict import FileResult, predict_files
-from vprompt.methods.base import Prediction
+from vprompt.methods.base import Prediction, PromptMethod
 
 CLASSES = ["cat", "person", "rocket", "coffee"]
 
@@ -100,11 +101,23 @@ def test_unexpected_transform_failure_is_reported_per_file(photos_dir):
     from vprompt.data import load_image
 
     transform.bad_size = load_image(bad).size
-    fake = SimpleNamespace(
-        backbone=SimpleNamespace(transform=transform),
-        classnames=["a", "b"],
-        predict_proba=lambda x: torch.tensor([[0.25, 0.75]]).repeat(len(x), 1),
-    )
+
+    @dataclass(frozen=True)
+    class Settings:
+        pass
+
+    class Fixed(PromptMethod):
+        """Scores every image [0.25, 0.75] after the transform above."""
+
+        Config = Settings
+
+        def input_transform(self, train: bool):
+            return transform
+
+        def predict_proba(self, images):
+            return torch.tensor([[0.25, 0.75]]).repeat(len(images), 1)
+
+    fake = Fixed(SimpleNamespace(), ["a", "b"])
     results = list(predict_files(fake, paths, top_k=1, batch_size=2))
     assert [r.path for r in results] == paths
     by_path = {r.path: r for r in results}
@@ -136,7 +149,8 @@ def test_predict_applies_packs_of_every_kind(
     the method's own softmax through its own preprocessing."""
     from vprompt import load_backbone, save_pack
     from vprompt.data.images import load_image
-    from vprompt.methods.base import METHODS, config_from_dict
+    from vprompt.methods.config import config_from_dict
+    from vprompt.methods.registry import METHODS
 
     cls = METHODS.get(method)
     backbone = load_backbone(model, "none")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vprompt.errors import ConfigError, UnknownNameError
-from vprompt.methods.base import METHODS, config_to_dict
+from vprompt.methods.config import config_to_dict
 from vprompt.methods.presets import (
     PRESETS,
     _parse,
@@ -17,6 +17,7 @@ from vprompt.methods.presets import (
     load_preset,
     resolve_method,
 )
+from vprompt.methods.registry import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,14 +162,14 @@ def test_protocol_runner_applies_epochs_by_shots(tmp_path) -> None:
         return _Runner(run)
 
     plain = runner()
-    assert [plain.config_for("{}.", k).optim.epochs for k in (1, 2, 4, 8, 16)] == [
+    assert [plain.experiment.config(shots=k)[0].optim.epochs for k in (1, 2, 4, 8, 16)] == [
         50, 100, 100, 200, 200,
     ]  # fmt: skip
-    assert plain.base_config.optim.batch_size == 32
+    assert plain.experiment.base_config().optim.batch_size == 32
     assert plain.identity()["epochs_by_shots"] == {"1": 50, "2": 100, "4": 100, "8": 200, "16": 200}
     mine = runner("optim.epochs=3", "n_ctx=4")
-    assert {mine.config_for("{}.", k).optim.epochs for k in (1, 16)} == {3}  # --set wins
-    assert mine.base_config.n_ctx == 4
+    assert {mine.experiment.config(shots=k)[0].optim.epochs for k in (1, 16)} == {3}  # --set wins
+    assert mine.experiment.base_config().n_ctx == 4
     assert "epochs_by_shots" not in mine.identity()
     with pytest.raises(ConfigError, match="is a coop setting"):
         ProtocolRun(

@@ -12,9 +12,9 @@ import pytest
 from vprompt.data.suite import get_suite
 from vprompt.data.suite.synthetic import write_fake_dataset
 from vprompt.data.tasks import load_suite_task
-from vprompt.engine.protocol import DOMAIN_TARGETS, is_trainable, plan_jobs
+from vprompt.engine.protocol import DOMAIN_TARGETS, plan_jobs
 from vprompt.errors import ConfigError, DatasetError
-from vprompt.methods.base import METHODS
+from vprompt.methods.registry import METHODS
 
 TINY = ["--model", "clip:tiny", "--weights", "none", "--device", "cpu"]
 
@@ -235,7 +235,8 @@ def test_few_shot_protocol_runs_every_registered_method(
     from vprompt.engine.protocol import ProtocolRun, run_protocol
 
     overrides: tuple[str, ...] = ()
-    if is_trainable(method) and METHODS.get(method).Config().optim.epochs > 0:
+    cls = METHODS.get(method)
+    if cls.capabilities.trains and cls.Config().optim.epochs > 0:
         overrides = ("optim.epochs=1", "optim.warmup_epochs=0", "optim.batch_size=8")
     run = ProtocolRun(
         protocol="few-shot",

@@ -33,7 +33,7 @@ def test_padding_prompt_clearly_beats_mapping_only(tmp_path):
     from vprompt.data.fashion_mnist import load_fashion_mnist
     from vprompt.engine import evaluate, fit
     from vprompt.methods import MappingOnly, VisualPrompt
-    from vprompt.methods.base import apply_overrides
+    from vprompt.methods.config import apply_overrides
 
     torch.manual_seed(0)
     splits = load_fashion_mnist(download=False)

@@ -8,7 +8,7 @@ import torch
 
 from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import ConfigError
-from vprompt.methods.base import OptimConfig
+from vprompt.methods.config import OptimConfig
 
 
 def dassl_epoch_lrs(base: float, epochs: int, warmup: int, cons: float) -> list[float]:

@@ -20,8 +20,9 @@ from PIL import Image
 from vprompt.data.feature_cache import FeatureCache
 from vprompt.data.folder import load_folder
 from vprompt.engine import evaluate, fit
-from vprompt.methods.base import METHODS, apply_overrides, config_to_dict
+from vprompt.methods.config import apply_overrides, config_to_dict
 from vprompt.methods.coop import CoOp, CoOpConfig
+from vprompt.methods.registry import METHODS
 from vprompt.methods.zeroshot import ZeroShotClassifier
 
 TEXT_CONTEXT_METHODS = ("coop", "cocoop", "kgcoop", "prograd")

@@ -23,8 +23,8 @@ from vprompt.engine import fit
 from vprompt.engine.pack import build_from_pack, load_pack, save_pack
 from vprompt.errors import ConfigError, PackError
 from vprompt.methods import METHODS
-from vprompt.methods.base import apply_overrides
 from vprompt.methods.cocoop import CoCoOp, CoCoOpConfig
+from vprompt.methods.config import apply_overrides
 from vprompt.methods.coop import coop_optim
 from vprompt.methods.kgcoop import KgCoOp, KgCoOpConfig
 from vprompt.methods.prograd import ProGrad, ProGradConfig, ProGradOutput

@@ -244,7 +244,7 @@ def test_interrupted_visual_prompt_run_resumes_to_the_same_prompt(tiny_cnn, tmp_
     from PIL import Image
 
     from vprompt.engine import fit
-    from vprompt.methods.base import apply_overrides
+    from vprompt.methods.config import apply_overrides
 
     class Noise:
         def __init__(self) -> None:

@@ -16,8 +16,8 @@ from vprompt import ConfigError
 from vprompt.engine import evaluate, fit
 from vprompt.errors import PackError
 from vprompt.methods import VPT, VPTConfig
-from vprompt.methods.base import OptimConfig, apply_overrides, config_from_dict, config_to_dict
 from vprompt.methods.baselines import LinearProbe
+from vprompt.methods.config import OptimConfig, apply_overrides, config_from_dict, config_to_dict
 from vprompt.methods.vpt import _patch_size, prompt_parameter_count
 
 CLASSES = ["zero", "one", "two"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 import click
 
@@ -18,19 +16,6 @@ from vprompt.cli.common import (
     preset_option,
     weights_option,
 )
-
-
-def _subset(data: Any, n: int | None, seed: int) -> Any:
-    """A seeded random subset of ``n`` items (all of them when ``n`` is None or too large)."""
-    if n is None or n >= len(data):
-        return data
-    import torch
-
-    from vprompt.data.dataset import Subset
-
-    gen = torch.Generator().manual_seed(seed)
-    return Subset(data, sorted(torch.randperm(len(data), generator=gen)[:n].tolist()))
-
 
 _DATA_HELP = (
     "fashion-mnist[:PATH], folder:PATH, csv:PATH, json:PATH, or a benchmark dataset name "
@@ -55,12 +40,6 @@ subsample_option = click.option(
     type=click.Choice(["all", "base", "new"]),
     help="Benchmark datasets: keep the base or new half of the classes.",
 )
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from vprompt.utils.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 @main.command("train")
@@ -145,103 +124,51 @@ def train_cmd(
     as_json: bool,
 ) -> None:
     """Learn a prompt for a frozen model on a dataset; writes the pack, metrics and plots to OUT."""
-    from vprompt.backbones import load_backbone
-    from vprompt.backbones.registry import resolve_device
-    from vprompt.data.feature_cache import FeatureCache
-    from vprompt.data.sources import load_data
-    from vprompt.engine import evaluate, fit
-    from vprompt.methods.base import METHODS
-    from vprompt.methods.presets import get_preset, resolve_method
+    from vprompt.engine.experiment import Experiment, run
+    from vprompt.methods.presets import get_preset
 
     preset = get_preset(preset_name) if preset_name else None
-    method_name = resolve_method(preset, method_name)
+    experiment = Experiment(method_name, preset_name, overrides)
     model = model_for(model, preset)
-    cls = METHODS.get(method_name)
-    if not hasattr(cls, "trainable_parameters"):
+    cls = experiment.method_class
+    if not cls.capabilities.uses_training_data:
         raise click.UsageError(
-            f"method {method_name!r} has nothing to train; see `vprompt zeroshot`"
+            f"method {experiment.method!r} has nothing to train; see `vprompt zeroshot`"
         )
-    config = _preset_config(cls, preset, overrides, shots)
-    splits = load_data(
-        data_spec,
-        data_root=data_root,
-        shots=shots,
-        seed=seed,
-        subsample=subsample,  # type: ignore[arg-type]  # click.Choice checked it
-    )
-    train = _subset(splits.train, train_subset, seed)
-    test = _subset(splits.test, test_subset, seed + 1)
-    dev = resolve_device(device)
-    backbone = load_backbone(model, weights, device=dev)
-    method = cls(backbone, splits.classnames, config)
-    if not cls.is_prompt_method:
+    for note in experiment.config(shots=shots)[1]:
+        click.echo(f"vprompt: {note}", err=True)
+    if not cls.capabilities.is_prompt_method:
         click.echo(
-            f"vprompt: note: {method_name} is a reference baseline, not a prompt method "
+            f"vprompt: note: {experiment.method} is a reference baseline, not a prompt method "
             "(it changes a copy of the backbone's weights)",
             err=True,
         )
-    out = Path(out_dir)
-    cache_dir = feature_cache_dir(feature_cache, no_feature_cache)
-    cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    result = fit(
-        method,
-        train,
-        val=splits.val,
-        out_dir=out,
-        device=dev,
+    report = run(
+        experiment.method,
+        preset=preset_name,
+        overrides=overrides,
+        model=model,
+        weights=weights,
+        data=data_spec,
+        data_root=data_root,
+        shots=shots,
+        subsample=subsample,  # type: ignore[arg-type]  # click.Choice checked it
         seed=seed,
+        train_subset=train_subset,
+        test_subset=test_subset,
+        out_dir=out_dir,
         resume=resume,
         num_workers=workers,
-        feature_cache=cache,
+        feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
+        device=device,
     )
-    scores = evaluate(
-        method,
-        test,
-        device=dev,
-        num_workers=workers,
-        batch_size=max(method.config.optim.batch_size, 64),
-        feature_cache=cache,
-    )
-    report = {
-        "method": method_name,
-        "preset": preset_name,
-        "model": model,
-        "weights": backbone.weights,
-        "data": data_spec,
-        "shots": shots,
-        "subsample": subsample,
-        "test_images": scores.n,
-        "test_accuracy": scores.accuracy,
-        "test_loss": scores.loss,
-        "per_class_accuracy": scores.per_class_accuracy,
-        "selected": result.selected,
-        "best_epoch": result.best_epoch,
-        "pack": str(result.pack_path),
-    }
-    _write_json(out / "test_metrics.json", report)
     if as_json:
-        click.echo(json.dumps(report, ensure_ascii=False))
+        click.echo(json.dumps(report.summary, ensure_ascii=False))
         return
-    click.echo(f"pack:    {result.pack_path}")
-    click.echo(f"outputs: {out} (metrics.jsonl, config.json, test_metrics.json, *.png)")
-    click.echo(f"test accuracy: {100 * scores.accuracy:.1f}% on {scores.n} images")
-
-
-def _preset_config(cls: Any, preset: Any, overrides: tuple[str, ...], shots: int | None) -> Any:
-    """The method's defaults, then the preset (with its epochs for ``shots`` unless --set
-    gives optim.epochs), then the --set overrides."""
-    from vprompt.methods.base import apply_overrides
-    from vprompt.methods.presets import apply_config_mapping, with_epochs
-
-    config = cls.Config()
-    if preset is not None:
-        config = apply_config_mapping(config, preset.config, what=f"preset {preset.name}")
-        user_sets_epochs = any(o.split("=", 1)[0].strip() == "optim.epochs" for o in overrides)
-        epochs = None if user_sets_epochs else preset.epochs_for(shots)
-        if epochs is not None:
-            config = with_epochs(config, epochs)
-            click.echo(f"vprompt: preset {preset.name}: {shots} shots -> {epochs} epochs", err=True)
-    return apply_overrides(config, overrides)
+    if report.fit is not None:
+        click.echo(f"pack:    {report.fit.pack_path}")
+    click.echo(f"outputs: {out_dir} (metrics.jsonl, config.json, test_metrics.json, *.png)")
+    click.echo(f"test accuracy: {100 * report.test.accuracy:.1f}% on {report.test.n} images")
 
 
 @main.command("eval")
@@ -280,6 +207,7 @@ def eval_cmd(
     from vprompt.data.feature_cache import FeatureCache
     from vprompt.data.sources import load_data
     from vprompt.engine import evaluate
+    from vprompt.engine.experiment import random_subset
     from vprompt.engine.pack import build_from_pack, check_classnames, load_pack
     from vprompt.errors import DatasetError
 
@@ -299,7 +227,7 @@ def eval_cmd(
     cache_dir = feature_cache_dir(feature_cache, no_feature_cache)
     scores = evaluate(
         method,
-        _subset(data, subset, 1),
+        random_subset(data, subset, 1),
         device=dev,
         num_workers=workers,
         feature_cache=FeatureCache(cache_dir) if cache_dir is not None else None,

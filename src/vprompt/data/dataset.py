@@ -44,6 +44,15 @@ class DataSplits:
         return self.train.classnames
 
 
+def labels_of(data: ClassificationDataset) -> list[int]:
+    """Every label in dataset order: ``all_labels()`` when the dataset has it (no image is
+    decoded), else by loading each item once."""
+    all_labels = getattr(data, "all_labels", None)
+    if callable(all_labels):
+        return [int(v) for v in all_labels()]
+    return [int(data[i][1]) for i in range(len(data))]
+
+
 class Subset:
     """A view on some indices of a dataset (keeps ``classnames``)."""
 

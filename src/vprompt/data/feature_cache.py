@@ -39,6 +39,14 @@ _FLUSH_ROWS = 4096
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+class ImageItems(Protocol):
+    """Indexable (image, label) pairs."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+
+
 class IdentifiedDataset(Protocol):
     """A dataset whose images have stable identities (what the cache keys rows by)."""
 
@@ -300,7 +308,7 @@ class FeatureCache:
         if key.view is not None:
             seeds = [view_seed(key.view_seed, key.view, name) for name in names]
         loader = DataLoader(
-            cast("Dataset[Any]", _Pending(data, indices, transform, seeds)),
+            cast("Dataset[Any]", SeededImages(data, indices, transform, seeds)),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
@@ -362,12 +370,13 @@ def seeded(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
-class _Pending:
-    """The images still to encode, transformed (under their view seeds for augmented views)."""
+class SeededImages:
+    """Images ``indices`` of ``data``, transformed: under one seed per image when ``seeds`` is
+    given (augmented views that do not depend on batching, workers or order), else plainly."""
 
     def __init__(
         self,
-        data: IdentifiedDataset,
+        data: ImageItems,
         indices: list[int],
         transform: Callable[[Image.Image], torch.Tensor],
         seeds: list[int] | None,

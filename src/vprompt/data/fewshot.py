@@ -48,17 +48,34 @@ class FewShot:
     val: list[Datum]
 
 
-def sample_per_class(items: Sequence[Datum], shots: int, rng: random.Random) -> list[Datum]:
-    """K items of every label: ``rng.sample`` per label, labels in order of first appearance."""
+def sample_indices_per_class(labels: Sequence[int], shots: int, rng: random.Random) -> list[int]:
+    """Indices of K items of every label: ``rng.sample`` per label, labels in order of first
+    appearance (all of a label's items, in order, when it has fewer than K)."""
     if shots < 1:
         raise DatasetError(f"shots must be at least 1, got {shots}")
-    groups: dict[int, list[Datum]] = {}
-    for item in items:
-        groups.setdefault(item.label, []).append(item)
-    out: list[Datum] = []
+    groups: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(int(label), []).append(index)
+    out: list[int] = []
     for group in groups.values():
         out.extend(rng.sample(group, shots) if len(group) >= shots else group)
     return out
+
+
+def sample_per_class(items: Sequence[Datum], shots: int, rng: random.Random) -> list[Datum]:
+    """K items of every label: ``rng.sample`` per label, labels in order of first appearance."""
+    return [items[i] for i in sample_indices_per_class([d.label for d in items], shots, rng)]
+
+
+def few_shot_indices(
+    train_labels: Sequence[int], val_labels: Sequence[int] | None, *, shots: int, seed: int
+) -> tuple[list[int], list[int] | None]:
+    """:func:`few_shot` on label lists: the indices of the K-shot train split and of the
+    ``min(K, 4)``-shot validation split (None without one), for any dataset."""
+    rng = random.Random(seed)
+    train = sample_indices_per_class(train_labels, shots, rng)
+    val = None if val_labels is None else sample_indices_per_class(val_labels, min(shots, 4), rng)
+    return train, val
 
 
 def few_shot(

@@ -31,6 +31,7 @@ class Checkpoint:
     Attributes:
         run: What identifies the run (method, config, backbone, seed, data size); a resume
             refuses a checkpoint whose ``run`` differs.
+        setup_done: Whether the method's ``setup`` hook ran (its results are in ``prompt``).
         epochs_done: Completed epochs (the next epoch index to run).
         global_step: Optimizer iterations done.
         best_epoch: Epoch index with the best validation accuracy so far (None without val).
@@ -38,12 +39,14 @@ class Checkpoint:
         history: One metrics dict per completed epoch.
         finished: Whether the final artifacts (pack, config, plots) were written.
         selected: Which epoch's prompt the finished run kept (``best-val`` or ``last``).
-        prompt: The prompt tensors after ``epochs_done`` epochs.
+        prompt: The prompt tensors after ``epochs_done`` epochs; once ``finished``, the kept
+            prompt after the ``finish`` hook (what the pack holds).
         best_prompt: The prompt tensors of ``best_epoch``.
         optimizer_tensors / optimizer_scalars: See :func:`vprompt.engine.optim.optimizer_state`.
     """
 
     run: dict[str, Any]
+    setup_done: bool = False
     epochs_done: int = 0
     global_step: int = 0
     best_epoch: int | None = None
@@ -61,6 +64,7 @@ class Checkpoint:
         return {
             "version": _VERSION,
             "run": self.run,
+            "setup_done": self.setup_done,
             "epochs_done": self.epochs_done,
             "global_step": self.global_step,
             "best_epoch": self.best_epoch,
@@ -118,6 +122,8 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
     best = strip("best.")
     return Checkpoint(
         run=info["run"],
+        # Checkpoints from before the setup hook existed ran it inside their first epoch.
+        setup_done=bool(info.get("setup_done", True)),
         epochs_done=int(info["epochs_done"]),
         global_step=int(info["global_step"]),
         best_epoch=info["best_epoch"],

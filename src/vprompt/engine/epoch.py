@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -15,14 +15,16 @@ from vprompt.data.dataset import ClassificationDataset
 from vprompt.engine.events import Callback, FitEvent, notify
 from vprompt.engine.features import FeatureTable
 from vprompt.engine.optim import flat_params, set_lr
-from vprompt.engine.runtime import autocast_for, check_labels, epoch_seed, make_loader
+from vprompt.engine.runtime import check_labels, epoch_seed, make_loader
 from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import VPromptError
-from vprompt.methods.base import OptimConfig
+from vprompt.methods.base import MethodOutput, PromptMethod
+from vprompt.methods.config import OptimConfig
+from vprompt.utils.precision import autocast_for
 
 
 def train_one_epoch(
-    method: Any,
+    method: PromptMethod,
     train: ClassificationDataset,
     optimizer: torch.optim.Optimizer,
     schedule: LRSchedule,
@@ -49,6 +51,7 @@ def train_one_epoch(
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    forward: Callable[[torch.Tensor], MethodOutput]
     if features is None:
         forward = method
         loader = make_loader(
@@ -63,9 +66,9 @@ def train_one_epoch(
         forward = method.forward_features
         loader = features.batches(optim.batch_size, generator=generator)
     params = flat_params(method.trainable_parameters())
-    # Capability, not identity: a method that shapes its own update (e.g. a projected
-    # gradient) defines backward(loss, output, labels) and leaves .grad on its parameters.
-    method_backward = getattr(method, "backward", None)
+    # Declared, not probed: a method that shapes its own update (e.g. a projected gradient)
+    # fills .grad on its parameters in backward(loss, output, labels).
+    custom_backward = method.capabilities.custom_backward
     num_classes = len(method.classnames)
     method.train()
     step = start_step
@@ -120,10 +123,10 @@ def train_one_epoch(
             for term in out.aux_loss.values():
                 loss = loss + term.float()
             optimizer.zero_grad(set_to_none=True)
-            if method_backward is None:
-                loss.backward()
+            if custom_backward:
+                method.backward(loss, out, labels)
             else:
-                method_backward(loss, out, labels)
+                loss.backward()
             if optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()

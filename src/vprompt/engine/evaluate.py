@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 from vprompt.data.dataset import ClassificationDataset
 from vprompt.data.feature_cache import FeatureCache
 from vprompt.engine.features import FeatureSource, FeatureTable, takes_feature_path
-from vprompt.engine.runtime import autocast_for, check_classes, check_labels, iterate_batches
+from vprompt.engine.runtime import check_classes, check_labels, iterate_batches
+from vprompt.methods.base import PromptMethod
+from vprompt.utils.precision import autocast_for
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    method: Any,
+    method: PromptMethod,
     data: ClassificationDataset,
     *,
     batch_size: int = 256,
@@ -90,7 +92,7 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_table(
-    method: Any,
+    method: PromptMethod,
     table: FeatureTable,
     *,
     batch_size: int = 256,
@@ -112,7 +114,7 @@ def evaluate_table(
 
 
 def _score(
-    method: Any,
+    method: PromptMethod,
     forward: Callable[[torch.Tensor], Any],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     total: int,
@@ -122,7 +124,7 @@ def _score(
     desc: str,
 ) -> EvalResult:
     num_classes = len(method.classnames)
-    was_training = bool(getattr(method, "training", False))
+    was_training = method.training
     method.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum = 0.0

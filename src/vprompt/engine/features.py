@@ -2,7 +2,7 @@
 
 The engine takes the feature path for a dataset exactly when
 
-1. the method declares ``input_kind = "image-features"`` (:func:`uses_image_features`),
+1. the method declares ``capabilities.inputs == "image-features"``,
 2. a :class:`~vprompt.data.feature_cache.FeatureCache` is given, and
 3. the dataset exposes ``identity(index)``;
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vprompt.data.dataset import ClassificationDataset
+from vprompt.data.dataset import ClassificationDataset, labels_of
 from vprompt.data.feature_cache import (
     FeatureCache,
     FeatureKey,
@@ -33,35 +33,33 @@ from vprompt.data.feature_cache import (
     has_identity,
     identities_of,
 )
-from vprompt.engine.runtime import autocast_for, precision_tag
-from vprompt.methods.base import feature_views, uses_image_features
+from vprompt.methods.base import PromptMethod
+from vprompt.utils.precision import autocast_for, precision_tag
 
 
-def takes_feature_path(method: Any, data: Any, cache: FeatureCache | None) -> bool:
+def takes_feature_path(method: PromptMethod, data: Any, cache: FeatureCache | None) -> bool:
     """Whether ``data`` is fed to ``method`` as cached features (see the module docstring)."""
-    return cache is not None and uses_image_features(method) and has_identity(data)
+    features = method.capabilities.inputs == "image-features"
+    return cache is not None and features and has_identity(data)
 
 
-def augmented_views(method: Any) -> int:
+def augmented_views(method: PromptMethod) -> int:
     """How many augmented training views to cache: 0 when training does not augment."""
     train_tf = describe_transform(method.input_transform(True))
     if train_tf == describe_transform(method.input_transform(False)):
         return 0
-    return feature_views(method)
+    return method.feature_views
 
 
-def view_for_epoch(method: Any, epoch: int) -> int | None:
+def view_for_epoch(method: PromptMethod, epoch: int) -> int | None:
     """The cached training view epoch ``epoch`` uses (``None``: the evaluation view)."""
     views = augmented_views(method)
     return None if views == 0 else epoch % views
 
 
 def dataset_labels(data: ClassificationDataset) -> torch.Tensor:
-    """N labels in dataset order: the dataset's ``all_labels()`` when it has one (vprompt's own
-    datasets: no image is decoded), else by loading each item once."""
-    if hasattr(data, "all_labels"):
-        return torch.as_tensor(np.asarray(data.all_labels(), dtype=np.int64))
-    return torch.tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.long)
+    """N labels in dataset order (see :func:`vprompt.data.dataset.labels_of`)."""
+    return torch.as_tensor(np.asarray(labels_of(data), dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ class FeatureSource:
 
     def __init__(
         self,
-        method: Any,
+        method: PromptMethod,
         data: Any,
         cache: FeatureCache,
         *,
@@ -156,7 +154,7 @@ class FeatureSource:
         )
         if self._identities is None:
             self._identities = identities_of(self.data)
-        was_training = bool(getattr(method, "training", False))
+        was_training = method.training
         method.eval()
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -182,7 +180,7 @@ class FeatureSource:
 
 
 def encoded_batches(
-    method: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    method: PromptMethod, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(pixels, labels) batches → (``method.encode_images`` features, labels) batches."""
     for images, labels in batches:

@@ -1,17 +1,22 @@
-"""fit(): train a method's prompt on a frozen backbone, with checkpoints, metrics and a pack.
+"""fit(): run a method's lifecycle on a frozen backbone, with checkpoints, metrics and a pack.
 
-The engine never asks which method it runs: everything goes through the
-:class:`~vprompt.methods.base.TrainableMethod` protocol.
+The engine never asks which method it runs: it reads the method's declared
+:class:`~vprompt.methods.base.Capabilities` and calls the lifecycle hooks of
+:class:`~vprompt.methods.base.PromptMethod` in order — ``setup`` (before the optimizer is
+built), ``before_epoch`` and the training steps (methods that train), ``finish`` (after epoch
+selection) — then writes the pack.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,29 +38,26 @@ from vprompt.engine.events import Callback, FitEvent, notify
 from vprompt.engine.features import (
     FeatureSource,
     augmented_views,
-    encoded_batches,
     takes_feature_path,
     view_for_epoch,
 )
+from vprompt.engine.fit_data import FitData
 from vprompt.engine.optim import build_optimizer, load_optimizer_state, optimizer_state
 from vprompt.engine.pack import save_pack
 from vprompt.engine.report import plot_learning_curves, save_visualizations
 from vprompt.engine.runtime import (
-    autocast_for,
     check_classes,
+    derived_seed,
     epoch_seed,
     iterate_batches,
     seed_everything,
 )
 from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import ConfigError
-from vprompt.methods.base import (
-    OptimConfig,
-    config_from_dict,
-    config_to_dict,
-    uses_image_features,
-)
+from vprompt.methods.base import PromptMethod
+from vprompt.methods.config import OptimConfig, config_from_dict, config_to_dict
 from vprompt.utils.io import atomic_write_text
+from vprompt.utils.precision import autocast_for
 
 PACK_FILE = "prompt.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -63,6 +65,9 @@ CONFIG_FILE = "config.json"
 CURVES_FILE = "learning_curves.png"
 _VIS_IMAGES = 16
 _FINAL_EVAL_BATCH = 256  # evaluate()'s default: what packs of 0-epoch runs always reported
+_SETUP_BATCH = 256  # batch size of the hooks' data for methods without an optimizer
+
+Selection = Literal["best-val", "last"]
 
 
 @dataclass(frozen=True)
@@ -83,16 +88,17 @@ class FitResult:
     epochs_run: int
     history: list[dict[str, Any]]
     pack_path: Path
-    selected: Literal["best-val", "last"]
+    selected: Selection
     out_dir: Path
     best_val_acc: float | None = None
 
 
 def fit(
-    method: Any,
+    method: PromptMethod,
     train: ClassificationDataset,
     *,
     val: ClassificationDataset | None = None,
+    select: Selection | None = None,
     out_dir: str | Path,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -103,29 +109,33 @@ def fit(
     callbacks: Sequence[Callback] = (),
     feature_cache: FeatureCache | None = None,
 ) -> FitResult:
-    """Train ``method``'s prompt parameters with the optimizer and schedule of its config.
+    """Run ``method``'s lifecycle on ``train`` and write its pack.
 
-    Each epoch reseeds Python, NumPy and torch from ``(seed, epoch)`` and shuffles with a
-    generator seeded the same way, so a run resumed from an epoch checkpoint matches an
-    uninterrupted one exactly (with the same ``num_workers``: with workers, augmentation draws
-    from per-worker generators). Before each epoch ``method.before_epoch(epoch, train_batches)``
-    runs in eval mode; ``train_batches()`` iterates the training set without augmentation, in
-    order, on ``device``. With ``optim.epochs == 0`` nothing is trained: the hook runs once
-    (``epoch=0``) so prompts derived from data (e.g. a frequency label mapping) are estimated.
+    1. **Set-up**: ``method.setup(data)`` once per run, in eval mode, before the optimizer is
+       built (state whose shape or value comes from the data: a cache model, a label mapping).
+    2. **Training** (methods that declare ``trains``): each epoch reseeds Python, NumPy and
+       torch from ``(seed, epoch)``, calls ``method.before_epoch(epoch, data)`` in eval mode,
+       then steps the optimizer of the config's ``optim`` section over shuffled batches, so a
+       run resumed from an epoch checkpoint matches an uninterrupted one exactly (with the
+       same ``num_workers``: with workers, augmentation draws from per-worker generators).
+       With ``optim.epochs == 0`` nothing is trained and ``before_epoch(0, data)`` runs once.
+    3. **Selection**: ``best-val`` restores the epoch with the best validation accuracy (ties:
+       lower validation loss, then earlier); ``last`` keeps the last epoch.
+    4. **Finish**: ``method.finish(data)`` in eval mode (e.g. a hyper-parameter search on the
+       validation data), then the pack, config and plots are written.
 
-    A method that declares ``input_kind = "image-features"`` trains on features: with
-    ``feature_cache`` and a training set whose images have identities, every needed view is
-    encoded once (or loaded from the cache) before the first epoch and epochs run on feature
-    batches, shuffled exactly as image batches would be; see :mod:`vprompt.engine.features`
-    for the augmented views. For such a method ``train_batches()`` yields (B x D features,
-    labels) of the unaugmented view, from the cache or encoded on the fly.
-
-    With ``val``, the prompt of the epoch with the best validation accuracy (ties: lower
-    validation loss, then earlier) is restored at the end; without it, the last epoch's is kept.
-    No test data is ever seen here.
+    ``data`` (:class:`~vprompt.engine.fit_data.FitData`) serves the training set (plain or an
+    augmented view) and the validation set; an ``image-features`` method gets features, from
+    ``feature_cache`` when the dataset's images have identities (every needed view is encoded
+    once before the first epoch, and epochs run on feature batches shuffled exactly as image
+    batches would be; see :mod:`vprompt.engine.features`), else encoded on the fly. No test
+    data is ever seen here.
 
     Args:
-        method: A :class:`~vprompt.methods.base.TrainableMethod` (an ``nn.Module``).
+        method: The method (its backbone stays frozen).
+        val: Validation data: for ``best-val`` selection and the hooks.
+        select: ``best-val`` or ``last``; default ``best-val`` when ``val`` is given. With
+            ``last`` the epochs are not validated (``val`` still reaches the hooks).
         out_dir: Receives ``checkpoint.safetensors``/``.json`` (every epoch), ``metrics.jsonl``,
             ``config.json``, ``prompt.safetensors``, ``learning_curves.png`` and the method's
             visualizations.
@@ -140,47 +150,32 @@ def fit(
 
     Raises:
         ConfigError: A checkpoint of a different run is in ``out_dir``, classes differ between
-            the data and the method, or the method has nothing to train.
+            the data and the method, ``best-val`` without validation data, or a trainable
+            method with nothing to train.
         VPromptError: The loss became NaN or infinite.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
-    optim = _optim_config(method)
+    caps = method.capabilities
+    selection: Selection = select or ("best-val" if val is not None else "last")
+    if selection not in ("best-val", "last"):
+        raise ConfigError(f"select must be best-val or last, got {selection!r}")
+    if selection == "best-val" and val is None:
+        raise ConfigError("select=best-val needs validation data")
+    optim = _optim_config(method) if caps.trains else None
     check_classes(method, train, "training")
     if val is not None:
         check_classes(method, val, "validation")
     method.to(dev)
-    batch_size = optim.batch_size
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    if max_steps_per_epoch is not None:
-        steps_per_epoch = max(1, min(steps_per_epoch, int(max_steps_per_epoch)))
-    schedule = LRSchedule.from_config(optim, steps_per_epoch=steps_per_epoch)
-    feature_method = uses_image_features(method)
-    train_source = val_source = None
-    if takes_feature_path(method, train, feature_cache):
-        assert feature_cache is not None
-        train_source = FeatureSource(
-            method,
-            train,
-            feature_cache,
-            device=dev,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    if val is not None and takes_feature_path(method, val, feature_cache):
-        assert feature_cache is not None
-        val_source = FeatureSource(
-            method,
-            val,
-            feature_cache,
-            device=dev,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    run = _run_identity(method, train, val, seed=seed, max_steps_per_epoch=max_steps_per_epoch)
+    batch_size = optim.batch_size if optim is not None else _SETUP_BATCH
+    train_source, val_source = (
+        _feature_source(method, data, feature_cache, dev, batch_size, num_workers, progress)
+        for data in (train, val)
+    )
+    run = _run_identity(
+        method, train, val, seed=seed, select=selection, max_steps_per_epoch=max_steps_per_epoch
+    )
     if train_source is not None:
         assert feature_cache is not None
         views = augmented_views(method)
@@ -189,121 +184,56 @@ def fit(
             "views": views,
             "view_seed": feature_cache.view_seed if views else None,
         }
+    data = FitData(
+        method,
+        train,
+        val,
+        train_source=train_source,
+        val_source=val_source,
+        batch_size=batch_size,
+        device=dev,
+        num_workers=num_workers,
+        view_seed=feature_cache.view_seed if feature_cache is not None else 0,
+    )
 
-    ckpt = load_checkpoint(out) if resume else None
-    if not resume:
-        clear_checkpoint(out)
-    if ckpt is not None:
-        check_same_run(_with_config_defaults(ckpt.run, method), run, out)
-        method.load_prompt_state(ckpt.prompt)
-    else:
-        ckpt = Checkpoint(run=json.loads(json.dumps(run)))
-
-    def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if train_source is not None:
-            return train_source.table(None).batches(batch_size)
-        batches = iterate_batches(
-            train,
-            method.input_transform(False),
-            batch_size=batch_size,
-            device=dev,
-            num_workers=num_workers,
-        )
-        return encoded_batches(method, batches) if feature_method else batches
-
-    def validate(show: bool, *, batch: int = batch_size, workers: int = num_workers) -> EvalResult:
-        assert val is not None
-        if val_source is not None:
-            return evaluate_table(
-                method,
-                val_source.table(None),
-                batch_size=batch,
-                device=dev,
-                progress=show,
-                desc="val",
-            )
-        return evaluate(
-            method,
-            val,
-            batch_size=batch,
-            device=dev,
-            num_workers=workers,
-            progress=show,
-            desc="val",
-        )
-
-    if optim.epochs == 0 and ckpt.epochs_done == 0 and not ckpt.finished:
-        seed_everything(epoch_seed(seed, 0))
-        method.eval()
-        with autocast_for(dev):
-            method.before_epoch(0, train_batches)
-        ckpt.prompt = _prompt_state(method)
+    ckpt = _open_checkpoint(method, out, run, resume)
+    if not ckpt.setup_done:
+        _run_hook(dev, derived_seed(seed, "setup"), lambda: method.setup(data), method)
+        ckpt.setup_done, ckpt.prompt = True, _prompt_state(method)
         save_checkpoint(out, ckpt)
 
-    if ckpt.epochs_done < optim.epochs:
-        optimizer = build_optimizer(method.trainable_parameters(), optim)
-        if ckpt.optimizer_tensors or ckpt.optimizer_scalars:
-            load_optimizer_state(optimizer, ckpt.optimizer_tensors, ckpt.optimizer_scalars)
-        # Encode what the cache lacks now, so no epoch's timing includes it.
-        if train_source is not None:
-            epochs = range(ckpt.epochs_done, optim.epochs)
-            train_source.prepare(view_for_epoch(method, e) for e in epochs)
-        if val_source is not None:
-            val_source.prepare([None])
-        for epoch in range(ckpt.epochs_done, optim.epochs):
-            started = time.perf_counter()
-            seed_everything(epoch_seed(seed, epoch))
-            method.eval()
-            with autocast_for(dev):
-                method.before_epoch(epoch, train_batches)
-            record = train_one_epoch(
-                method,
-                train,
-                optimizer,
-                schedule,
-                epoch=epoch,
-                start_step=ckpt.global_step,
-                optim=optim,
-                steps_per_epoch=steps_per_epoch,
-                device=dev,
-                seed=seed,
-                num_workers=num_workers,
-                progress=progress,
-                callbacks=callbacks,
-                features=(
-                    train_source.table(view_for_epoch(method, epoch))
-                    if train_source is not None
-                    else None
-                ),
-            )
-            if val is not None:
-                result = validate(progress)
-                record["val_acc"], record["val_loss"] = result.accuracy, result.loss
-                if _better(result.accuracy, result.loss, ckpt.best_metric):
-                    ckpt.best_epoch = epoch
-                    ckpt.best_metric = {"val_acc": result.accuracy, "val_loss": result.loss}
-                    ckpt.best_prompt = _prompt_state(method)
-            else:
-                record["val_acc"] = record["val_loss"] = None
-            ckpt.global_step = record["step"]
-            record["seconds"] = time.perf_counter() - started
-            ckpt.history.append(record)
-            ckpt.epochs_done = epoch + 1
-            ckpt.prompt = _prompt_state(method)
-            ckpt.optimizer_tensors, ckpt.optimizer_scalars = optimizer_state(optimizer)
-            save_checkpoint(out, ckpt)
-            _write_metrics(out, ckpt.history)
-            notify(callbacks, FitEvent("epoch", epoch, ckpt.global_step, dict(record)))
-            if progress:
-                tqdm.write(_summary(record, optim.epochs), file=sys.stderr)
+    if optim is not None and not ckpt.finished:
+        _train(
+            method,
+            train,
+            data,
+            ckpt,
+            optim,
+            out=out,
+            device=dev,
+            seed=seed,
+            select=selection,
+            validate=lambda show: _validate(
+                method, val, val_source, batch_size, dev, show, num_workers
+            ),
+            num_workers=num_workers,
+            max_steps_per_epoch=max_steps_per_epoch,
+            progress=progress,
+            callbacks=callbacks,
+            train_source=train_source,
+            val_source=val_source,
+        )
 
-    selected: Literal["best-val", "last"] = (
-        "best-val" if val is not None and ckpt.best_prompt is not None else "last"
+    selected: Selection = (
+        "best-val" if selection == "best-val" and ckpt.best_prompt is not None else "last"
     )
-    if selected == "best-val":
-        assert ckpt.best_prompt is not None
-        method.load_prompt_state(ckpt.best_prompt)
     if not ckpt.finished or not (out / PACK_FILE).is_file():
+        if not ckpt.finished:
+            if selected == "best-val":
+                assert ckpt.best_prompt is not None
+                method.load_prompt_state(ckpt.best_prompt)
+            _run_hook(dev, derived_seed(seed, "finish"), lambda: method.finish(data), method)
+            ckpt.prompt = _prompt_state(method)
         _finalize(
             method,
             train,
@@ -313,7 +243,9 @@ def fit(
             selected=selected,
             run=run,
             device=dev,
-            validate=validate,
+            validate=lambda show: _validate(
+                method, val, val_source, _FINAL_EVAL_BATCH, dev, show, 0
+            ),
         )
         ckpt.finished, ckpt.selected = True, selected
         save_checkpoint(out, ckpt)
@@ -321,9 +253,154 @@ def fit(
     return _result(ckpt, out, selected)
 
 
+# ---------------------------------------------------------------------------- steps
+def _open_checkpoint(
+    method: PromptMethod, out: Path, run: dict[str, Any], resume: bool
+) -> Checkpoint:
+    """The run's checkpoint (its prompt loaded into ``method``), or a fresh one."""
+    if not resume:
+        clear_checkpoint(out)
+        return Checkpoint(run=json.loads(json.dumps(run)))
+    ckpt = load_checkpoint(out)
+    if ckpt is None:
+        return Checkpoint(run=json.loads(json.dumps(run)))
+    check_same_run(_with_defaults(ckpt.run, method), run, out)
+    if ckpt.prompt:
+        method.load_prompt_state(ckpt.prompt)
+    return ckpt
+
+
+def _run_hook(
+    device: torch.device, seed: int, hook: Callable[[], None], method: PromptMethod
+) -> None:
+    """Run a lifecycle hook in eval mode, seeded, under the run's autocast."""
+    seed_everything(seed)
+    method.eval()
+    with autocast_for(device):
+        hook()
+
+
+def _train(
+    method: PromptMethod,
+    train: ClassificationDataset,
+    data: FitData,
+    ckpt: Checkpoint,
+    optim: OptimConfig,
+    *,
+    out: Path,
+    device: torch.device,
+    seed: int,
+    select: Selection,
+    validate: Callable[[bool], EvalResult],
+    num_workers: int,
+    max_steps_per_epoch: int | None,
+    progress: bool,
+    callbacks: Sequence[Callback],
+    train_source: FeatureSource | None,
+    val_source: FeatureSource | None,
+) -> None:
+    """Every remaining epoch: before_epoch, the steps, validation, the checkpoint."""
+    if optim.epochs == 0:
+        if ckpt.epochs_done == 0 and not ckpt.history:
+            _run_hook(device, epoch_seed(seed, 0), lambda: method.before_epoch(0, data), method)
+            ckpt.prompt = _prompt_state(method)
+            save_checkpoint(out, ckpt)
+        return
+    if ckpt.epochs_done >= optim.epochs:
+        return
+    steps_per_epoch = math.ceil(len(train) / optim.batch_size)
+    if max_steps_per_epoch is not None:
+        steps_per_epoch = max(1, min(steps_per_epoch, int(max_steps_per_epoch)))
+    schedule = LRSchedule.from_config(optim, steps_per_epoch=steps_per_epoch)
+    optimizer = build_optimizer(method.trainable_parameters(), optim)
+    if ckpt.optimizer_tensors or ckpt.optimizer_scalars:
+        load_optimizer_state(optimizer, ckpt.optimizer_tensors, ckpt.optimizer_scalars)
+    # Encode what the cache lacks now, so no epoch's timing includes it.
+    if train_source is not None:
+        train_source.prepare(
+            view_for_epoch(method, e) for e in range(ckpt.epochs_done, optim.epochs)
+        )
+    if val_source is not None and select == "best-val":
+        val_source.prepare([None])
+    for epoch in range(ckpt.epochs_done, optim.epochs):
+        started = time.perf_counter()
+        _run_hook(
+            device, epoch_seed(seed, epoch), partial(method.before_epoch, epoch, data), method
+        )
+        record = train_one_epoch(
+            method,
+            train,
+            optimizer,
+            schedule,
+            epoch=epoch,
+            start_step=ckpt.global_step,
+            optim=optim,
+            steps_per_epoch=steps_per_epoch,
+            device=device,
+            seed=seed,
+            num_workers=num_workers,
+            progress=progress,
+            callbacks=callbacks,
+            features=(
+                train_source.table(view_for_epoch(method, epoch))
+                if train_source is not None
+                else None
+            ),
+        )
+        record["val_acc"] = record["val_loss"] = None
+        if select == "best-val":
+            result = validate(progress)
+            record["val_acc"], record["val_loss"] = result.accuracy, result.loss
+            if _better(result.accuracy, result.loss, ckpt.best_metric):
+                ckpt.best_epoch = epoch
+                ckpt.best_metric = {"val_acc": result.accuracy, "val_loss": result.loss}
+                ckpt.best_prompt = _prompt_state(method)
+        ckpt.global_step = record["step"]
+        record["seconds"] = time.perf_counter() - started
+        ckpt.history.append(record)
+        ckpt.epochs_done = epoch + 1
+        ckpt.prompt = _prompt_state(method)
+        ckpt.optimizer_tensors, ckpt.optimizer_scalars = optimizer_state(optimizer)
+        save_checkpoint(out, ckpt)
+        _write_metrics(out, ckpt.history)
+        notify(callbacks, FitEvent("epoch", epoch, ckpt.global_step, dict(record)))
+        if progress:
+            tqdm.write(_summary(record, optim.epochs), file=sys.stderr)
+
+
+def _validate(
+    method: PromptMethod,
+    val: ClassificationDataset | None,
+    source: FeatureSource | None,
+    batch_size: int,
+    device: torch.device,
+    show: bool,
+    workers: int,
+) -> EvalResult:
+    assert val is not None
+    if source is not None:
+        return evaluate_table(
+            method,
+            source.table(None),
+            batch_size=batch_size,
+            device=device,
+            progress=show,
+            desc="val",
+        )
+    return evaluate(
+        method,
+        val,
+        batch_size=batch_size,
+        device=device,
+        num_workers=workers,
+        progress=show,
+        desc="val",
+    )
+
+
 # ---------------------------------------------------------------------------- end of run
 def _finalize(
-    method: Any,
+    method: PromptMethod,
     train: ClassificationDataset,
     val: ClassificationDataset | None,
     out: Path,
@@ -332,7 +409,7 @@ def _finalize(
     selected: str,
     run: Mapping[str, Any],
     device: torch.device,
-    validate: Callable[..., EvalResult],
+    validate: Callable[[bool], EvalResult],
 ) -> None:
     """Write config.json, the prompt pack and the plots for the kept prompt."""
     config = dict(run)
@@ -362,7 +439,7 @@ def _pack_metrics(
     val: ClassificationDataset | None,
     ckpt: Checkpoint,
     selected: str,
-    validate: Callable[..., EvalResult],
+    validate: Callable[[bool], EvalResult],
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {"selected": selected, "epochs": ckpt.epochs_done}
     kept = _kept_epoch(ckpt, selected)
@@ -372,9 +449,10 @@ def _pack_metrics(
         for key in ("train_loss", "train_acc", "val_acc", "val_loss"):
             if record.get(key) is not None:
                 metrics[key] = record[key]
-    elif val is not None:
-        # Nothing trained (epochs == 0): report the derived prompt on the validation data.
-        result = validate(False, batch=_FINAL_EVAL_BATCH, workers=0)
+    if val is not None and (kept is None or selected == "last"):
+        # Nothing was validated per epoch (no training, or last-epoch selection): report the
+        # kept prompt on the validation data.
+        result = validate(False)
         metrics["val_acc"], metrics["val_loss"] = result.accuracy, result.loss
     return metrics
 
@@ -385,7 +463,7 @@ def _kept_epoch(ckpt: Checkpoint, selected: str) -> int | None:
     return ckpt.epochs_done - 1 if ckpt.epochs_done > 0 else None
 
 
-def _result(ckpt: Checkpoint, out: Path, selected: Literal["best-val", "last"]) -> FitResult:
+def _result(ckpt: Checkpoint, out: Path, selected: Selection) -> FitResult:
     kept = _kept_epoch(ckpt, selected)
     best_val = ckpt.history[kept].get("val_acc") if kept is not None else None
     return FitResult(
@@ -400,22 +478,43 @@ def _result(ckpt: Checkpoint, out: Path, selected: Literal["best-val", "last"]) 
 
 
 # ---------------------------------------------------------------------------- helpers
-def _optim_config(method: Any) -> OptimConfig:
-    optim = getattr(method.config, "optim", None)
+def _optim_config(method: PromptMethod) -> OptimConfig:
+    optim = method.config.optim
     if not isinstance(optim, OptimConfig):
-        raise ConfigError(
-            f"method {getattr(method, 'name', type(method).__name__)!r} has no trainable "
-            "schedule: its config needs an `optim: OptimConfig` field"
-        )
+        raise ConfigError(f"{method.name}: config.optim must be an OptimConfig")
     return optim
 
 
+def _feature_source(
+    method: PromptMethod,
+    data: ClassificationDataset | None,
+    cache: FeatureCache | None,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> FeatureSource | None:
+    if data is None or not takes_feature_path(method, data, cache):
+        return None
+    assert cache is not None
+    return FeatureSource(
+        method,
+        data,
+        cache,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
+
+
 def _run_identity(
-    method: Any,
+    method: PromptMethod,
     train: ClassificationDataset,
     val: ClassificationDataset | None,
     *,
     seed: int,
+    select: Selection,
     max_steps_per_epoch: int | None,
 ) -> dict[str, Any]:
     backbone = method.backbone
@@ -430,25 +529,31 @@ def _run_identity(
         "classnames": list(method.classnames),
         "seed": int(seed),
         "data": {"train": len(train), "val": None if val is None else len(val)},
+        "select": select,
         "max_steps_per_epoch": max_steps_per_epoch,
     }
 
 
-def _with_config_defaults(saved: dict[str, Any], method: Any) -> dict[str, Any]:
-    """A checkpoint's run identity with config fields it predates filled with their defaults,
-    so runs written before a field was added still resume (and differ only if the current
-    value is not the default)."""
+def _with_defaults(saved: dict[str, Any], method: PromptMethod) -> dict[str, Any]:
+    """A checkpoint's run identity with what it predates filled in: config fields added later
+    take their defaults, and ``select`` the rule of the time (best-val exactly when validation
+    data was given), so older runs still resume (and differ only where the current value is
+    not that default)."""
+    filled = dict(saved)
+    if "select" not in filled:
+        data = filled.get("data")
+        has_val = isinstance(data, dict) and data.get("val") is not None
+        filled["select"] = "best-val" if has_val else "last"
     config = saved.get("config")
     if not isinstance(config, dict):
-        return saved
-    try:
-        filled = config_to_dict(config_from_dict(type(method.config), config))
-    except (ConfigError, TypeError, ValueError):
-        return saved  # not this method's config: the comparison will say what differs
-    return {**saved, "config": filled}
+        return filled
+    # Not this method's config: the comparison will say what differs.
+    with contextlib.suppress(ConfigError, TypeError, ValueError):
+        filled["config"] = config_to_dict(config_from_dict(type(method.config), config))
+    return filled
 
 
-def _prompt_state(method: Any) -> dict[str, torch.Tensor]:
+def _prompt_state(method: PromptMethod) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in method.prompt_state().items()}
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vprompt.errors import ConfigError
-from vprompt.methods.base import OptimConfig
+from vprompt.methods.config import OptimConfig
 
 _PREFIX = "optim."
 
@@ -56,9 +56,13 @@ def build_optimizer(params: Sequence[Any], optim: OptimConfig) -> torch.optim.Op
             torch_groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
         )
     if optim.optimizer == "adam":
-        return torch.optim.Adam(torch_groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.Adam(
+            torch_groups, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay
+        )
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(torch_groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(
+            torch_groups, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay
+        )
     raise ConfigError(f"unknown optimizer {optim.optimizer!r}; expected sgd, adam or adamw")
 
 

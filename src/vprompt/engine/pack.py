@@ -22,7 +22,8 @@ import torch
 from vprompt.backbones.preprocess import Preprocess
 from vprompt.backbones.registry import load_backbone
 from vprompt.errors import ConfigError, PackError, VPromptError
-from vprompt.methods.base import METHODS, config_from_dict, config_to_dict
+from vprompt.methods.config import config_from_dict, config_to_dict
+from vprompt.methods.registry import METHODS
 from vprompt.utils.io import atomic_path
 
 FORMAT = "vprompt-pack"

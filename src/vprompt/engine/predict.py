@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,9 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vprompt.data.images import DEFAULT_MAX_PIXELS, load_image
-from vprompt.engine.runtime import autocast_for
 from vprompt.errors import ImageLoadError
-from vprompt.methods.base import Prediction, topk_predictions
+from vprompt.methods.base import Prediction, PromptMethod, topk_predictions
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class FileResult:
 
 
 def predict_files(
-    classifier: Any,
+    classifier: PromptMethod,
     paths: Sequence[Path],
     *,
     top_k: int = 5,
@@ -49,15 +47,11 @@ def predict_files(
     """Yield one :class:`FileResult` per path, in input order.
 
     Args:
-        classifier: A method (``input_transform`` and ``forward`` → logits, as every
-            registered method has) or anything with ``backbone.transform``, ``classnames`` and
-            ``predict_proba(B x 3 x H x W tensor) -> B x C``.
+        classifier: The method that classifies (its ``input_transform(False)`` prepares the
+            images, its ``predict_proba`` scores them).
         max_pixels: Files larger than this are reported as errors, not decoded.
     """
-    if hasattr(classifier, "input_transform"):
-        transform = classifier.input_transform(False)
-    else:
-        transform = classifier.backbone.transform
+    transform = classifier.input_transform(False)
 
     def prepare(path: Path) -> torch.Tensor | str:
         try:
@@ -84,7 +78,7 @@ def predict_files(
             results: dict[int, list[Prediction]] = {}
             if good:
                 pixels = torch.stack([prepared[i] for i in good])  # type: ignore[misc]
-                probs = class_probabilities(classifier, pixels)
+                probs = classifier.predict_proba(pixels)
                 for i, preds in zip(
                     good, topk_predictions(probs, classifier.classnames, top_k), strict=True
                 ):
@@ -97,16 +91,3 @@ def predict_files(
                     yield FileResult(path, predictions=results[i])
             bar.update(len(chunk))
     bar.close()
-
-
-@torch.no_grad()
-def class_probabilities(classifier: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """B x C softmax probabilities: the classifier's own ``predict_proba``, or its logits."""
-    if hasattr(classifier, "predict_proba"):
-        return classifier.predict_proba(pixels)
-    tensors = itertools.chain(classifier.parameters(), classifier.buffers())
-    device = next(tensors, pixels).device
-    classifier.eval()
-    with autocast_for(device):
-        logits = classifier(pixels.to(device)).logits
-    return logits.float().softmax(dim=-1).cpu()

@@ -15,7 +15,6 @@ the epoch on the few-shot validation split. The test split never selects anythin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +28,8 @@ from tqdm.auto import tqdm
 from vprompt.data.suite import SUITE, get_suite
 from vprompt.data.tasks import SuiteTask, load_suite_task
 from vprompt.engine.evaluate import evaluate
-from vprompt.engine.fit import fit
+from vprompt.engine.experiment import Experiment, train_and_test
+from vprompt.engine.fit import Selection
 from vprompt.engine.protocol_table import (
     Table,
     base_to_novel_table,
@@ -39,8 +39,10 @@ from vprompt.engine.protocol_table import (
     transfer_table,
 )
 from vprompt.errors import ConfigError
-from vprompt.methods.base import METHODS, apply_overrides, config_to_dict
-from vprompt.methods.presets import apply_config_mapping, get_preset, resolve_method, with_epochs
+from vprompt.methods.base import PromptMethod
+from vprompt.methods.config import config_to_dict
+from vprompt.methods.presets import get_preset, resolve_method
+from vprompt.methods.registry import METHODS
 from vprompt.utils.io import atomic_write_text
 
 ProtocolName = Literal["few-shot", "base-to-novel", "cross-dataset", "domain-gen"]
@@ -137,8 +139,10 @@ class ProtocolRun:
             resolve_method(get_preset(self.preset), self.method)
 
 
-def is_trainable(method: str) -> bool:
-    return hasattr(METHODS.get(method), "trainable_parameters")
+def uses_training_data(method: str) -> bool:
+    """Whether ``method`` learns from each job's training data (its declared capability);
+    methods that do not run once per dataset, without shots."""
+    return METHODS.get(method).capabilities.uses_training_data
 
 
 def plan_jobs(
@@ -160,13 +164,13 @@ def plan_jobs(
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    cls = METHODS.get(method)
-    trainable = is_trainable(method)
-    if protocol != "few-shot" and not hasattr(cls, "retarget"):
+    caps = METHODS.get(method).capabilities
+    trainable = caps.uses_training_data
+    if protocol != "few-shot" and not caps.retargets:
         raise ConfigError(
             f"{protocol} tests a prompt on classes it was not trained on, and method {method!r} "
-            "cannot change its classes (it has no `retarget`); use few-shot, or a text-side "
-            "method (zeroshot, coop, …)"
+            "cannot change its classes (it does not declare `retargets`); use few-shot, or a "
+            "text-side method (zeroshot, coop, …)"
         )
     if trainable and (not shots or not seeds):
         raise ConfigError("give at least one --shots value and one --seeds value")
@@ -205,26 +209,20 @@ def _paper_rank(name: str) -> tuple[int, str]:
 
 # ---------------------------------------------------------------------------- running
 class _Runner:
-    """Holds what jobs share: the frozen backbone, the method class and its base config."""
+    """Holds what jobs share: the frozen backbone and the experiment (method, preset, --set)."""
 
     def __init__(self, run: ProtocolRun) -> None:
         from vprompt.backbones import load_backbone
         from vprompt.backbones.registry import resolve_device
 
         self.run = run
-        self.cls = METHODS.get(run.method)
-        self.trainable = is_trainable(run.method)
-        self.preset = get_preset(run.preset) if run.preset is not None else None
-        config = self.cls.Config()
-        if self.preset is not None:
-            what = f"preset {self.preset.name}"
-            config = apply_config_mapping(config, self.preset.config, what=what)
-        self.base_config = apply_overrides(config, run.overrides)
-        paths = {o.split("=", 1)[0].strip() for o in run.overrides}
-        self.user_keys = {p.split(".")[0] for p in paths}
+        self.experiment = Experiment(run.method, run.preset, run.overrides)
+        self.cls = self.experiment.method_class
+        self.trainable = self.cls.capabilities.uses_training_data
+        preset = self.experiment.preset_spec
         self.epochs_by_shots = (
-            dict(self.preset.epochs_by_shots)
-            if self.preset is not None and "optim.epochs" not in paths
+            dict(preset.epochs_by_shots)
+            if preset is not None and "optim.epochs" not in self.experiment.user_keys
             else {}
         )
         self.device = resolve_device(run.device)
@@ -238,7 +236,7 @@ class _Runner:
     def identity(self) -> dict[str, Any]:
         identity = {
             "method": self.run.method,
-            "config": config_to_dict(self.base_config),
+            "config": config_to_dict(self.experiment.base_config()),
             "model": self.run.model,
             "weights": str(self.backbone.weights),
             "fingerprint": self.backbone.fingerprint(),
@@ -248,58 +246,57 @@ class _Runner:
             identity["epochs_by_shots"] = {str(k): v for k, v in self.epochs_by_shots.items()}
         return identity
 
-    def config_for(self, template: str, shots: int | None = None) -> Any:
-        """The dataset's paper template goes into ``templates``/``template`` config fields
-        unless the user set them; a preset's ``epochs_by_shots`` sets the epochs for ``shots``."""
-        names = {f.name for f in dataclasses.fields(self.base_config)}
-        config = self.base_config
-        if "templates" in names and "templates" not in self.user_keys:
-            config = dataclasses.replace(config, templates=(template,))
-        if "template" in names and "template" not in self.user_keys:
-            config = dataclasses.replace(config, template=template)
-        if self.epochs_by_shots and self.preset is not None:
-            config = with_epochs(config, self.preset.epochs_for(shots))
-        return config
+    def templates(self, task: SuiteTask) -> tuple[str, ...]:
+        """The template(s) the method uses on ``task``'s dataset: its reference's, else the
+        dataset's paper template."""
+        return self.cls.templates_for(task.spec.name, task.template)
 
-    def build(self, task: SuiteTask, shots: int | None = None) -> Any:
-        factory: Callable[..., Any] = getattr(self.cls, "from_config", self.cls)
-        return factory(self.backbone, task.classnames, self.config_for(task.template, shots))
-
-    def train(self, method: Any, task: SuiteTask, job: Job, folder: Path) -> dict[str, Any]:
-        if not self.trainable:
-            return {"selected": None}
-        splits = task.splits()
-        val = splits.val if self.run.select == "best-val" else None
-        kwargs: dict[str, Any] = {}
-        if self.cache is not None:
-            kwargs["feature_cache"] = self.cache
-        result = fit(
-            method,
-            splits.train,
-            val=val,
-            out_dir=folder / "train",
-            device=self.device,
-            seed=job.seed,
-            resume=True,
-            progress=self.run.progress,
-            num_workers=self.run.num_workers,
-            **kwargs,
+    def build(self, task: SuiteTask, shots: int | None = None) -> PromptMethod:
+        return self.experiment.build(
+            self.backbone,
+            task.classnames,
+            shots=shots,
+            dataset=task.spec.name,
+            template=task.template,
         )
+
+    def train_and_test(
+        self, method: PromptMethod, task: SuiteTask, job: Job, folder: Path, desc: str
+    ) -> tuple[dict[str, Any], float]:
+        """Fit on the task's training split (for methods that learn from data), then test."""
+        splits = task.splits() if self.trainable else None
+        val = splits.val if splits is not None else None
+        select: Selection = "best-val" if self.run.select == "best-val" and val else "last"
+        fitted, scores = train_and_test(
+            method,
+            splits.train if splits is not None else None,
+            task.test,
+            out_dir=folder / "train",
+            val=val,
+            select=select,
+            seed=job.seed,
+            device=self.device,
+            feature_cache=self.cache,
+            num_workers=self.run.num_workers,
+            progress=self.run.progress,
+            eval_batch_size=self.run.eval_batch_size,
+            desc=desc,
+        )
+        if fitted is None or splits is None:
+            return {"selected": None}, scores.accuracy
         note = None
         if self.run.select == "best-val" and val is None:
             note = f"{task.spec.title} has no validation split; kept the last epoch"
-        return {
-            "selected": result.selected,
-            "best_epoch": result.best_epoch,
-            "epochs": result.epochs_run,
+        info = {
+            "selected": fitted.selected,
+            "best_epoch": fitted.best_epoch,
+            "epochs": fitted.epochs_run,
             "train_images": len(splits.train),
             "note": note,
         }
+        return info, scores.accuracy
 
-    def test(self, method: Any, task: SuiteTask, desc: str) -> float:
-        kwargs: dict[str, Any] = {}
-        if self.cache is not None:
-            kwargs["feature_cache"] = self.cache
+    def test(self, method: PromptMethod, task: SuiteTask, desc: str) -> float:
         result = evaluate(
             method,
             task.test,
@@ -308,7 +305,7 @@ class _Runner:
             num_workers=self.run.num_workers,
             progress=self.run.progress,
             desc=desc,
-            **kwargs,
+            feature_cache=self.cache,
         )
         return result.accuracy
 
@@ -319,20 +316,19 @@ class _Runner:
             base = load_suite_task(job.dataset, root, shots=k, seed=s, subsample="base")
             new = load_suite_task(job.dataset, root, shots=k, seed=s, subsample="new")
             method = self.build(base, k)
-            info = self.train(method, base, job, folder)
-            b = self.test(method, base, f"{job.dataset} base")
-            n = self.test(method.retarget(new.classnames, templates=[new.template]), new, "new")
+            info, b = self.train_and_test(method, base, job, folder, f"{job.dataset} base")
+            moved = method.retarget(new.classnames, templates=self.templates(new))
+            n = self.test(moved, new, "new")
             return {"metrics": {"base": b, "new": n, "hm": harmonic_mean(b, n)}, "train": info}
         task = load_suite_task(job.dataset, root, shots=job.shots, seed=job.seed)
         method = self.build(task, job.shots)
-        info = self.train(method, task, job, folder)
-        acc = self.test(method, task, f"{job.dataset} test")
+        info, acc = self.train_and_test(method, task, job, folder, f"{job.dataset} test")
         if job.protocol == "few-shot":
             return {"metrics": {"accuracy": acc}, "train": info}
         targets: dict[str, float] = {}
         for name in job.targets:
             target = load_suite_task(name, root)
-            moved = method.retarget(target.classnames, templates=[target.template])
+            moved = method.retarget(target.classnames, templates=self.templates(target))
             targets[name] = self.test(moved, target, f"{name} test")
         return {"metrics": {"source": acc, "targets": targets}, "train": info}
 
@@ -409,15 +405,20 @@ def _finished(folder: Path, job: Job, identity: Mapping[str, Any]) -> dict[str, 
     return dict(record)
 
 
+def dataset_order() -> list[str]:
+    """Every registered dataset once: the papers' order first, then the others by name."""
+    return list(dict.fromkeys([*PAPER_ORDER, *sorted(SUITE.names())]))
+
+
 def build_table(
     protocol: ProtocolName, records: Sequence[Mapping[str, Any]], *, method: str
 ) -> Table:
     """The paper-style table of a protocol's job records."""
     titles = {name: SUITE.get(name).title for name in SUITE.names()}
     if protocol == "few-shot":
-        return few_shot_table(records, titles, [*PAPER_ORDER, *sorted(SUITE.names())])
+        return few_shot_table(records, titles, dataset_order())
     if protocol == "base-to-novel":
-        return base_to_novel_table(records, titles, [*PAPER_ORDER, *sorted(SUITE.names())])
+        return base_to_novel_table(records, titles, dataset_order())
     title = (
         "Cross-dataset transfer (top-1 %)"
         if protocol == "cross-dataset"
@@ -436,7 +437,7 @@ def write_report(
     atomic_write_text(out / "table.csv", table.csv())
     if protocol == "few-shot":
         titles = {name: SUITE.get(name).title for name in SUITE.names()}
-        plot_few_shot(records, titles, [*PAPER_ORDER, *sorted(SUITE.names())], out / "few_shot.png")
+        plot_few_shot(records, titles, dataset_order(), out / "few_shot.png")
     summary = {"protocol": protocol, "records": list(records), "table": table.data}
     _write_json(out / "results.json", summary)
     return summary

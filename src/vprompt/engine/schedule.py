@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vprompt.methods.base import OptimConfig
+from vprompt.methods.config import OptimConfig
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,26 @@
-"""Prompt methods, each registered by name once the package is imported."""
+"""Prompt methods, each registered by name once the package is imported.
+
+Adding a method is one file, one test file and one import line below
+(``docs/adding-a-method.md``).
+"""
 
 from vprompt.methods.base import (
-    METHODS,
+    Capabilities,
+    MethodData,
+    MethodExample,
     MethodOutput,
     Prediction,
     PromptMethod,
-    config_from_dict,
-    config_to_dict,
-    register_method,
 )
+
+# Registration: one import per method module.
 from vprompt.methods.baselines import FullFineTune, LinearProbe
 from vprompt.methods.cocoop import CoCoOp, CoCoOpConfig
+from vprompt.methods.config import OptimConfig, apply_overrides, config_from_dict, config_to_dict
 from vprompt.methods.coop import CoOp, CoOpConfig
 from vprompt.methods.kgcoop import KgCoOp, KgCoOpConfig
 from vprompt.methods.prograd import ProGrad, ProGradConfig, ProGradOutput
+from vprompt.methods.registry import METHODS, register_method
 from vprompt.methods.visual_prompt import MappingOnly, VisualPrompt, VisualPromptConfig
 from vprompt.methods.vpt import VPT, VPTConfig
 from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
@@ -21,6 +28,7 @@ from vprompt.methods.zeroshot import ZeroShotClassifier, ZeroShotConfig
 __all__ = [
     "METHODS",
     "VPT",
+    "Capabilities",
     "CoCoOp",
     "CoCoOpConfig",
     "CoOp",
@@ -30,7 +38,10 @@ __all__ = [
     "KgCoOpConfig",
     "LinearProbe",
     "MappingOnly",
+    "MethodData",
+    "MethodExample",
     "MethodOutput",
+    "OptimConfig",
     "Prediction",
     "ProGrad",
     "ProGradConfig",
@@ -41,6 +52,7 @@ __all__ = [
     "VisualPromptConfig",
     "ZeroShotClassifier",
     "ZeroShotConfig",
+    "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "register_method",

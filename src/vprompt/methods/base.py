@@ -1,16 +1,105 @@
-"""What every prompt method is: a module with a typed config, registered by name."""
+"""What every prompt method is: an ``nn.Module`` over a frozen backbone, with a typed config,
+declared capabilities and one documented lifecycle (``docs/adding-a-method.md``).
+
+Lifecycle, as :func:`vprompt.engine.fit` drives it::
+
+    Method(backbone, classnames, config)   build the prompt tensors (shapes from the config)
+    setup(data)                            once, before the optimizer is built: state whose
+                                           shape or value comes from the training data
+    before_epoch(epoch, data)              before every epoch, in eval mode
+    forward / forward_features             every step, in train mode → MethodOutput
+    backward(loss, output, labels)         instead of loss.backward(), if declared
+    finish(data)                           once, after the kept epoch is restored: calibration
+                                           on validation data (e.g. a hyper-parameter search)
+    prompt_state / load_prompt_state       what packs and checkpoints hold
+
+What a method can do is declared in :class:`Capabilities`; the engine, CLI, protocol runner and
+server read the declaration and never probe a method for members.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
+from PIL import Image
+from torch import nn
 
 from vprompt.errors import ConfigError, PackError
-from vprompt.utils.registry import Registry
+
+InputKind = Literal["images", "image-features"]
+TemplateField = Literal["template", "templates"]
+Batch = tuple[torch.Tensor, torch.Tensor]
+ImageInput = Image.Image | str | PathLike[str]
+M = TypeVar("M", bound="PromptMethod")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared once on its class.
+
+    Attributes:
+        inputs: ``images``: ``forward`` sees pixels from ``input_transform``.
+            ``image-features``: the method sees images only through ``encode_images``
+            (frozen, deterministic), so the engine may train and evaluate it on cached
+            features through ``forward_features``; ``forward(x)`` must equal
+            ``forward_features(encode_images(x))``.
+        trains: ``fit`` runs an optimizer over ``trainable_parameters()`` with the config's
+            ``optim`` section. False for training-free methods (zero-shot, Tip-Adapter).
+        uses_training_data: ``setup`` needs the (few-shot) training set. True for every
+            trainable method and for cache methods such as Tip-Adapter; False only for methods
+            built from class names alone (zero-shot), which protocols run once per dataset.
+        retargets: ``retarget(classnames, templates=…)`` gives the method for other classes
+            (base-to-novel, cross-dataset and domain-generalization protocols need it).
+        template_field: The config field (``template``: one string, ``templates``: a tuple)
+            that protocols fill with each dataset's template(s) unless the user set it, and
+            that ``retarget(templates=…)`` replaces. None when the method reads no template.
+        custom_backward: The engine calls ``backward(loss, output, labels)`` instead of
+            ``loss.backward()``.
+        is_prompt_method: False only for reference baselines that train a copy of the
+            backbone (full fine-tuning): their packs hold model weights, not a prompt.
+    """
+
+    inputs: InputKind = "images"
+    trains: bool = True
+    uses_training_data: bool = True
+    retargets: bool = False
+    template_field: TemplateField | None = None
+    custom_backward: bool = False
+    is_prompt_method: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("images", "image-features"):
+            raise TypeError(
+                f"capabilities.inputs must be images or image-features: {self.inputs!r}"
+            )
+        if self.template_field not in (None, "template", "templates"):
+            raise TypeError(
+                f"capabilities.template_field must be None, template or templates: "
+                f"{self.template_field!r}"
+            )
+        if self.trains and not self.uses_training_data:
+            raise TypeError("a method that trains uses training data (uses_training_data=True)")
+        if self.custom_backward and not self.trains:
+            raise TypeError("custom_backward needs trains=True")
+
+
+@dataclass(frozen=True)
+class MethodExample:
+    """A tiny, fast configuration of a method: what the contract tests run it on.
+
+    Attributes:
+        backbone: A tiny registered backbone (``clip:tiny``, ``torchvision:tiny`` …).
+        config: Nested overrides of the method's default config.
+    """
+
+    backbone: str
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -35,116 +124,34 @@ class Prediction:
     index: int
 
 
-@runtime_checkable
-class PromptMethod(Protocol):
-    """The contract the engine, packs and interfaces rely on."""
+class MethodData(Protocol):
+    """The data a method's hooks see; the engine builds it (:mod:`vprompt.engine.fit_data`).
 
-    name: ClassVar[str]
-    config: Any
-    classnames: list[str]
+    Batches are ``(inputs, labels)`` on the training device, in dataset order: B x D features
+    from ``encode_images`` for ``image-features`` methods (from a feature cache when there is
+    one), otherwise B x 3 x H x W pixels from ``input_transform``.
+    """
 
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        """Only the learned / derived prompt tensors: what a pack stores."""
+    @property
+    def views(self) -> int:
+        """Augmented training views on offer: the method's ``feature_views`` when its training
+        transform augments, else 0 (only the plain view)."""
         ...
 
+    @property
+    def has_val(self) -> bool:
+        """Whether validation data was given."""
+        ...
 
-METHODS: Registry[Any] = Registry("method")
+    def train(self, view: int | None = None) -> Iterator[Batch]:
+        """The training set: plain (``input_transform(False)``), or augmented view ``view``
+        (``input_transform(True)`` under a seed per image and view; the same pixels whether
+        or not a feature cache is used)."""
+        ...
 
-
-def register_method(name: str) -> Any:
-    """Class decorator: register a method under a lower-case name (once)."""
-
-    def wrap(cls: Any) -> Any:
-        if not hasattr(cls, "Config") or not dataclasses.is_dataclass(cls.Config):
-            raise TypeError(f"method {name!r} needs a dataclass `Config`")
-        if not hasattr(cls, "from_state"):
-            raise TypeError(f"method {name!r} needs a `from_state` classmethod")
-        cls.name = name
-        METHODS.register(name, cls)
-        return cls
-
-    return wrap
-
-
-def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Build a frozen config dataclass (nested ones too) from JSON-like data.
-
-    Unknown keys are errors that name the expected keys.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ConfigError(
-            f"{cls.__qualname__}: unknown keys {sorted(unknown)}; expected {sorted(fields)}"
-        )
-    defaults = cls()
-    kw: dict[str, Any] = {}
-    for key, value in data.items():
-        current = getattr(defaults, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            kw[key] = config_from_dict(type(current), value)
-        elif isinstance(value, list):
-            kw[key] = tuple(value)
-        else:
-            kw[key] = value
-    try:
-        return cls(**kw)
-    except TypeError as exc:
-        raise ConfigError(f"{cls.__qualname__}: {exc}") from None
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple | list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
-
-
-def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
-    """Apply ``key=value`` / ``section.key=value`` strings (values parsed as YAML scalars).
-
-    Raises:
-        ConfigError: Malformed items, unknown keys, or values the config rejects.
-    """
-    import yaml
-
-    data = config_to_dict(config)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. optim.lr=0.1)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(
-                f"--set {item!r}: unknown key {key!r}; known: {', '.join(sorted(_flat_keys(data)))}"
-            )
-        node[parts[-1]] = value
-    return config_from_dict(type(config), data)
-
-
-def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            keys += _flat_keys(v, f"{prefix}{k}.")
-        else:
-            keys.append(f"{prefix}{k}")
-    return keys
+    def val(self) -> Iterator[Batch]:
+        """The validation set, plain. Raises ConfigError when there is none."""
+        ...
 
 
 def check_state_keys(method: str, expected: set[str], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -168,160 +175,272 @@ def topk_predictions(
     ]
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer and schedule of a trainable method (paper defaults live in each method).
+class PromptMethod(nn.Module):
+    """The base of every method: what they all share, so a method file holds only its own.
 
-    The schedule is a warmup for ``warmup_epochs`` (``linear``: rising from ``warmup_lr``, or
-    from 0 when it is ``None``; ``constant``: held at ``warmup_lr``), then cosine decay.
-    ``step_unit="iteration"`` updates the rate every iteration and decays to 0 at the end of
-    ``epochs``. ``step_unit="epoch"`` reproduces Dassl's epoch-stepped schedule, which the CoOp
-    family's published numbers use: epoch ``e >= W`` trains at
-    ``lr * (1 + cos(pi * (e - W) / epochs)) / 2``.
-    """
+    A subclass sets ``Config`` (a frozen, default-constructible dataclass with the paper's
+    defaults), ``capabilities`` and ``examples()``, builds its prompt tensors in ``__init__``
+    after calling ``super().__init__`` and defines ``forward`` (``images`` methods) or
+    ``encode_images`` / ``forward_features`` / ``feature_kind`` (``image-features`` methods).
+    Everything else has a default here. :func:`~vprompt.methods.registry.register_method`
+    checks the whole contract when the class is registered.
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 10
-    warmup_epochs: float = 0.0
-    warmup_lr: float | None = None
-    batch_size: int = 128
-    grad_clip: float | None = None
-    warmup_type: Literal["linear", "constant"] = "linear"
-    step_unit: Literal["iteration", "epoch"] = "iteration"
+    The prompt state (packs, checkpoints) is the module's persistent state outside
+    ``backbone``: parameters and persistent buffers. Non-persistent buffers (class text
+    features, normalisation constants) are rebuilt from the config instead.
 
-    def __post_init__(self) -> None:
-        if self.warmup_type not in ("linear", "constant"):
-            raise ConfigError(f"optim.warmup_type must be linear or constant: {self.warmup_type!r}")
-        if self.step_unit not in ("iteration", "epoch"):
-            raise ConfigError(f"optim.step_unit must be iteration or epoch: {self.step_unit!r}")
-        if self.warmup_type == "constant" and self.warmup_epochs > 0 and self.warmup_lr is None:
-            raise ConfigError("optim.warmup_type=constant needs optim.warmup_lr")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ConfigError(f"optim.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError(f"optim.epochs must be >= 0 and batch_size >= 1 ({self})")
-        if self.warmup_epochs < 0 or self.warmup_epochs > max(self.epochs, 0):
-            raise ConfigError(
-                f"optim.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"
-            )
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError(f"optim.weight_decay must be >= 0 and momentum in [0, 1) ({self})")
-
-
-@runtime_checkable
-class TrainableMethod(Protocol):
-    """What the engine needs from a method it trains; the engine never asks which method it is.
-
-    A method holds a frozen backbone and only its own prompt tensors are trainable. ``train()``
-    must keep the backbone in eval mode (frozen BatchNorm statistics stay frozen).
-
-    Optional hook: a method that shapes its own update defines
-    ``backward(loss: Tensor, output: MethodOutput, labels: Tensor) -> None``. The engine then
-    calls it, after ``zero_grad`` and before gradient clipping and the optimizer step, instead
-    of ``loss.backward()``. ``loss`` is the scalar training loss (cross-entropy of
-    ``output.logits`` plus every ``aux_loss`` term), ``output`` what this step's forward
-    returned, ``labels`` the B class indices; the hook must leave ``.grad`` on the trainable
-    parameters (e.g. ProGrad's gradient projected against a distillation gradient).
+    Args:
+        backbone: The frozen backbone (eval mode, ``requires_grad=False``); never changed.
+        classnames: Class names in label order.
+        config: An instance of ``Config``; its defaults when omitted.
     """
 
     name: ClassVar[str]
-    is_prompt_method: ClassVar[bool]
-    """False only for reference baselines that change backbone weights (full fine-tuning)."""
-    config: Any
-    """A frozen dataclass with an ``optim: OptimConfig`` field."""
-    classnames: list[str]
+    """Registered name (set by ``register_method``)."""
+    Config: ClassVar[type[Any]]
+    capabilities: ClassVar[Capabilities]
+    reference_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Dataset name → config values the method's reference code uses on that dataset (its
+    per-dataset configs and templates), applied to runs on that dataset under any preset and
+    ``--set``; a template given here replaces the dataset's standard one."""
+    data_shaped_state: ClassVar[frozenset[str]] = frozenset()
+    """Prompt tensors whose first dimension comes from the training data (e.g. a cache of N
+    training features); loading a pack or checkpoint resizes them instead of refusing."""
+    state_hint: ClassVar[str] = ""
+    """Appended to shape errors when a pack does not fit, e.g. which settings must match."""
+    feature_kind: str
+    """``image-features`` methods: what ``encode_images`` extracts; part of the feature-cache
+    key, so two methods share cached features only when they extract the same thing."""
+
     backbone: Any
+    config: Any
+    classnames: list[str]
 
+    def __init__(self, backbone: Any, classnames: Sequence[str], config: Any = None) -> None:
+        super().__init__()
+        cls = type(self)
+        if config is None:
+            config = cls.Config()
+        elif not isinstance(config, cls.Config):
+            raise ConfigError(
+                f"{cls.__name__} expects a {cls.Config.__name__}, got {type(config).__name__}"
+            )
+        names = [classnames] if isinstance(classnames, str) else list(classnames)
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ConfigError(f"{cls.__name__} needs a non-empty list of non-empty class names")
+        self.backbone = backbone
+        self.classnames = names
+        self.config = config
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def examples(cls) -> Sequence[MethodExample]:
+        """Tiny configurations the contract tests run the method on (one at least)."""
+        raise NotImplementedError(f"{cls.__name__} gives no examples()")
+
+    @classmethod
+    def from_state(
+        cls: type[M],
+        backbone: Any,
+        classnames: Sequence[str],
+        config: Any,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> M:
+        """The method with its prompt state loaded (how packs are applied)."""
+        method = cls(backbone, classnames, config)
+        method.load_prompt_state(tensors)
+        return method
+
+    @classmethod
+    def templates_for(cls, dataset: str, default: str) -> tuple[str, ...]:
+        """The template(s) this method uses on ``dataset``: its reference's (from
+        ``reference_settings``), else the dataset's standard ``default``."""
+        own = cls.reference_settings.get(dataset, {}).get(cls.capabilities.template_field or "")
+        if own is None:
+            return (default,)
+        return (own,) if isinstance(own, str) else tuple(own)
+
+    @classmethod
+    def with_templates(cls, config: Any, templates: Sequence[str] | None) -> Any:
+        """``config`` with ``templates`` in the declared ``template_field`` (unchanged when
+        either is None).
+
+        Raises:
+            ConfigError: A single-``template`` method given other than one template.
+        """
+        field_name = cls.capabilities.template_field
+        if templates is None or field_name is None:
+            return config
+        items = tuple(templates)
+        if field_name == "template":
+            if len(items) != 1:
+                raise ConfigError(
+                    f"{cls.name} compares against one hand-crafted template; got {len(items)}"
+                )
+            return dataclasses.replace(config, template=items[0])
+        return dataclasses.replace(config, templates=items)
+
+    def retarget(
+        self: M, classnames: Sequence[str], *, templates: Sequence[str] | None = None
+    ) -> M:
+        """The same learned prompt applied to other class names (new classes, other datasets).
+
+        The default rebuilds the method for ``classnames`` (with ``templates`` in its template
+        field) and loads the prompt state, which must not depend on the classes.
+
+        Raises:
+            ConfigError: The method does not declare ``retargets``.
+        """
+        if not self.capabilities.retargets:
+            raise ConfigError(f"{self.name} cannot change its classes once built")
+        other = type(self)(self.backbone, classnames, self.with_templates(self.config, templates))
+        other.load_prompt_state(self.prompt_state())
+        return other.train(self.training)
+
+    # ------------------------------------------------------------------ lifecycle hooks
+    def setup(self, data: MethodData) -> None:
+        """Once per run, before the optimizer is built (default: nothing)."""
+        return None
+
+    def before_epoch(self, epoch: int, data: MethodData) -> None:
+        """Before every training epoch, in eval mode (default: nothing). A run with
+        ``optim.epochs == 0`` calls it once with ``epoch=0``."""
+        return None
+
+    def finish(self, data: MethodData) -> None:
+        """Once per run, after training and epoch selection, in eval mode (default: nothing)."""
+        return None
+
+    def backward(self, loss: torch.Tensor, output: MethodOutput, labels: torch.Tensor) -> None:
+        """Fill ``.grad`` of the trainable parameters (only with ``custom_backward``).
+
+        Called after ``zero_grad`` and before gradient clipping and the optimizer step, with
+        ``loss`` = cross-entropy of ``output.logits`` plus every ``aux_loss`` term.
+        """
+        raise NotImplementedError(f"{self.name} does not declare custom_backward")
+
+    # ------------------------------------------------------------------ training
     def trainable_parameters(self) -> list[Any]:
-        """The prompt parameters, or groups ``{"params": [...], "lr_scale": s}`` when some
-        learn at ``s`` times the scheduled rate."""
-        ...
+        """The prompt parameters (everything outside the backbone that requires grad), or
+        groups ``{"params": [...], "lr_scale": s}`` learning at ``s`` times the rate."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not _frozen(n)]
 
-    def input_transform(self, train: bool) -> Any:
-        """PIL image → tensor the method's forward expects (augmentation when ``train``)."""
-        ...
+    def train(self: M, mode: bool = True) -> M:
+        """Switch the prompt's mode; the frozen backbone always stays in eval mode (its
+        BatchNorm statistics and dropout never change)."""
+        super().train(mode)
+        if isinstance(self.backbone, nn.Module):
+            self.backbone.eval()
+        return self
 
-    def forward(self, images: torch.Tensor) -> MethodOutput: ...
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image → the tensor ``forward`` / ``encode_images`` expects (augmented when
+        ``train``). Default: the backbone's own preprocessing."""
+        transform: Callable[[Image.Image], torch.Tensor] = self.backbone.transform
+        return transform
 
-    def before_epoch(self, epoch: int, train_batches: Any) -> None:
-        """Hook run before each training epoch; ``train_batches()`` iterates (images, labels)
-        over the training set without augmentation (used e.g. by iterative label mapping).
-
-        For an :class:`ImageFeatureMethod` it iterates (B x D ``encode_images`` features,
-        labels) instead, whether they come from a feature cache or are encoded on the fly."""
-        ...
-
-    def prompt_state(self) -> dict[str, torch.Tensor]: ...
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+    @property
+    def feature_views(self) -> int:
+        """Augmented training views to cache per image (``image-features`` methods): the
+        config's ``feature_views`` field, else 1."""
+        views = getattr(self.config, "feature_views", 1)
+        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+            raise ConfigError(f"{self.name}: feature_views must be an integer >= 1: {views!r}")
+        return views
 
     def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named 3 x H x W images in [0, 1] for reports (the prompt, prompted examples);
-        ``images`` is a small batch from ``input_transform(False)``."""
-        ...
+        """Named 3 x H x W images in [0, 1] for reports; ``images`` come from
+        ``input_transform(False)``. Default: none."""
+        return {}
 
-
-InputKind = Literal["images", "image-features"]
-
-
-@runtime_checkable
-class ImageFeatureMethod(Protocol):
-    """A method that sees images only through frozen, deterministic image features.
-
-    Declaring ``input_kind = "image-features"`` lets the engine encode every image once, keep
-    the features in a feature cache and train / evaluate on them directly. The method promises
-    that ``forward(images)`` equals ``forward_features(encode_images(images))``, so packs and
-    predictions on pixels behave exactly as training on features did.
-    """
-
-    input_kind: ClassVar[InputKind]
-    feature_kind: str
-    """Names what ``encode_images`` extracts (e.g. ``clip-image-embedding-l2``); part of the
-    cache key, so two methods share cached features only when they extract the same thing."""
-    feature_views: int
-    """Augmented training views to cache per image (>= 1); epoch e trains on view e % N."""
-
+    # ------------------------------------------------------------------ forward
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W pixels from ``input_transform`` → B x D features (frozen, no grad)."""
-        ...
+        """B x 3 x H x W pixels → B x D frozen features (``image-features`` methods)."""
+        raise NotImplementedError(f"{self.name} sees pixels, not features")
 
     def forward_features(self, features: torch.Tensor) -> MethodOutput:
         """B x D features from ``encode_images`` → the output ``forward`` would give."""
-        ...
+        raise NotImplementedError(f"{self.name} sees pixels, not features")
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        """B x 3 x H x W images from ``input_transform`` → B x C logits. Default (for
+        ``image-features`` methods): ``forward_features(encode_images(images))``."""
+        return self.forward_features(self.encode_images(images))
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
+        """Images (PIL images, paths, or a B x 3 x H x W tensor from ``input_transform(False)``)
+        → B x C softmax probabilities on the CPU, in eval mode (bf16 autocast on CUDA)."""
+        from vprompt.data.images import load_image
+        from vprompt.utils.precision import autocast_for
+
+        if not isinstance(images, torch.Tensor):
+            transform = self.input_transform(False)
+            pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+            images = torch.stack([transform(im) for im in pils])
+        device = next(itertools.chain(self.parameters(), self.buffers()), images).device
+        was = self.training
+        self.eval()
+        try:
+            with autocast_for(device):
+                logits = self(images.to(device)).logits
+        finally:
+            self.train(was)
+        return logits.float().softmax(dim=-1).cpu()
+
+    def predict(
+        self, images: Sequence[ImageInput] | torch.Tensor, top_k: int = 5
+    ) -> list[list[Prediction]]:
+        """Top-k labels per image with softmax probabilities, highest first."""
+        return topk_predictions(self.predict_proba(images), self.classnames, top_k)
+
+    # ------------------------------------------------------------------ state
+    def prompt_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors of the prompt state, by name: the module's persistent state outside
+        the backbone. Override only when the state lives elsewhere (e.g. in a buffer that is
+        otherwise rebuilt); :meth:`prompt_state` and :meth:`load_prompt_state` follow it."""
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if not _frozen(k)}
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        """Only the learned / derived prompt tensors (on CPU): what a pack stores."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.prompt_tensors().items()}
+
+    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy prompt tensors into the method, refusing other names, shapes or kinds.
+
+        Raises:
+            PackError: Missing or unexpected names, a shape that does not fit (only the first
+                dimension of ``data_shaped_state`` tensors may differ), or a floating-point
+                tensor where an integer one belongs (or the reverse).
+        """
+        own = self.prompt_tensors()
+        check_state_keys(self.name, set(own), tensors)
+        hint = f" {self.state_hint}" if self.state_hint else ""
+        for key in sorted(own):
+            target, value = own[key], tensors[key]
+            if value.dtype.is_floating_point != target.dtype.is_floating_point:
+                raise PackError(
+                    f"{self.name} tensor {key!r} is {str(value.dtype).removeprefix('torch.')}, "
+                    f"expected {str(target.dtype).removeprefix('torch.')}"
+                )
+            fits = tuple(value.shape) == tuple(target.shape)
+            if key in self.data_shaped_state:
+                fits = value.dim() == target.dim() and value.shape[1:] == target.shape[1:]
+            if not fits:
+                raise PackError(
+                    f"{self.name} tensor {key!r} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(target.shape)}{hint}"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                value = tensors[key].to(target.device, target.dtype)
+                if value.shape == target.shape:
+                    target.copy_(value)
+                else:  # a data-shaped tensor: take the stored size
+                    target.data = value.clone()
 
 
-_FEATURE_MEMBERS = ("feature_kind", "encode_images", "forward_features")
-
-
-def uses_image_features(method: Any) -> bool:
-    """Whether ``method`` declares ``input_kind = "image-features"`` (absent means images).
-
-    Raises:
-        TypeError: It declares so but lacks a member of :class:`ImageFeatureMethod`, or its
-            ``feature_views`` is not an integer >= 1.
-    """
-    kind = getattr(method, "input_kind", "images")
-    if kind == "images":
-        return False
-    if kind != "image-features":
-        raise TypeError(f"input_kind must be 'images' or 'image-features', got {kind!r}")
-    missing = [m for m in _FEATURE_MEMBERS if not hasattr(method, m)]
-    if missing:
-        raise TypeError(
-            f"{type(method).__name__} declares input_kind 'image-features' but has no {missing}"
-        )
-    feature_views(method)
-    return True
-
-
-def feature_views(method: Any) -> int:
-    """The method's number of cached augmented training views (default 1)."""
-    views = getattr(method, "feature_views", 1)
-    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
-        raise TypeError(f"{type(method).__name__}.feature_views must be an int >= 1: {views!r}")
-    return views
+def _frozen(name: str) -> bool:
+    """Whether a state / parameter name belongs to the frozen backbone."""
+    return name == "backbone" or name.startswith("backbone.")

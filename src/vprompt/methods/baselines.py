@@ -9,9 +9,9 @@ copied from stays untouched.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +21,25 @@ from torch import nn
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError
-from vprompt.methods.base import (
-    InputKind,
-    MethodOutput,
-    OptimConfig,
-    check_state_keys,
-    register_method,
-)
+from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.clip_common import CLIP_IMAGE_FEATURES
+from vprompt.methods.config import OptimConfig
+from vprompt.methods.registry import register_method
 
 
-def _features(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """B x 3 x H x W normalized pixels → B x F frozen features (CLIP: unit-norm embeddings)."""
+def frozen_features(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W normalized pixels → B x F features (CLIP: unit-norm embeddings;
+    classifiers: the penultimate layer)."""
     if isinstance(backbone, ImageTextBackbone):
         return F.normalize(backbone.encode_image(pixels).float(), dim=-1)
     return backbone.features(pixels).float()
+
+
+def backbone_feature_kind(backbone: Any) -> str:
+    """The feature-cache kind of :func:`frozen_features` on ``backbone``."""
+    if isinstance(backbone, ImageTextBackbone):
+        return CLIP_IMAGE_FEATURES
+    return "classifier-penultimate"
 
 
 def _feature_dim(backbone: Any) -> int:
@@ -96,88 +101,41 @@ class LinearProbeConfig:
 
 
 @register_method("linear-probe")
-class LinearProbe(nn.Module):
+class LinearProbe(PromptMethod):
     """Baseline: logistic regression on the frozen backbone's penultimate features.
 
-    It sees images only through frozen features (``input_kind = "image-features"``), so the
-    engine may train it on cached features.
+    It sees images only through frozen features (``inputs="image-features"``), so the engine
+    may train it on cached features. Learned tensors: ``head.weight``, ``head.bias``.
     """
 
     Config = LinearProbeConfig
-    is_prompt_method: ClassVar[bool] = True
-    input_kind: ClassVar[InputKind] = "image-features"
-    name: ClassVar[str]
+    capabilities = Capabilities(inputs="image-features")
 
     def __init__(
         self, backbone: Any, classnames: Sequence[str], config: LinearProbeConfig | None = None
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classnames = list(classnames)
-        self.config = config or LinearProbeConfig()
+        super().__init__(backbone, classnames, config)
         self.head = nn.Linear(_feature_dim(backbone), len(self.classnames))
         self.to(next(backbone.parameters()).device)
 
     @classmethod
-    def from_state(
-        cls,
-        backbone: Any,
-        classnames: Sequence[str],
-        config: LinearProbeConfig,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> LinearProbe:
-        method = cls(backbone, classnames, config)
-        method.load_prompt_state(tensors)
-        return method
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
-
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        return {
-            f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()
-        }
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        check_state_keys("linear-probe", set(self.prompt_state()), tensors)
-        self.head.load_state_dict(
-            {k.removeprefix("head."): v for k, v in tensors.items()}, strict=True
-        )
-
-    def train(self, mode: bool = True) -> LinearProbe:
-        super().train(mode)
-        self.backbone.eval()
-        return self
+    def examples(cls) -> list[MethodExample]:
+        return [MethodExample("torchvision:tiny"), MethodExample("clip:tiny")]
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         return _image_transform(self.backbone, train, self.config.augment, self.config.image_size)
 
-    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
-        return None
-
-    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
-
     @property
-    def feature_kind(self) -> str:
-        if isinstance(self.backbone, ImageTextBackbone):
-            return "clip-image-embedding-l2"
-        return "classifier-penultimate"
-
-    @property
-    def feature_views(self) -> int:
-        return self.config.feature_views
+    def feature_kind(self) -> str:  # type: ignore[override]
+        return backbone_feature_kind(self.backbone)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W pixels → B x F frozen features (CLIP: unit-norm embeddings)."""
         with torch.no_grad():
-            return _features(self.backbone, pixels)
+            return frozen_features(self.backbone, pixels)
 
     def forward_features(self, features: torch.Tensor) -> MethodOutput:
         return MethodOutput(logits=self.head(features))
-
-    def forward(self, images: torch.Tensor) -> MethodOutput:
-        return self.forward_features(self.encode_images(images))
 
 
 @dataclass(frozen=True)
@@ -203,23 +161,19 @@ class FullFineTuneConfig:
 
 
 @register_method("full-finetune")
-class FullFineTune(nn.Module):
+class FullFineTune(PromptMethod):
     """Upper reference: fine-tunes a *copy* of the backbone plus a new linear head.
 
     Not a prompt method: its pack holds every weight of the tuned copy.
     """
 
     Config = FullFineTuneConfig
-    is_prompt_method: ClassVar[bool] = False
-    name: ClassVar[str]
+    capabilities = Capabilities(inputs="images", is_prompt_method=False)
 
     def __init__(
         self, backbone: Any, classnames: Sequence[str], config: FullFineTuneConfig | None = None
     ) -> None:
-        super().__init__()
-        self.backbone = backbone  # frozen original: identity and fingerprint for the pack
-        self.classnames = list(classnames)
-        self.config = config or FullFineTuneConfig()
+        super().__init__(backbone, classnames, config)
         self.tuned = copy.deepcopy(backbone)
         for p in self.tuned.parameters():
             p.requires_grad_(True)
@@ -227,50 +181,17 @@ class FullFineTune(nn.Module):
         self.to(next(backbone.parameters()).device)
 
     @classmethod
-    def from_state(
-        cls,
-        backbone: Any,
-        classnames: Sequence[str],
-        config: FullFineTuneConfig,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> FullFineTune:
-        method = cls(backbone, classnames, config)
-        method.load_prompt_state(tensors)
-        return method
+    def examples(cls) -> list[MethodExample]:
+        return [MethodExample("torchvision:tiny")]
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.tuned.parameters()) + list(self.head.parameters())
-
-    def prompt_state(self) -> dict[str, torch.Tensor]:
+    def prompt_tensors(self) -> dict[str, torch.Tensor]:
         # The wrapped model's own state dict: adapters may alias sub-modules (e.g. the head).
-        state = {f"tuned.{k}": v for k, v in self.tuned.model.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        check_state_keys("full-finetune", set(self.prompt_state()), tensors)
-        self.tuned.model.load_state_dict(
-            {k.removeprefix("tuned."): v for k, v in tensors.items() if k.startswith("tuned.")},
-            strict=True,
-        )
-        self.head.load_state_dict(
-            {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")},
-            strict=True,
-        )
-
-    def train(self, mode: bool = True) -> FullFineTune:
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        state = {f"tuned.{k}": v for k, v in self.tuned.model.state_dict(keep_vars=True).items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict(keep_vars=True).items()})
+        return state
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         return _image_transform(self.backbone, train, self.config.augment, self.config.image_size)
 
-    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
-        return None
-
-    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
-
     def forward(self, images: torch.Tensor) -> MethodOutput:
-        return MethodOutput(logits=self.head(_features(self.tuned, images)))
+        return MethodOutput(logits=self.head(frozen_features(self.tuned, images)))

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +26,17 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
-from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import (
-    InputKind,
-    MethodOutput,
-    OptimConfig,
-    check_state_keys,
-    register_method,
+from vprompt.errors import ConfigError
+from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.clip_common import (
+    CLIP_IMAGE_FEATURES,
+    clip_input_transform,
+    require_image_text,
+    unit_image_features,
 )
-from vprompt.methods.coop import clip_train_transform, coop_optim
+from vprompt.methods.config import OptimConfig
+from vprompt.methods.coop import coop_optim
+from vprompt.methods.registry import register_method
 from vprompt.methods.text_context import PromptAssembler, init_context
 
 
@@ -127,17 +129,16 @@ def assemble_conditional(
 
 
 @register_method("cocoop")
-class CoCoOp(nn.Module):
+class CoCoOp(PromptMethod):
     """Conditional Context Optimization: a shared context shifted by a Meta-Net of the image.
 
     Learned tensors (the pack): ``ctx`` (M x W) and the Meta-Net's ``meta_net.*`` weights.
     """
 
-    is_prompt_method: ClassVar[bool] = True
-    input_kind: ClassVar[InputKind] = "image-features"
-    feature_kind = "clip-image-embedding-l2"
-    name: ClassVar[str]
     Config = CoCoOpConfig
+    capabilities = Capabilities(inputs="image-features", retargets=True)
+    feature_kind = CLIP_IMAGE_FEATURES
+    state_hint = "(n_ctx, meta_reduction and the backbone must match)"
 
     def __init__(
         self,
@@ -145,20 +146,22 @@ class CoCoOp(nn.Module):
         classnames: Sequence[str],
         config: CoCoOpConfig | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(backbone, ImageTextBackbone):
-            raise ConfigError("cocoop learns text prompts: it needs a CLIP-like backbone")
-        config = config or CoCoOpConfig()
-        self.backbone = backbone
-        self.classnames = list(classnames)
-        vectors, m = init_context(
-            backbone, n_ctx=config.n_ctx, init=config.ctx_init, std=config.init_std
-        )
-        self.config = dataclasses.replace(config, n_ctx=m)
+        super().__init__(backbone, classnames, config)
+        clip = require_image_text(backbone, "cocoop")
+        cfg = self.config
+        vectors, m = init_context(clip, n_ctx=cfg.n_ctx, init=cfg.ctx_init, std=cfg.init_std)
+        self.config = dataclasses.replace(cfg, n_ctx=m)
         self.ctx = nn.Parameter(vectors.float())  # M x W, fp32 even under bf16 autocast
-        self.meta_net = build_meta_net(backbone.embed_dim, vectors.shape[-1], config.meta_reduction)
-        self.assembler = PromptAssembler(backbone, self.classnames, n_ctx=m, position="end")
-        self.to(backbone.logit_scale.device)
+        self.meta_net = build_meta_net(clip.embed_dim, vectors.shape[-1], cfg.meta_reduction)
+        self.assembler = PromptAssembler(clip, self.classnames, n_ctx=m, position="end")
+        self.to(clip.logit_scale.device)
+
+    @classmethod
+    def examples(cls) -> list[MethodExample]:
+        return [
+            MethodExample("clip:tiny"),
+            MethodExample("clip:tiny", {"ctx_init": "", "n_ctx": 3, "prompt_batch": 5}),
+        ]
 
     # ------------------------------------------------------------------ prompts
     def conditional_context(self, features: torch.Tensor) -> torch.Tensor:
@@ -188,7 +191,7 @@ class CoCoOp(nn.Module):
                 first, last = start // c, (stop - 1) // c
                 sos = self.assembler.token_prefix[:1].expand(last - first + 1, -1, -1)
                 own = ctx[first : last + 1].to(sos.dtype)
-                out = self.backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
+                out = self.backbone.encode_text_shared_prefix(
                     torch.cat([sos, own], dim=1),  # G x (1 + M) x W
                     self.assembler.token_suffix[classes],
                     eot,
@@ -202,8 +205,7 @@ class CoCoOp(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W pixels → B x D unit-norm image features (frozen)."""
-        with torch.no_grad():
-            return F.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+        return unit_image_features(self.backbone, pixels)
 
     def forward_features(self, features: torch.Tensor) -> MethodOutput:
         """B x D unit-norm image features → B x C logits."""
@@ -212,76 +214,8 @@ class CoCoOp(nn.Module):
         scale = self.backbone.logit_scale.float()
         return MethodOutput(logits=scale * torch.einsum("bd,bcd->bc", feats, text))
 
-    def forward(self, images: torch.Tensor) -> MethodOutput:
-        return self.forward_features(self.encode_images(images))
-
-    # ------------------------------------------------------------------ engine protocol
-    @property
-    def feature_views(self) -> int:
-        return int(self.config.feature_views)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.ctx, *self.meta_net.parameters()]
-
-    def train(self, mode: bool = True) -> CoCoOp:
-        super().train(mode)
-        if isinstance(self.backbone, nn.Module):
-            self.backbone.eval()  # frozen: never in training mode
-        return self
-
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-        if train and self.config.augment:
-            return clip_train_transform(self.backbone)
-        return self.backbone.transform
-
-    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
-        return None
-
-    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
-
-    # ------------------------------------------------------------------ state
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        state = {"ctx": self.ctx.detach()}
-        state.update({f"meta_net.{k}": v.detach() for k, v in self.meta_net.state_dict().items()})
-        return {k: v.float().cpu().contiguous() for k, v in state.items()}
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        own = {"ctx": self.ctx}
-        own.update({f"meta_net.{k}": p for k, p in self.meta_net.named_parameters()})
-        expected = set(own)
-        check_state_keys(self.name, expected, tensors)
-        for key in sorted(expected):
-            target, value = own[key], tensors[key]
-            if value.shape != target.shape:
-                raise PackError(
-                    f"{self.name} tensor {key!r} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(target.shape)} (n_ctx, meta_reduction and the backbone must match)"
-                )
-        with torch.no_grad():
-            for key in expected:
-                own[key].copy_(tensors[key].to(own[key].device, own[key].dtype))
-
-    @classmethod
-    def from_state(
-        cls,
-        backbone: ImageTextBackbone,
-        classnames: Sequence[str],
-        config: CoCoOpConfig,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> CoCoOp:
-        method = cls(backbone, classnames, config)
-        method.load_prompt_state(tensors)
-        return method
-
-    def retarget(
-        self, classnames: Sequence[str], *, templates: Sequence[str] | None = None
-    ) -> CoCoOp:
-        """The learned context and Meta-Net applied to other class names (``templates`` are
-        not used: CoCoOp's prompts have no hand-written part besides the class name)."""
-        other = type(self)(self.backbone, classnames, self.config)
-        other.load_prompt_state(self.prompt_state())
-        return other.train(self.training)
+        return clip_input_transform(self.backbone, train and self.config.augment)
 
     def extra_repr(self) -> str:
         return (

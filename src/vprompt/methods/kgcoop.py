@@ -13,17 +13,31 @@ SGD lr 0.002, 100 epochs, 1 constant warm-up epoch at 1e-5, cosine, ``CTX_INIT: 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.errors import ConfigError
-from vprompt.methods.base import MethodOutput, OptimConfig, register_method
-from vprompt.methods.coop import CoOpConfig, TextContextMethod, coop_optim
+from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.clip_common import (
+    CLIP_IMAGE_FEATURES,
+    clip_input_transform,
+    clip_logits,
+    require_image_text,
+    unit_image_features,
+)
+from vprompt.methods.config import OptimConfig
+from vprompt.methods.coop import CoOpConfig, coop_optim
+from vprompt.methods.registry import register_method
+from vprompt.methods.text_context import (
+    ContextTextFeatures,
+    learned_context,
+    refuse_class_specific,
+)
 from vprompt.methods.zeroshot import encode_class_prompts
 
 
@@ -49,23 +63,6 @@ def template_text_features(
     (underscores read as spaces, as the reference does)."""
     names = [name.replace("_", " ") for name in classnames]
     return encode_class_prompts(backbone, [[template.format(name)] for name in names])
-
-
-def config_with_template(config: Any, templates: Sequence[str] | None) -> Any:
-    """``config`` with its ``template`` replaced by the single template in ``templates``.
-
-    Raises:
-        ConfigError: Not exactly one template, or one without a single ``{}``.
-    """
-    if templates is None:
-        return config
-    items = list(templates)
-    if len(items) != 1:
-        raise ConfigError(
-            f"this method compares against one hand-crafted template; got {len(items)} templates"
-        )
-    check_template(items[0], "retarget")
-    return dataclasses.replace(config, template=items[0])
 
 
 @dataclass(frozen=True)
@@ -96,14 +93,17 @@ class KgCoOpConfig(CoOpConfig):
 
 
 @register_method("kgcoop")
-class KgCoOp(TextContextMethod):
+class KgCoOp(PromptMethod):
     """Knowledge-guided Context Optimization: CE plus the distance to the hand-crafted prompt.
 
     During training :meth:`forward_features` returns the knowledge term as
-    ``aux_loss["kg"]``; in eval mode it returns logits only.
+    ``aux_loss["kg"]``; in eval mode it returns logits only. Learned tensors: ``ctx``.
     """
 
     Config = KgCoOpConfig
+    capabilities = Capabilities(inputs="image-features", retargets=True, template_field="template")
+    feature_kind = CLIP_IMAGE_FEATURES
+    state_hint = "(n_ctx, class-specific context and classes must match)"
     handcrafted: torch.Tensor  # C x D, unit norm (buffer, rebuilt from the template)
 
     def __init__(
@@ -112,14 +112,32 @@ class KgCoOp(TextContextMethod):
         classnames: Sequence[str],
         config: KgCoOpConfig | None = None,
     ) -> None:
-        super().__init__(backbone, classnames, config or KgCoOpConfig())
-        hand = template_text_features(backbone, self.classnames, self.config.template)
+        super().__init__(backbone, classnames, config)
+        clip = require_image_text(backbone, "kgcoop")
+        self.ctx, self.assembler, self.config = learned_context(clip, self.classnames, self.config)
+        self._text = ContextTextFeatures(clip, self.assembler, self.config.class_chunk)
+        hand = template_text_features(clip, self.classnames, self.config.template)
         self.register_buffer("handcrafted", hand, persistent=False)
+        self.to(clip.logit_scale.device)
+
+    @classmethod
+    def examples(cls) -> list[MethodExample]:
+        return [
+            MethodExample("clip:tiny", {"n_ctx": 4}),
+            MethodExample("clip:tiny", {"ctx_init": "", "n_ctx": 2, "class_specific": True}),
+        ]
+
+    def text_features(self) -> torch.Tensor:
+        """C x D unit-norm class text features of the learned context."""
+        return self._text(self.ctx, training=self.training)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return unit_image_features(self.backbone, pixels)
 
     def forward_features(self, features: torch.Tensor) -> MethodOutput:
         """B x D unit-norm image features → B x C logits (+ ``aux_loss["kg"]`` in training)."""
         text = self.text_features()  # C x D
-        logits = self.backbone.logit_scale.float() * features.float() @ text.T
+        logits = clip_logits(self.backbone, features, text)
         if not self.training:
             return MethodOutput(logits=logits)
         return MethodOutput(logits=logits, aux_loss={"kg": self.knowledge_loss(text)})
@@ -130,8 +148,16 @@ class KgCoOp(TextContextMethod):
         cos = (text * self.handcrafted).sum(dim=-1)  # C
         return self.config.kg_weight * (1.0 - cos.mean())
 
-    def _retarget_config(self, templates: Sequence[str] | None) -> Any:
-        return config_with_template(self.config, templates)
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        return clip_input_transform(self.backbone, train and self.config.augment)
+
+    def retarget(self, classnames: Sequence[str], *, templates: Sequence[str] | None = None) -> Any:
+        """The learned context on other classes, kept close to ``templates`` (one template)."""
+        refuse_class_specific(self.name, self.config)
+        return super().retarget(classnames, templates=templates)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kg_weight={self.config.kg_weight}"
+        return (
+            f"backbone={self.backbone.name}, classes={len(self.classnames)}, "
+            f"n_ctx={self.config.n_ctx}, kg_weight={self.config.kg_weight}"
+        )

@@ -19,14 +19,14 @@ Files are read with ``yaml.safe_load`` only.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from vprompt.errors import ConfigError, UnknownNameError
-from vprompt.methods.base import METHODS, config_from_dict, config_to_dict
+from vprompt.methods.config import apply_config_mapping, with_epochs
+from vprompt.methods.registry import METHODS
 from vprompt.utils.registry import close_matches
 
 _PACKAGE_DIR = "configs"
@@ -83,44 +83,6 @@ class Preset:
             "config": _plain(self.config),
             "epochs_by_shots": {str(k): v for k, v in sorted(self.epochs_by_shots.items())},
         }
-
-
-def apply_config_mapping(config: Any, data: Mapping[str, Any], *, what: str = "config") -> Any:
-    """``config`` with the nested mapping ``data`` merged over it, key by key.
-
-    Raises:
-        ConfigError: Unknown keys (named with their section) or values the config rejects.
-    """
-    merged = config_to_dict(config)
-
-    def merge(node: dict[str, Any], patch: Mapping[str, Any], prefix: str) -> None:
-        for key, value in patch.items():
-            path = f"{prefix}{key}"
-            if key not in node:
-                known = ", ".join(sorted(node))
-                raise ConfigError(f"{what}: unknown config key {path!r}; known: {known}")
-            if isinstance(node[key], dict):
-                if not isinstance(value, Mapping):
-                    raise ConfigError(f"{what}: {path!r} is a section; give it a mapping")
-                merge(node[key], value, f"{path}.")
-            else:
-                node[key] = value
-
-    merge(merged, data, "")
-    try:
-        return config_from_dict(type(config), merged)
-    except ConfigError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
-
-
-def with_epochs(config: Any, epochs: int | None) -> Any:
-    """``config`` with ``optim.epochs`` replaced (unchanged when ``epochs`` is None)."""
-    if epochs is None:
-        return config
-    optim = getattr(config, "optim", None)
-    if optim is None:
-        raise ConfigError(f"{type(config).__name__} has no optim section to set epochs on")
-    return dataclasses.replace(config, optim=dataclasses.replace(optim, epochs=int(epochs)))
 
 
 def _plain(value: Any) -> Any:

@@ -18,19 +18,34 @@ Defaults follow BeierZhu/Prompt-align: ``ProGrad.public/configs/trainers/ProGrad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.errors import ConfigError
-from vprompt.methods.base import MethodOutput, OptimConfig, register_method
-from vprompt.methods.coop import CoOpConfig, TextContextMethod, coop_optim
-from vprompt.methods.kgcoop import check_template, config_with_template, template_text_features
-from vprompt.methods.text_context import init_context
+from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.clip_common import (
+    CLIP_IMAGE_FEATURES,
+    clip_input_transform,
+    clip_logits,
+    require_image_text,
+    unit_image_features,
+)
+from vprompt.methods.config import OptimConfig
+from vprompt.methods.coop import CoOpConfig, coop_optim
+from vprompt.methods.kgcoop import check_template, template_text_features
+from vprompt.methods.registry import register_method
+from vprompt.methods.text_context import (
+    ContextTextFeatures,
+    init_context,
+    learned_context,
+    refuse_class_specific,
+)
 
 
 @dataclass(frozen=True)
@@ -109,14 +124,23 @@ def project_conflicting(grad: torch.Tensor, reference: torch.Tensor, lam: float)
 
 
 @register_method("prograd")
-class ProGrad(TextContextMethod):
+class ProGrad(PromptMethod):
     """Prompt-aligned gradient: CoOp's loss, its update projected off the zero-shot conflict.
 
     :meth:`forward_features` returns a :class:`ProGradOutput` (with the zero-shot logits in
     training); the engine then calls :meth:`backward` instead of ``loss.backward()``.
+    Learned tensors: ``ctx``.
     """
 
     Config = ProGradConfig
+    capabilities = Capabilities(
+        inputs="image-features",
+        retargets=True,
+        template_field="template",
+        custom_backward=True,
+    )
+    feature_kind = CLIP_IMAGE_FEATURES
+    state_hint = "(n_ctx, class-specific context and classes must match)"
     handcrafted: torch.Tensor  # C x D, unit norm (buffer, rebuilt from the template)
 
     def __init__(
@@ -125,27 +149,48 @@ class ProGrad(TextContextMethod):
         classnames: Sequence[str],
         config: ProGradConfig | None = None,
     ) -> None:
-        super().__init__(backbone, classnames, config or ProGradConfig())
+        super().__init__(backbone, classnames, config)
+        clip = require_image_text(backbone, "prograd")
+        self.ctx, self.assembler, self.config = learned_context(clip, self.classnames, self.config)
+        self._text = ContextTextFeatures(clip, self.assembler, self.config.class_chunk)
         cfg = self.config
         if cfg.init_from_template and not cfg.ctx_init.strip():
-            vectors = template_context(backbone, cfg.template, cfg.n_ctx)
+            vectors = template_context(clip, cfg.template, cfg.n_ctx)
             if vectors is not None:
                 with torch.no_grad():
                     self.ctx.copy_(vectors.to(self.ctx.device).expand_as(self.ctx))
-        hand = template_text_features(backbone, self.classnames, cfg.template)
+        hand = template_text_features(clip, self.classnames, cfg.template)
         self.register_buffer("handcrafted", hand, persistent=False)
+        self.to(clip.logit_scale.device)
+
+    @classmethod
+    def examples(cls) -> list[MethodExample]:
+        return [
+            MethodExample("clip:tiny", {"n_ctx": 8}),
+            MethodExample(
+                "clip:tiny",
+                {"init_from_template": False, "n_ctx": 4, "class_token_position": "middle"},
+            ),
+        ]
+
+    def text_features(self) -> torch.Tensor:
+        """C x D unit-norm class text features of the learned context."""
+        return self._text(self.ctx, training=self.training)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return unit_image_features(self.backbone, pixels)
 
     def forward_features(self, features: torch.Tensor) -> ProGradOutput:
         """B x D unit-norm image features → B x C logits (+ zero-shot logits in training)."""
-        text = self.text_features()  # C x D
-        scale = self.backbone.logit_scale.float()
-        feats = features.float()
-        logits = scale * feats @ text.T
+        logits = clip_logits(self.backbone, features, self.text_features())
         if not self.training:
             return ProGradOutput(logits=logits)
         with torch.no_grad():
-            zeroshot = scale * feats @ self.handcrafted.T
+            zeroshot = clip_logits(self.backbone, features, self.handcrafted)
         return ProGradOutput(logits=logits, zeroshot_logits=zeroshot)
+
+    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        return clip_input_transform(self.backbone, train and self.config.augment)
 
     def distill_loss(self, logits: torch.Tensor, zeroshot_logits: torch.Tensor) -> torch.Tensor:
         """T² · KL(softmax(zero-shot / T) ‖ softmax(logits / T)), summed over classes and
@@ -169,14 +214,13 @@ class ProGrad(TextContextMethod):
             labels: B class indices (the loss already holds them; unused here).
         """
         del labels
-        zeroshot = getattr(output, "zeroshot_logits", None)
-        if zeroshot is None:
+        if not isinstance(output, ProGradOutput) or output.zeroshot_logits is None:
             raise ValueError(
                 "ProGrad.backward needs the training-mode output of ProGrad's forward "
                 "(with zero-shot logits)"
             )
         params = [p for p in self.trainable_parameters() if p.requires_grad]
-        kl = self.distill_loss(output.logits, zeroshot)
+        kl = self.distill_loss(output.logits, output.zeroshot_logits)
         kl_grads = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
         loss.backward()
         lam = self.config.grad_lambda
@@ -184,8 +228,13 @@ class ProGrad(TextContextMethod):
             if param.grad is not None and kl_grad is not None:
                 param.grad = project_conflicting(param.grad, kl_grad, lam)
 
-    def _retarget_config(self, templates: Sequence[str] | None) -> Any:
-        return config_with_template(self.config, templates)
+    def retarget(self, classnames: Sequence[str], *, templates: Sequence[str] | None = None) -> Any:
+        """The learned context on other classes, with ``templates`` (one) as the teacher."""
+        refuse_class_specific(self.name, self.config)
+        return super().retarget(classnames, templates=templates)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, grad_lambda={self.config.grad_lambda}"
+        return (
+            f"backbone={self.backbone.name}, classes={len(self.classnames)}, "
+            f"n_ctx={self.config.n_ctx}, grad_lambda={self.config.grad_lambda}"
+        )

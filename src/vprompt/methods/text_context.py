@@ -14,8 +14,9 @@ result is identical to running the full 77-token context.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -197,3 +198,70 @@ def encode_prompts(
             out = run(part_ctx)
         feats.append(out.float())
     return F.normalize(torch.cat(feats), dim=-1)
+
+
+def learned_context(
+    backbone: ImageTextBackbone, classnames: Sequence[str], config: Any
+) -> tuple[nn.Parameter, PromptAssembler, Any]:
+    """CoOp's learned context for a config with ``n_ctx``, ``ctx_init``, ``class_specific``,
+    ``class_token_position`` and ``init_std``.
+
+    Returns:
+        The context parameter (M x W shared, or C x M x W class-specific; fp32 even under bf16
+        autocast), the assembler of the class prompts around it, and ``config`` with
+        ``n_ctx`` = M (the ``ctx_init`` phrase's token count when it is given).
+    """
+    vectors, m = init_context(
+        backbone, n_ctx=config.n_ctx, init=config.ctx_init, std=config.init_std
+    )
+    if config.class_specific:
+        if config.ctx_init.strip():
+            vectors = vectors.unsqueeze(0).repeat(len(classnames), 1, 1)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            shape = (len(classnames), m, vectors.shape[-1])
+            vectors = torch.randn(shape, generator=gen) * config.init_std
+    assembler = PromptAssembler(backbone, classnames, n_ctx=m, position=config.class_token_position)
+    return nn.Parameter(vectors.float()), assembler, dataclasses.replace(config, n_ctx=m)
+
+
+class ContextTextFeatures:
+    """The class text features of a learned context through ``assembler`` (``chunk`` classes
+    per text-encoder call, checkpointed), computed once per context value while nothing trains
+    (eval mode, no grad), so inference costs what zero-shot costs."""
+
+    def __init__(
+        self, backbone: ImageTextBackbone, assembler: PromptAssembler, chunk: int | None
+    ) -> None:
+        self.backbone, self.assembler, self.chunk = backbone, assembler, chunk
+        self._key: tuple[int, int, str] | None = None
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, ctx: torch.Tensor, *, training: bool) -> torch.Tensor:
+        """C x D unit-norm features of ``ctx``."""
+        if training or torch.is_grad_enabled():
+            return self._compute(ctx)
+        # In-place updates bump _version; .to()/load replace the storage (data_ptr).
+        key = (ctx._version, ctx.data_ptr(), str(ctx.device))
+        if self._value is None or self._key != key:
+            self._key, self._value = key, self._compute(ctx)
+        return self._value
+
+    def _compute(self, ctx: torch.Tensor) -> torch.Tensor:
+        chunk = self.chunk
+        return encode_prompts(
+            self.backbone, self.assembler, ctx, chunk=chunk, checkpointed=chunk is not None
+        )
+
+
+def refuse_class_specific(method: str, config: Any) -> None:
+    """Refuse to move a class-specific context to other classes (it has no vectors for them).
+
+    Raises:
+        ConfigError: ``config.class_specific`` is set.
+    """
+    if config.class_specific:
+        raise ConfigError(
+            f"a class-specific {method} context has no vectors for unseen classes; "
+            "train with class_specific=false to transfer"
+        )

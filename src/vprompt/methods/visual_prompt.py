@@ -7,21 +7,22 @@ on CLIP the "mapping" is the text prompts (class embeddings from templates).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError
-from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
+from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.config import OptimConfig
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
 from vprompt.methods.pixel_prompt import PixelPrompt, PixelRange, PromptKind
+from vprompt.methods.registry import register_method
 
 MappingChoice = Literal["auto", "text", "random", "frequency", "iterative", "linear"]
 
@@ -120,8 +121,11 @@ def _resolve(config: VisualPromptConfig, backbone: Any) -> VisualPromptConfig:
 
 
 @register_method("visual-prompt")
-class VisualPrompt(nn.Module):
+class VisualPrompt(PromptMethod):
     """Learned pixels around (or on) the image, read out through a label mapping.
+
+    Learned tensors (the pack): ``pixels.prompt`` and the mapping's ``mapping.*`` state
+    (source indices, the calibration flag, the linear map's weights).
 
     Args:
         backbone: Frozen classifier (``torchvision:…``, ``timm:…``) or CLIP backbone.
@@ -130,8 +134,8 @@ class VisualPrompt(nn.Module):
     """
 
     Config = VisualPromptConfig
-    is_prompt_method: ClassVar[bool] = True
-    name: ClassVar[str]
+    # On CLIP the mapping is the class text features of ``templates``.
+    capabilities = Capabilities(inputs="images", template_field="templates")
     mean: torch.Tensor  # 1 x 3 x 1 x 1 (buffer)
     std: torch.Tensor
     class_embeddings: torch.Tensor  # C x D, CLIP backbones only (buffer)
@@ -139,10 +143,8 @@ class VisualPrompt(nn.Module):
     def __init__(
         self, backbone: Any, classnames: Sequence[str], config: VisualPromptConfig | None = None
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classnames = list(classnames)
-        self.config = cfg = _resolve(config or self.Config(), backbone)
+        super().__init__(backbone, classnames, config)
+        self.config = cfg = _resolve(self.config, backbone)
         assert cfg.canvas_size is not None
         assert cfg.inner_size is not None
         assert cfg.pad_width is not None
@@ -174,19 +176,34 @@ class VisualPrompt(nn.Module):
             )
         self.to(self._backbone_device())
 
-    # ------------------------------------------------------------------ engine contract
     @classmethod
-    def from_state(
-        cls,
-        backbone: Any,
-        classnames: Sequence[str],
-        config: VisualPromptConfig,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> VisualPrompt:
-        method = cls(backbone, classnames, config)
-        method.load_prompt_state(tensors)
-        return method
+    def examples(cls) -> list[MethodExample]:
+        small = {"canvas_size": 64}
+        return [
+            MethodExample(
+                "torchvision:tiny",
+                {"kind": "padding", "mapping": "frequency", **small, "inner_size": 48},
+            ),
+            MethodExample(
+                "torchvision:tiny",
+                {"kind": "fixed-patch", "mapping": "linear", **small, "inner_size": 64},
+            ),
+            MethodExample(
+                "torchvision:tiny",
+                {"kind": "random-patch", "mapping": "random", **small, "inner_size": 64},
+            ),
+            MethodExample(
+                "torchvision:tiny",
+                {"kind": "full", "mapping": "iterative", **small, "inner_size": 40},
+            ),
+            MethodExample("clip:tiny", {"kind": "padding", "inner_size": 24}),
+            MethodExample(
+                "torchvision:tiny",
+                {"kind": "padding", "pixel_range": "free", "mapping": "linear", "inner_size": 48},
+            ),
+        ]
 
+    # ------------------------------------------------------------------ engine contract
     def trainable_parameters(self) -> list[Any]:
         prompt = [self.pixels.prompt] if self.pixels.prompt is not None else []
         mapping = list(self.mapping.parameters()) if self.mapping is not None else []
@@ -197,51 +214,30 @@ class VisualPrompt(nn.Module):
             {"params": mapping, "lr_scale": self.config.mapping_lr_scale},
         ]
 
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {}
-        if self.pixels.prompt is not None:
-            state["pixels.prompt"] = self.pixels.prompt.detach()
-        if self.mapping is not None:
-            for key, value in self.mapping.state_dict().items():
-                state[f"mapping.{key}"] = value.detach()
-        return {k: v.cpu().contiguous() for k, v in state.items()}
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        check_state_keys("visual-prompt", set(self.prompt_state()), tensors)
-        with torch.no_grad():
-            if self.pixels.prompt is not None:
-                self.pixels.prompt.copy_(tensors["pixels.prompt"])
-            if self.mapping is not None:
-                self.mapping.load_state_dict(
-                    {
-                        k.removeprefix("mapping."): v
-                        for k, v in tensors.items()
-                        if k.startswith("mapping.")
-                    },
-                    strict=True,
-                )
-
-    def train(self, mode: bool = True) -> VisualPrompt:
-        super().train(mode)
-        self.backbone.eval()  # frozen BatchNorm statistics must never update
-        return self
-
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """The image resized to the inner size, in [0, 1] (flipped at random when training with
         ``augment``); batchable, so in-memory datasets skip the per-image path."""
         return ResizeToTensor(int(self.config.inner_size or 0), flip=train and self.config.augment)
 
-    def before_epoch(
-        self, epoch: int, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-    ) -> None:
-        if self.mapping is None or not self.mapping.needs_update(epoch):
-            return
+    def setup(self, data: MethodData) -> None:
+        """Estimate a frequency label mapping (FLM) once, before any training."""
+        mapping = self.mapping
+        if mapping is not None and mapping.kind == "frequency" and mapping.needs_update(0):
+            self._remap(data)
+
+    def before_epoch(self, epoch: int, data: MethodData) -> None:
+        """Re-estimate an iterative label mapping (ILM) with the current prompt."""
+        if self.mapping is not None and self.mapping.kind == "iterative":
+            self._remap(data)
+
+    def _remap(self, data: MethodData) -> None:
+        assert self.mapping is not None
         was = self.training
         self.eval()
         device = self._backbone_device()
         self.mapping.update(
             lambda x: self.source_logits(self.pixels(x.to(device))),
-            train_batches(),
+            data.train(),
             max_samples=self.config.mapping_samples,
         )
         self.train(was)
@@ -292,16 +288,16 @@ class MappingOnly(VisualPrompt):
     """Baseline: the frozen model read out through a label mapping, with no prompt.
 
     With ``frequency`` mapping nothing is trained (``epochs=0``; the mapping is estimated on the
-    training set); with ``linear`` mapping only the linear map is trained.
+    training set); with ``linear`` mapping only the linear map is trained. A variant of
+    :class:`VisualPrompt` that changes only its defaults and refuses a prompt.
     """
 
     Config = MappingOnlyConfig
 
     def __init__(
-        self, backbone: Any, classnames: Sequence[str], config: VisualPromptConfig | None = None
+        self, backbone: Any, classnames: Sequence[str], config: MappingOnlyConfig | None = None
     ) -> None:
-        cfg = config or MappingOnlyConfig()
-        if cfg.kind != "none":
+        if config is not None and config.kind != "none":
             raise ConfigError(
                 "mapping-only has no prompt; use --method visual-prompt for kind != none"
             )
@@ -311,4 +307,13 @@ class MappingOnly(VisualPrompt):
                 f"mapping-only on {backbone.name} (an image-text model) is zero-shot "
                 "classification; use --method zeroshot"
             )
-        super().__init__(backbone, classnames, cfg)
+        super().__init__(backbone, classnames, config)
+
+    @classmethod
+    def examples(cls) -> list[MethodExample]:
+        return [
+            MethodExample(
+                "torchvision:tiny", {"mapping": "linear", "canvas_size": 64, "inner_size": 64}
+            ),
+            MethodExample("torchvision:tiny", {"mapping": "frequency", "inner_size": 48}),
+        ]

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,10 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone, TokenBackbone
-from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import MethodOutput, OptimConfig, check_state_keys, register_method
+from vprompt.errors import ConfigError
+from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.config import OptimConfig
+from vprompt.methods.registry import register_method
 
 PromptInit = Literal["xavier", "normal", "zeros"]
 HeadChoice = Literal["auto", "linear", "text"]
@@ -148,7 +150,7 @@ def _patch_size(backbone: Any) -> int:
 
 
 @register_method("vpt")
-class VPT(nn.Module):
+class VPT(PromptMethod):
     """Visual Prompt Tuning: learned tokens in a frozen ViT, read out by a linear or text head.
 
     Shapes: B images, P prefix tokens, n = ``num_tokens``, N patch tokens, D token width,
@@ -162,16 +164,15 @@ class VPT(nn.Module):
     """
 
     Config = VPTConfig
-    is_prompt_method: ClassVar[bool] = True
-    name: ClassVar[str]
+    # CLIP's text head is built from ``templates``.
+    capabilities = Capabilities(inputs="images", template_field="templates")
+    state_hint = "(layers x tokens x width)"
 
     def __init__(
         self, backbone: Any, classnames: Sequence[str], config: VPTConfig | None = None
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classnames = list(classnames)
-        self.config = cfg = _resolve(config or self.Config(), backbone)
+        super().__init__(backbone, classnames, config)
+        self.config = cfg = _resolve(self.config, backbone)
         self.num_prefix_tokens = int(backbone.num_prefix_tokens)
         self._is_clip = isinstance(backbone, ImageTextBackbone)
         width = int(backbone.vision_width)
@@ -201,60 +202,20 @@ class VPT(nn.Module):
             )
         self.to(self._backbone_device())
 
-    # ------------------------------------------------------------------ engine contract
     @classmethod
-    def from_state(
-        cls,
-        backbone: Any,
-        classnames: Sequence[str],
-        config: VPTConfig,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> VPT:
-        method = cls(backbone, classnames, config)
-        method.load_prompt_state(tensors)
-        return method
+    def examples(cls) -> list[MethodExample]:
+        return [
+            MethodExample("timm:tiny-vit", {"num_tokens": 4}),
+            MethodExample("timm:tiny-vit", {"num_tokens": 3, "deep": True}),
+            MethodExample("clip:tiny", {"num_tokens": 4}),
+            MethodExample("clip:tiny", {"num_tokens": 3, "deep": True}),
+        ]
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = [] if self.prompts is None else [self.prompts]
-        return params + ([] if self.head is None else list(self.head.parameters()))
-
+    # ------------------------------------------------------------------ engine contract
     @property
     def num_prompt_parameters(self) -> int:
         """Learned prompt values (the head excluded)."""
         return 0 if self.prompts is None else self.prompts.numel()
-
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {}
-        if self.prompts is not None:
-            state["prompts"] = self.prompts.detach()
-        if self.head is not None:
-            state.update({f"head.{k}": v.detach() for k, v in self.head.state_dict().items()})
-        return {k: v.cpu().contiguous() for k, v in state.items()}
-
-    def load_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        check_state_keys("vpt", set(self.prompt_state()), tensors)
-        with torch.no_grad():
-            if self.prompts is not None:
-                if tuple(tensors["prompts"].shape) != tuple(self.prompts.shape):
-                    raise PackError(
-                        f"vpt prompts have shape {tuple(tensors['prompts'].shape)}, "
-                        f"expected {tuple(self.prompts.shape)} (layers x tokens x width)"
-                    )
-                self.prompts.copy_(tensors["prompts"])
-            if self.head is not None:
-                self.head.load_state_dict(
-                    {
-                        k.removeprefix("head."): v
-                        for k, v in tensors.items()
-                        if k.startswith("head.")
-                    },
-                    strict=True,
-                )
-
-    def train(self, mode: bool = True) -> VPT:
-        super().train(mode)
-        self.backbone.eval()  # frozen dropout / BatchNorm stay off; only the prompt dropout trains
-        return self
 
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         from torchvision import transforms as T
@@ -262,9 +223,6 @@ class VPT(nn.Module):
         if not (train and self.config.augment):
             return self.backbone.transform
         return T.Compose([T.RandomHorizontalFlip(), self.backbone.transform])
-
-    def before_epoch(self, epoch: int, train_batches: Callable[[], Iterable[Any]]) -> None:
-        return None
 
     def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The prompt values as a grey image: one row per token, layer after layer."""

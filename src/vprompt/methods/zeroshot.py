@@ -5,32 +5,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch import nn
 from tqdm.auto import tqdm
 
 from vprompt.backbones.protocols import ImageTextBackbone
-from vprompt.data.images import load_image
 from vprompt.errors import ConfigError, PackError
-from vprompt.methods.base import (
-    InputKind,
-    MethodOutput,
-    Prediction,
-    register_method,
-    topk_predictions,
+from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.clip_common import (
+    CLIP_IMAGE_FEATURES,
+    clip_logits,
+    require_image_text,
+    unit_image_features,
 )
+from vprompt.methods.registry import register_method
 from vprompt.prompts.text import (
     build_class_prompts,
     load_class_list,
     load_descriptions,
     resolve_templates,
 )
-
-ImageInput = Image.Image | str | Path
 
 
 @torch.no_grad()
@@ -93,7 +88,7 @@ class ZeroShotConfig:
 
 
 @register_method("zeroshot")
-class ZeroShotClassifier(nn.Module):
+class ZeroShotClassifier(PromptMethod):
     """Classify images by similarity to text-prompt class embeddings.
 
     Class embeddings are computed once, in batches, when the classifier is built.
@@ -101,54 +96,64 @@ class ZeroShotClassifier(nn.Module):
     Args:
         backbone: A frozen image-text backbone (``load_backbone("clip:…")``).
         classnames: Class names, or a comma-separated string of them.
+        config: Build from a config's ``templates`` (how protocols build it); not together
+            with ``templates`` / ``descriptions``.
         templates: Template set name, template file, a single template, or a list (see
             :func:`vprompt.prompts.resolve_templates`). Defaults to ``"a photo of a {}."``
             unless only descriptions are given.
         descriptions: CuPL-style ``{class: [sentences]}`` mapping or JSON file.
         batch_size: Sentences per text-encoder forward.
+        class_embeddings: C x D embeddings to use instead of encoding any prompt (a pack's);
+            ``config`` then records how they were made.
     """
 
-    name = "zeroshot"
     Config = ZeroShotConfig
     # Images enter only through frozen embeddings, so evaluation may read cached features.
-    input_kind: ClassVar[InputKind] = "image-features"
-    feature_kind = "clip-image-embedding-l2"
-    feature_views = 1
+    capabilities = Capabilities(
+        inputs="image-features",
+        trains=False,
+        uses_training_data=False,
+        retargets=True,
+        template_field="templates",
+    )
+    feature_kind = CLIP_IMAGE_FEATURES
     class_embeddings: torch.Tensor  # C x D, unit norm (buffer)
 
     def __init__(
         self,
         backbone: ImageTextBackbone,
         classnames: Sequence[str] | str,
+        config: ZeroShotConfig | None = None,
         *,
         templates: str | Sequence[str | Callable[[str], str]] | None = None,
         descriptions: str | Path | Mapping[str, Sequence[str]] | None = None,
         batch_size: int = 256,
-        _class_embeddings: torch.Tensor | None = None,
-        _config: ZeroShotConfig | None = None,
+        class_embeddings: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classnames = load_class_list(classnames)
-        if _class_embeddings is not None and _config is not None:
-            self.config = _config
-            embeddings = _class_embeddings
-        else:
-            desc = (
-                load_descriptions(descriptions, self.classnames)
-                if descriptions is not None
-                else None
-            )
+        names = load_class_list(classnames)
+        clip = require_image_text(backbone, "zeroshot")
+        if config is not None and (templates is not None or descriptions is not None):
+            raise ConfigError("give a zero-shot config or templates / descriptions, not both")
+        if class_embeddings is None:
+            if config is not None:
+                if config.descriptions:
+                    raise ConfigError(
+                        "a zero-shot config with descriptions=true cannot be rebuilt from the "
+                        "config alone; pass descriptions= to ZeroShotClassifier"
+                    )
+                templates = list(config.templates)
+            desc = load_descriptions(descriptions, names) if descriptions is not None else None
             temps = resolve_templates(templates) if (templates or desc is None) else ()
-            self.config = ZeroShotConfig(templates=temps, descriptions=desc is not None)
-            prompts = build_class_prompts(self.classnames, temps, desc)
-            embeddings = encode_class_prompts(backbone, prompts, batch_size=batch_size)
-        if embeddings.shape != (len(self.classnames), backbone.embed_dim):
-            raise PackError(
-                f"class embeddings have shape {tuple(embeddings.shape)}, expected "
-                f"({len(self.classnames)}, {backbone.embed_dim}) for {backbone.name}"
-            )
-        self.register_buffer("class_embeddings", embeddings.float(), persistent=False)
+            config = ZeroShotConfig(templates=temps, descriptions=desc is not None)
+            prompts = build_class_prompts(names, temps, desc)
+            class_embeddings = encode_class_prompts(clip, prompts, batch_size=batch_size)
+        super().__init__(clip, names, config)
+        self.register_buffer("class_embeddings", class_embeddings.float(), persistent=False)
+        self.to(clip.logit_scale.device)
+
+    @classmethod
+    def examples(cls) -> list[MethodExample]:
+        return [MethodExample("clip:tiny", {"templates": ["a photo of a {}.", "art of the {}."]})]
 
     @classmethod
     def from_state(
@@ -162,26 +167,10 @@ class ZeroShotClassifier(nn.Module):
             raise PackError(
                 f"zeroshot pack must hold exactly 'class_embeddings', found {sorted(tensors)}"
             )
-        device = backbone.logit_scale.device
-        return cls(
-            backbone,
-            list(classnames),
-            _class_embeddings=tensors["class_embeddings"].to(device),
-            _config=config,
-        )
-
-    @classmethod
-    def from_config(
-        cls, backbone: ImageTextBackbone, classnames: Sequence[str], config: ZeroShotConfig
-    ) -> ZeroShotClassifier:
-        """Build from a config's templates (protocol runs; descriptions need a file, not a
-        config, so a description-based classifier is built with ``descriptions=`` instead)."""
-        if config.descriptions:
-            raise ConfigError(
-                "a zero-shot config with descriptions=true cannot be rebuilt from the config "
-                "alone; pass descriptions= to ZeroShotClassifier"
-            )
-        return cls(backbone, list(classnames), templates=list(config.templates))
+        shape = (len(list(classnames)), int(backbone.embed_dim))
+        method = cls(backbone, classnames, config, class_embeddings=torch.zeros(shape))
+        method.load_prompt_state(tensors)
+        return method
 
     def retarget(
         self, classnames: Sequence[str], *, templates: Sequence[str] | None = None
@@ -192,46 +181,23 @@ class ZeroShotClassifier(nn.Module):
             templates: Templates for the new classes (e.g. the target dataset's); default: the
                 ones this classifier was built with.
         """
-        temps = list(templates) if templates is not None else list(self.config.templates)
+        temps = tuple(templates) if templates is not None else self.config.templates
         if not temps:
             raise ConfigError("retargeting a description-only classifier needs templates")
-        return type(self)(self.backbone, list(classnames), templates=temps)
+        config = ZeroShotConfig(templates=temps, descriptions=False)
+        return type(self)(self.backbone, list(classnames), config).train(self.training)
 
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        return {"class_embeddings": self.class_embeddings.detach().float().cpu().contiguous()}
-
-    def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-        """The backbone's own preprocessing (nothing is trained, so no augmentation)."""
-        return self.backbone.transform
+    def prompt_tensors(self) -> dict[str, torch.Tensor]:
+        # A buffer, not persistent state: rebuilt from prompts unless a pack supplies it.
+        return {"class_embeddings": self.class_embeddings}
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W preprocessed pixels → B x D unit-norm image embeddings (frozen)."""
-        with torch.no_grad():
-            return F.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+        return unit_image_features(self.backbone, pixels)
 
     def forward_features(self, features: torch.Tensor) -> MethodOutput:
         """B x D unit-norm image embeddings → B x C logits."""
-        scale = self.backbone.logit_scale.float()
-        return MethodOutput(logits=scale * features.float() @ self.class_embeddings.T)
-
-    def forward(self, images: torch.Tensor) -> MethodOutput:
-        """B x 3 x H x W preprocessed pixels → B x C logits."""
-        return self.forward_features(self.encode_images(images))
-
-    @torch.no_grad()
-    def predict_proba(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
-        """Images (PIL, paths, or a preprocessed B x 3 x H x W tensor) → B x C probabilities."""
-        if not isinstance(images, torch.Tensor):
-            pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-            images = torch.stack([self.backbone.transform(im) for im in pils])
-        images = images.to(self.class_embeddings.device)
-        return self.forward(images).logits.softmax(dim=-1)
-
-    def predict(
-        self, images: Sequence[ImageInput] | torch.Tensor, top_k: int = 5
-    ) -> list[list[Prediction]]:
-        """Top-k labels per image with softmax probabilities, highest first."""
-        return topk_predictions(self.predict_proba(images), self.classnames, top_k)
+        return MethodOutput(logits=clip_logits(self.backbone, features, self.class_embeddings))
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone.name}, classes={len(self.classnames)}"

@@ -22,8 +22,8 @@ from PIL import Image
 from vprompt.backbones.registry import load_backbone
 from vprompt.backbones.seggpt import EmbeddingType, SegGptBackbone
 from vprompt.data.images import DEFAULT_MAX_PIXELS, open_rgb
-from vprompt.engine.runtime import precision_autocast, resolve_precision
 from vprompt.errors import ConfigError, PromptError
+from vprompt.utils.precision import precision_autocast, resolve_precision
 
 ImageInput = Image.Image | str | os.PathLike[str]
 

@@ -26,11 +26,11 @@ from PIL import Image
 from vprompt.backbones.registry import load_backbone
 from vprompt.backbones.sam import SamBackbone
 from vprompt.data.images import DEFAULT_MAX_PIXELS, open_rgb
-from vprompt.engine.runtime import precision_autocast, resolve_precision
 from vprompt.errors import ConfigError, PromptError
 from vprompt.prompts.resize import MaskPostprocess
 from vprompt.prompts.spatial import MaskLogits, ObjectPrompt, PromptSet
 from vprompt.segment.cache import EmbeddingCache, image_key
+from vprompt.utils.precision import precision_autocast, resolve_precision
 
 MASK_THRESHOLD = 0.0
 STABILITY_OFFSET = 1.0  # SAM's automatic mask generator default

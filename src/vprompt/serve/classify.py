@@ -18,9 +18,8 @@ from PIL import Image
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.backbones.registry import load_backbone
 from vprompt.engine.pack import build_from_pack, load_pack
-from vprompt.engine.predict import class_probabilities
 from vprompt.errors import ConfigError, PackError, PromptError
-from vprompt.methods.base import Prediction, topk_predictions
+from vprompt.methods.base import Prediction, PromptMethod
 from vprompt.methods.zeroshot import ZeroShotClassifier
 from vprompt.prompts.text import load_class_list
 from vprompt.serve.errors import ApiError
@@ -129,12 +128,6 @@ class Classifiers:
         return classifier
 
 
-def predict_image(method: Any, image: Image.Image, top_k: int) -> list[Prediction]:
+def predict_image(method: PromptMethod, image: Image.Image, top_k: int) -> list[Prediction]:
     """Top-k labels of one RGB image, preprocessed as ``vprompt predict`` does. Model call."""
-    if hasattr(method, "input_transform"):
-        transform = method.input_transform(False)
-    else:
-        transform = method.backbone.transform
-    pixels = transform(image)[None]  # 1 x 3 x H x W
-    probs = class_probabilities(method, pixels)
-    return topk_predictions(probs, method.classnames, top_k)[0]
+    return method.predict([image], top_k=top_k)[0]

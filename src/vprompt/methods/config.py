@@ -1,0 +1,179 @@
+"""Method configs: frozen dataclasses, their JSON form, ``--set`` overrides, and the optimizer
+settings every trainable method shares."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vprompt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule of a trainable method (paper defaults live in each method).
+
+    The schedule is a warmup for ``warmup_epochs`` (``linear``: rising from ``warmup_lr``, or
+    from 0 when it is ``None``; ``constant``: held at ``warmup_lr``), then cosine decay.
+    ``step_unit="iteration"`` updates the rate every iteration and decays to 0 at the end of
+    ``epochs``. ``step_unit="epoch"`` reproduces Dassl's epoch-stepped schedule, which the CoOp
+    family's published numbers use: epoch ``e >= W`` trains at
+    ``lr * (1 + cos(pi * (e - W) / epochs)) / 2``. ``eps`` is Adam's / AdamW's epsilon (torch's
+    default; Tip-Adapter-F trains with 1e-4).
+    """
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 10
+    warmup_epochs: float = 0.0
+    warmup_lr: float | None = None
+    batch_size: int = 128
+    grad_clip: float | None = None
+    warmup_type: Literal["linear", "constant"] = "linear"
+    step_unit: Literal["iteration", "epoch"] = "iteration"
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.warmup_type not in ("linear", "constant"):
+            raise ConfigError(f"optim.warmup_type must be linear or constant: {self.warmup_type!r}")
+        if self.step_unit not in ("iteration", "epoch"):
+            raise ConfigError(f"optim.step_unit must be iteration or epoch: {self.step_unit!r}")
+        if self.warmup_type == "constant" and self.warmup_epochs > 0 and self.warmup_lr is None:
+            raise ConfigError("optim.warmup_type=constant needs optim.warmup_lr")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"optim.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"optim.epochs must be >= 0 and batch_size >= 1 ({self})")
+        if self.warmup_epochs < 0 or self.warmup_epochs > max(self.epochs, 0):
+            raise ConfigError(
+                f"optim.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"
+            )
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.weight_decay must be >= 0 and momentum in [0, 1) ({self})")
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Build a frozen config dataclass (nested ones too) from JSON-like data.
+
+    Unknown keys are errors that name the expected keys.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__qualname__}: unknown keys {sorted(unknown)}; expected {sorted(fields)}"
+        )
+    defaults = cls()
+    kw: dict[str, Any] = {}
+    for key, value in data.items():
+        current = getattr(defaults, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            kw[key] = config_from_dict(type(current), value)
+        elif isinstance(value, list):
+            kw[key] = tuple(value)
+        else:
+            kw[key] = value
+    try:
+        return cls(**kw)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__qualname__}: {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Apply ``key=value`` / ``section.key=value`` strings (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: Malformed items, unknown keys, or values the config rejects.
+    """
+    import yaml
+
+    data = config_to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(
+                f"--set {item!r}: unknown key {key!r}; known: {', '.join(sorted(_flat_keys(data)))}"
+            )
+        node[parts[-1]] = value
+    return config_from_dict(type(config), data)
+
+
+def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            keys += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def apply_config_mapping(config: Any, data: Mapping[str, Any], *, what: str = "config") -> Any:
+    """``config`` with the nested mapping ``data`` merged over it, key by key.
+
+    Raises:
+        ConfigError: Unknown keys (named with their section) or values the config rejects.
+    """
+    merged = config_to_dict(config)
+
+    def merge(node: dict[str, Any], patch: Mapping[str, Any], prefix: str) -> None:
+        for key, value in patch.items():
+            path = f"{prefix}{key}"
+            if key not in node:
+                known = ", ".join(sorted(node))
+                raise ConfigError(f"{what}: unknown config key {path!r}; known: {known}")
+            if isinstance(node[key], dict):
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{what}: {path!r} is a section; give it a mapping")
+                merge(node[key], value, f"{path}.")
+            else:
+                node[key] = value
+
+    merge(merged, data, "")
+    try:
+        return config_from_dict(type(config), merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def with_epochs(config: Any, epochs: int | None) -> Any:
+    """``config`` with ``optim.epochs`` replaced (unchanged when ``epochs`` is None)."""
+    if epochs is None:
+        return config
+    optim = getattr(config, "optim", None)
+    if optim is None:
+        raise ConfigError(f"{type(config).__name__} has no optim section to set epochs on")
+    return dataclasses.replace(config, optim=dataclasses.replace(optim, epochs=int(epochs)))
