@@ -273,3 +273,28 @@ def test_base_to_novel_with_coop_through_the_cli(data_root: Path, tmp_path: Path
     assert record["train"]["epochs"] == 2
     assert record["train"]["train_images"] == 6  # 2 shots x 3 base classes (of 5)
     assert (out / "jobs" / "dtd" / "shots_2" / "seed_1" / "train" / "prompt.safetensors").is_file()
+
+
+@pytest.mark.parametrize("protocol", ["few-shot", "base-to-novel"])
+def test_tables_list_each_dataset_once(protocol: str, data_root: Path, tmp_path: Path) -> None:
+    """The runner's own dataset order (paper order, then the rest) must not repeat a dataset:
+    every paper dataset is also a registered one."""
+    from vprompt.engine.protocol import ProtocolRun, run_protocol
+
+    run = ProtocolRun(
+        protocol=protocol,  # type: ignore[arg-type]
+        method="zeroshot",
+        model="clip:tiny",
+        weights="none",
+        data_root=data_root,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    jobs = plan_jobs(protocol, method="zeroshot", datasets=["dtd", "eurosat"])  # type: ignore[arg-type]
+    summary = run_protocol(run, jobs)
+    table = (tmp_path / "table.md").read_text()
+    for title in ("DTD", "EuroSAT"):
+        assert table.count(f"| {title} |") == 1, table
+    assert set(summary["table"]) >= {"dtd", "eurosat"}
+    csv_rows = (tmp_path / "table.csv").read_text().splitlines()
+    assert sum(line.startswith("DTD,") for line in csv_rows) == 1
