@@ -1,9 +1,20 @@
 """Prompt methods, each registered by name once the package is imported.
 
-Adding a method is one file, one test file and one import line below
-(``docs/adding-a-method.md``).
+Importing a method module registers its methods: adding a method is one file, one test file
+and its module's name in the registration import below (``docs/adding-a-method.md``).
 """
 
+# Registration: every method module, imported once.
+from vprompt.methods import (  # noqa: F401
+    baselines,
+    cocoop,
+    coop,
+    kgcoop,
+    prograd,
+    visual_prompt,
+    vpt,
+    zeroshot,
+)
 from vprompt.methods.base import (
     Capabilities,
     MethodData,
@@ -12,8 +23,6 @@ from vprompt.methods.base import (
     Prediction,
     PromptMethod,
 )
-
-# Registration: one import per method module.
 from vprompt.methods.baselines import FullFineTune, LinearProbe
 from vprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vprompt.methods.config import OptimConfig, apply_overrides, config_from_dict, config_to_dict
