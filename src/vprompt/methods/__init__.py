@@ -11,6 +11,7 @@ from vprompt.methods import (  # noqa: F401
     coop,
     kgcoop,
     prograd,
+    tip_adapter,
     visual_prompt,
     vpt,
     zeroshot,
