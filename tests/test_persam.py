@@ -15,8 +15,8 @@ from vprompt.errors import ConfigError, PromptError, UnknownNameError
 from vprompt.prompts.resize import ResizeLongestSide, ResizeSquare
 from vprompt.prompts.spatial import Box
 from vprompt.segment import persam as persam_mod
+from vprompt.segment.incontext import SEGMENTATION_METHODS
 from vprompt.segment.persam import (
-    PERSONALIZERS,
     ConceptReference,
     PerSAM,
     PerSAMConfig,
@@ -325,7 +325,10 @@ def test_personalize_one_result_per_target(seg):
     assert [len(r.points) for r in results] == [2, 2]
     single = personalize(seg, refs, _photo(120, 160, 4))
     np.testing.assert_array_equal(single[0].mask, results[1].mask)
-    assert PERSONALIZERS.names() == ["persam", "persam-f"]
+    on_sam = [
+        n for n in SEGMENTATION_METHODS.names() if SEGMENTATION_METHODS.get(n).family == "sam"
+    ]
+    assert on_sam == ["persam", "persam-f"]
 
 
 # --- errors ---

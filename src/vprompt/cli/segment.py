@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from vprompt.cli.common import device_option, friendly_errors, main, precision_option
+from vprompt.segment.automatic import AutomaticMaskConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,8 +62,8 @@ def segmenter_options(fn: F, *, default_model: str | None = "sam:vit-base") -> F
     return fn
 
 
-def build_segmenter(
-    model: str,
+def segmenter_options_from(
+    model: str | None,
     weights: str | None,
     device: str,
     precision: str,
@@ -71,21 +71,28 @@ def build_segmenter(
     no_embedding_cache: bool,
     max_pixels: int | None,
 ) -> Any:
+    """The :class:`~vprompt.segment.incontext.SegmenterOptions` the shared options give."""
     from vprompt.data.images import DEFAULT_MAX_PIXELS
-    from vprompt.segment import EmbeddingCache, Segmenter
+    from vprompt.segment.incontext import SegmenterOptions, default_embedding_cache
 
     disk: Path | None = None
     if not no_embedding_cache:
-        default = Path(os.environ.get("VPROMPT_CACHE", Path.home() / ".cache" / "vprompt"))
-        disk = Path(embedding_cache) if embedding_cache else default / "sam-embeddings"
-    return Segmenter.load(
-        model,
-        weights,
+        disk = Path(embedding_cache) if embedding_cache else default_embedding_cache()
+    return SegmenterOptions(
+        model=model,
+        weights=weights,
         device=device,
-        cache=EmbeddingCache(disk_dir=disk),
         precision=precision,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        embedding_cache=disk,
     )
+
+
+def build_segmenter(**seg_opts: Any) -> Any:
+    """The SAM-family segmenter the shared options name."""
+    from vprompt.segment import Segmenter
+
+    return Segmenter.from_options(segmenter_options_from(**seg_opts))
 
 
 def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
@@ -238,17 +245,31 @@ def _describe(obj: Any) -> dict[str, Any]:
     }
 
 
+_AMG = AutomaticMaskConfig()  # the one home of the generator's defaults
+
+
 @main.command("segment-all")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--points-per-side", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--points-per-batch", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--pred-iou-thresh", default=0.88, show_default=True, type=float)
-@click.option("--stability-thresh", default=0.95, show_default=True, type=float)
-@click.option("--box-nms-thresh", default=0.7, show_default=True, type=float)
-@click.option("--crop-layers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--points-per-side", default=_AMG.points_per_side, show_default=True, type=click.IntRange(min=1)
+)
+@click.option(
+    "--points-per-batch",
+    default=_AMG.points_per_batch,
+    show_default=True,
+    type=click.IntRange(min=1),
+)
+@click.option("--pred-iou-thresh", default=_AMG.pred_iou_thresh, show_default=True, type=float)
+@click.option(
+    "--stability-thresh", default=_AMG.stability_score_thresh, show_default=True, type=float
+)
+@click.option("--box-nms-thresh", default=_AMG.box_nms_thresh, show_default=True, type=float)
+@click.option(
+    "--crop-layers", default=_AMG.crop_n_layers, show_default=True, type=click.IntRange(min=0)
+)
 @click.option(
     "--min-region-area",
-    default=0,
+    default=_AMG.min_mask_region_area,
     show_default=True,
     type=click.IntRange(min=0),
     help="Remove islands and fill holes smaller than this many pixels.",
@@ -278,7 +299,7 @@ def segment_all_cmd(
     vprompt segment-all photo.jpg --out out/
     vprompt segment-all photo.jpg --crop-layers 1 --min-region-area 100 --out out/
     """
-    from vprompt.segment.automatic import AutomaticMaskConfig, AutomaticMaskGenerator
+    from vprompt.segment.automatic import AutomaticMaskGenerator
     from vprompt.segment.export import write_image_results
 
     segmenter = build_segmenter(**seg_opts)

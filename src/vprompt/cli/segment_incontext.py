@@ -1,4 +1,5 @@
-"""``vprompt personalize``: one-shot in-context segmentation (PerSAM, PerSAM-F, SegGPT)."""
+"""``vprompt personalize | eval-oneshot``: in-context segmentation with any registered method
+(PerSAM, PerSAM-F, SegGPT, …); each method's default model and config live with it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,38 @@ from typing import Any
 import click
 
 from vprompt.cli.common import friendly_errors, main
-from vprompt.cli.segment import build_segmenter, mask_format_option, segmenter_options
+from vprompt.cli.segment import mask_format_option, segmenter_options, segmenter_options_from
+from vprompt.segment.incontext import SEGMENTATION_METHODS
 
-DEFAULT_MODELS = {
-    "persam": "sam:vit-base",
-    "persam-f": "sam:vit-base",
-    "seggpt": "seggpt:vit-large",
-}
+
+def _method_help() -> str:
+    rows = [
+        f"{name} (default model {SEGMENTATION_METHODS.get(name).default_model})"
+        for name in SEGMENTATION_METHODS.names()
+    ]
+    return "In-context method: " + "; ".join(rows) + "."
+
+
+method_option = click.option(
+    "--method",
+    type=click.Choice(SEGMENTATION_METHODS.names()),
+    default="persam",
+    show_default=True,
+    help=_method_help(),
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Method setting, e.g. steps=500 for persam-f (repeatable).",
+)
+
+
+def _load(method: str, seg_opts: dict[str, Any], overrides: tuple[str, ...]) -> Any:
+    from vprompt.segment.incontext import load_method
+
+    return load_method(method, segmenter_options_from(**seg_opts), overrides)
 
 
 def _load_mask(path: str, image: Any) -> Any:
@@ -43,9 +69,8 @@ def _load_mask(path: str, image: Any) -> Any:
     type=click.Path(dir_okay=False),
     help="The object's mask in the matching --ref (PNG, non-zero = object).",
 )
-@click.option(
-    "--method", type=click.Choice(sorted(DEFAULT_MODELS)), default="persam", show_default=True
-)
+@method_option
+@set_option
 @mask_format_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per target on stdout.")
@@ -56,6 +81,7 @@ def personalize_cmd(
     refs: tuple[str, ...],
     ref_masks: tuple[str, ...],
     method: str,
+    overrides: tuple[str, ...],
     form: str,
     out: str,
     as_json: bool,
@@ -75,7 +101,6 @@ def personalize_cmd(
         raise PromptError(
             f"give one --ref-mask per --ref (got {len(refs)} --ref and {len(ref_masks)} --ref-mask)"
         )
-    seg_opts["model"] = seg_opts["model"] or DEFAULT_MODELS[method]
     max_pixels = seg_opts["max_pixels"] or DEFAULT_MAX_PIXELS
 
     def open_image(path: str) -> Any:
@@ -84,29 +109,20 @@ def personalize_cmd(
     ref_images = [open_image(r) for r in refs]
     pairs = [(im, _load_mask(m, im)) for im, m in zip(ref_images, ref_masks, strict=True)]
     target_images = [open_image(t) for t in targets]
-    if method == "seggpt":
-        results = _seggpt(seg_opts, pairs, target_images)
-    else:
-        from vprompt.segment.persam import personalize
-
-        if not seg_opts["model"].startswith("sam:"):
-            raise PromptError(f"--method {method} needs a sam:* model, got {seg_opts['model']}")
-        segmenter = build_segmenter(**seg_opts)
-        found = personalize(segmenter, pairs, target_images, method=method)
-        results = [(r.mask, r.score) for r in found]
+    model = _load(method, seg_opts, overrides)
+    results = model.fit(pairs).predict_many(target_images)
+    model_name = seg_opts["model"] or SEGMENTATION_METHODS.get(method).default_model
     out_dir = Path(out)
     names = _unique_stems(targets)
-    for target, image, name, (mask, score) in zip(
-        targets, target_images, names, results, strict=True
-    ):
+    for target, image, name, result in zip(targets, target_images, names, results, strict=True):
         summary = write_image_results(
             out_dir / name,
             image,
-            [mask],
-            scores=[score],
+            [result.mask],
+            scores=[result.score],
             file_name=Path(target).name,
             form="polygon" if form == "polygon" else "rle",
-            meta={"method": method, "model": seg_opts["model"], "references": list(refs)},
+            meta={"method": method, "model": model_name, "references": list(refs)},
         )
         row = summary["objects"][0]
         if as_json:
@@ -115,27 +131,6 @@ def personalize_cmd(
             click.echo(
                 f"{target}: score {row['score']:.3f}, area {row['area']} px -> {out_dir / name}"
             )
-
-
-def _seggpt_segmenter(seg_opts: dict[str, Any]) -> Any:
-    from vprompt.data.images import DEFAULT_MAX_PIXELS
-    from vprompt.errors import PromptError
-    from vprompt.segment.seggpt import SegGptSegmenter
-
-    if not seg_opts["model"].startswith("seggpt:"):
-        raise PromptError(f"--method seggpt needs a seggpt:* model, got {seg_opts['model']}")
-    return SegGptSegmenter.load(
-        seg_opts["model"],
-        seg_opts["weights"],
-        device=seg_opts["device"],
-        precision=seg_opts["precision"],
-        max_pixels=seg_opts["max_pixels"] or DEFAULT_MAX_PIXELS,
-    )
-
-
-def _seggpt(seg_opts: dict[str, Any], pairs: list[Any], targets: list[Any]) -> list[Any]:
-    segmenter = _seggpt_segmenter(seg_opts)
-    return [(r.mask, r.score) for r in segmenter.personalize(pairs, targets)]
 
 
 def _unique_stems(paths: tuple[str, ...]) -> list[str]:
@@ -156,14 +151,20 @@ def _unique_stems(paths: tuple[str, ...]) -> list[str]:
     type=click.Path(file_okay=False),
     help="A concept folder (images/ + masks/) or a folder of them (PerSeg layout).",
 )
-@click.option(
-    "--method", type=click.Choice(sorted(DEFAULT_MODELS)), default="persam", show_default=True
-)
+@method_option
+@set_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @functools.partial(segmenter_options, default_model=None)
 @friendly_errors
-def eval_oneshot_cmd(data: str, method: str, out: str, as_json: bool, **seg_opts: Any) -> None:
+def eval_oneshot_cmd(
+    data: str,
+    method: str,
+    overrides: tuple[str, ...],
+    out: str,
+    as_json: bool,
+    **seg_opts: Any,
+) -> None:
     """One-shot mIoU: per concept, the first image + mask is the reference, the rest targets.
 
     \b
@@ -172,25 +173,15 @@ def eval_oneshot_cmd(data: str, method: str, out: str, as_json: bool, **seg_opts
     from vprompt.segment.oneshot_eval import evaluate_oneshot, load_concepts
     from vprompt.utils.io import atomic_write_text
 
-    seg_opts["model"] = seg_opts["model"] or DEFAULT_MODELS[method]
     concepts = load_concepts(data)
-    if method == "seggpt":
-        seggpt = _seggpt_segmenter(seg_opts)
+    model = _load(method, seg_opts, overrides)
 
-        def run(ref: Any, mask: Any, targets: Any) -> list[Any]:
-            return [r.mask for r in seggpt.personalize([(ref, mask)], list(targets))]
-
-    else:
-        from vprompt.segment.persam import personalize
-
-        segmenter = build_segmenter(**seg_opts)
-
-        def run(ref: Any, mask: Any, targets: Any) -> list[Any]:
-            found = personalize(segmenter, [(ref, mask)], list(targets), method=method)
-            return [r.mask for r in found]
+    def run(ref: Any, mask: Any, targets: Any) -> list[Any]:
+        return [r.mask for r in model.fit([(ref, mask)]).predict_many(list(targets))]
 
     report = evaluate_oneshot(concepts, run, max_pixels=seg_opts["max_pixels"])
-    result = {**report.to_dict(), "method": method, "model": seg_opts["model"], "data": data}
+    model_name = seg_opts["model"] or SEGMENTATION_METHODS.get(method).default_model
+    result = {**report.to_dict(), "method": method, "model": model_name, "data": data}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(result, indent=1))

@@ -17,6 +17,12 @@ from vprompt.segment.clicks import (
     plot_miou_curve,
     simulate_clicks,
 )
+from vprompt.segment.incontext import (
+    SEGMENTATION_METHODS,
+    SegmenterOptions,
+    load_method,
+    register_segmentation_method,
+)
 from vprompt.segment.outputs import (
     PALETTE,
     coco_annotations,
@@ -34,7 +40,6 @@ from vprompt.segment.outputs import (
     write_json_atomic,
 )
 from vprompt.segment.persam import (
-    PERSONALIZERS,
     ConceptReference,
     PerSAM,
     PerSAMConfig,
@@ -45,12 +50,12 @@ from vprompt.segment.persam import (
     personalize,
     target_concept,
 )
-from vprompt.segment.seggpt import InContextMask, SegGptSegmenter
+from vprompt.segment.seggpt import InContextMask, SegGPT, SegGptConfig, SegGptSegmenter
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, stability_score
 
 __all__ = [
     "PALETTE",
-    "PERSONALIZERS",
+    "SEGMENTATION_METHODS",
     "AutomaticMaskConfig",
     "AutomaticMaskGenerator",
     "ClickPredictor",
@@ -66,9 +71,12 @@ __all__ = [
     "PerSAMF",
     "PerSAMFConfig",
     "PersonalizeResult",
+    "SegGPT",
+    "SegGptConfig",
     "SegGptSegmenter",
     "Segmentation",
     "Segmenter",
+    "SegmenterOptions",
     "TargetConcept",
     "coco_annotations",
     "decode_rle",
@@ -76,6 +84,7 @@ __all__ = [
     "encode_rle_compressed",
     "evaluate_clicks",
     "iou",
+    "load_method",
     "mask_area",
     "mask_bbox",
     "mask_to_polygons",
@@ -84,6 +93,7 @@ __all__ = [
     "personalize",
     "plot_miou_curve",
     "polygons_to_mask",
+    "register_segmentation_method",
     "save_label_png",
     "save_mask_png",
     "save_overlay",

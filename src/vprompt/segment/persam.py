@@ -39,7 +39,7 @@ costs steps x reference pixels: well under a second on a GPU, about 2.5 ms per s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
@@ -53,9 +53,14 @@ from PIL import Image
 from vprompt.errors import ConfigError, PromptError
 from vprompt.prompts.resize import MaskPostprocess, ResizeLongestSide
 from vprompt.prompts.spatial import Box, Mask, MaskLogits, ObjectPrompt, Point, PromptSet
+from vprompt.segment.incontext import (
+    SEGMENTATION_METHODS,
+    SegmenterOptions,
+    model_for,
+    register_segmentation_method,
+)
 from vprompt.segment.losses import dice_loss, mask_loss, sigmoid_focal_loss
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, upsample_logits
-from vprompt.utils.registry import Registry
 
 ImageInput: TypeAlias = ImageEmbedding | Image.Image | str | Path
 """An image, or its embedding from :meth:`Segmenter.embed_image` (which skips the encoder)."""
@@ -353,7 +358,42 @@ def _mix(weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return torch.einsum("k,k...->...", full, candidates)
 
 
-class PerSAM:
+class _SamMethod:
+    """What PerSAM and PerSAM-F share as registered in-context segmentation methods."""
+
+    name: ClassVar[str]
+    family: ClassVar[str] = "sam"
+    default_model: ClassVar[str] = "sam:vit-base"
+    tiny_model: ClassVar[str] = "sam:tiny"
+    config_class: ClassVar[type]
+
+    def __init__(self, segmenter: Segmenter, *, config: Any = None) -> None:
+        if config is not None and not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{self.name}: expected a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.segmenter = segmenter
+        self.config = config or self.config_class()
+        self._concept: TargetConcept | None = None
+
+    @classmethod
+    def load(cls, options: SegmenterOptions, config: Any = None) -> Any:
+        """The method on the SAM-family segmenter ``options`` name (default ``sam:vit-base``)."""
+        return cls(Segmenter.from_options(options, default=model_for(cls, options)), config=config)
+
+    @property
+    def concept(self) -> TargetConcept:
+        return _fitted(self._concept, self.name)
+
+    predict: Callable[[ImageInput], PersonalizeResult]  # each method's own
+
+    def predict_many(self, images: Sequence[ImageInput]) -> list[PersonalizeResult]:
+        """:meth:`predict` for each image, in order."""
+        return [self.predict(image) for image in images]
+
+
+@register_segmentation_method("persam")
+class PerSAM(_SamMethod):
     """Training-free personalisation.
 
     Args:
@@ -361,17 +401,8 @@ class PerSAM:
         config: Switches; the paper's defaults when omitted.
     """
 
-    name: ClassVar[str] = "persam"
     config_class: ClassVar[type] = PerSAMConfig
-
-    def __init__(self, segmenter: Segmenter, *, config: PerSAMConfig | None = None) -> None:
-        self.segmenter = segmenter
-        self.config = config or PerSAMConfig()
-        self._concept: TargetConcept | None = None
-
-    @property
-    def concept(self) -> TargetConcept:
-        return _fitted(self._concept, self.name)
+    config: PerSAMConfig
 
     def fit(self, references: References) -> PerSAM:
         """Compute the target concept of the references."""
@@ -386,7 +417,8 @@ class PerSAM:
         return _refine(self.segmenter, prior, start, (False, True)[: self.config.refinements])
 
 
-class PerSAMF:
+@register_segmentation_method("persam-f")
+class PerSAMF(_SamMethod):
     """PerSAM-F: two learned weights mixing SAM's three candidate masks.
 
     Args:
@@ -397,19 +429,13 @@ class PerSAMF:
         losses: The training loss of each step of the last :meth:`fit`.
     """
 
-    name: ClassVar[str] = "persam-f"
     config_class: ClassVar[type] = PerSAMFConfig
+    config: PerSAMFConfig
 
     def __init__(self, segmenter: Segmenter, *, config: PerSAMFConfig | None = None) -> None:
-        self.segmenter = segmenter
-        self.config = config or PerSAMFConfig()
-        self._concept: TargetConcept | None = None
+        super().__init__(segmenter, config=config)
         self._weights: torch.Tensor | None = None  # 2
         self.losses: list[float] = []
-
-    @property
-    def concept(self) -> TargetConcept:
-        return _fitted(self._concept, self.name)
 
     @property
     def weights(self) -> NDArray[np.float32]:
@@ -467,11 +493,6 @@ class PerSAMF:
         return _refine(self.segmenter, prior, start, (True, True)[: self.config.refinements])
 
 
-PERSONALIZERS: Registry[Any] = Registry("personalization method")
-PERSONALIZERS.register(PerSAM.name, PerSAM)
-PERSONALIZERS.register(PerSAMF.name, PerSAMF)
-
-
 def personalize(
     segmenter: Segmenter,
     references: References,
@@ -481,19 +502,19 @@ def personalize(
     config: PerSAMConfig | PerSAMFConfig | None = None,
 ) -> list[PersonalizeResult]:
     """Fit ``method`` (``persam`` or ``persam-f``) on the references; one result per target."""
-    cls = PERSONALIZERS.get(method)
-    if config is not None and not isinstance(config, cls.config_class):
+    cls = SEGMENTATION_METHODS.get(method)
+    if cls.family != "sam":
         raise ConfigError(
-            f"{method}: expected a {cls.config_class.__name__}, got {type(config).__name__}"
+            f"{method} runs on {cls.family}:* models, not on a SAM segmenter; "
+            f"use vprompt.segment.load_method({method!r}, ...)"
         )
     model = cls(segmenter, config=config).fit(references)
     if isinstance(targets, ImageEmbedding | Image.Image | str | Path):
         targets = [targets]
-    return [model.predict(t) for t in targets]
+    return list(model.predict_many(targets))
 
 
 __all__ = [
-    "PERSONALIZERS",
     "ConceptReference",
     "PerSAM",
     "PerSAMConfig",

@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +23,11 @@ from vprompt.backbones.registry import load_backbone
 from vprompt.backbones.seggpt import EmbeddingType, SegGptBackbone
 from vprompt.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from vprompt.errors import ConfigError, PromptError
+from vprompt.segment.incontext import (
+    SegmenterOptions,
+    model_for,
+    register_segmentation_method,
+)
 from vprompt.utils.precision import precision_autocast, resolve_precision
 
 ImageInput = Image.Image | str | os.PathLike[str]
@@ -145,3 +150,79 @@ class SegGptSegmenter:
             score = float(fg[mask].mean()) if mask.any() else 0.0
             results.append(InContextMask(mask=mask, foreground=fg, score=score))
         return results
+
+
+@dataclass(frozen=True)
+class SegGptConfig:
+    """SegGPT's settings as an in-context segmentation method.
+
+    Attributes:
+        embedding_type: SegGPT's task token: ``instance`` (the released default) or
+            ``semantic``.
+        batch_size: Targets per forward with a single reference.
+    """
+
+    embedding_type: EmbeddingType = "instance"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.embedding_type not in ("instance", "semantic"):
+            raise ConfigError(
+                f"embedding_type: expected instance or semantic, got {self.embedding_type!r}"
+            )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
+
+
+@register_segmentation_method("seggpt")
+class SegGPT:
+    """SegGPT as a registered in-context method: ``fit`` keeps the references, ``predict``
+    paints each target (a frozen model; nothing is learned).
+
+    Args:
+        segmenter: The frozen SegGPT segmenter.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str] = "seggpt"
+    default_model: ClassVar[str] = "seggpt:vit-large"
+    tiny_model: ClassVar[str] = "seggpt:tiny"
+    config_class: ClassVar[type] = SegGptConfig
+
+    def __init__(self, segmenter: SegGptSegmenter) -> None:
+        self.segmenter = segmenter
+        self._references: list[tuple[ImageInput, ArrayLike]] | None = None
+
+    @classmethod
+    def load(cls, options: SegmenterOptions, config: SegGptConfig | None = None) -> SegGPT:
+        """SegGPT on the ``seggpt:`` model ``options`` name (default ``seggpt:vit-large``)."""
+        cfg = config or SegGptConfig()
+        return cls(
+            SegGptSegmenter.load(
+                model_for(cls, options),
+                options.weights,
+                device=options.device,
+                precision=options.precision,
+                max_pixels=options.max_pixels,
+                embedding_type=cfg.embedding_type,
+                batch_size=cfg.batch_size,
+            )
+        )
+
+    def fit(self, references: Sequence[tuple[ImageInput, ArrayLike]]) -> SegGPT:
+        """Keep the (image, mask) references; they condition every prediction."""
+        if not references:
+            raise PromptError("personalize needs at least one reference (image, mask) pair")
+        self._references = list(references)
+        return self
+
+    def predict(self, image: ImageInput) -> InContextMask:
+        return self.predict_many([image])[0]
+
+    def predict_many(self, images: Sequence[ImageInput]) -> list[InContextMask]:
+        """The targets painted in batches (one forward per ``batch_size`` targets)."""
+        if self._references is None:
+            raise PromptError(f"{self.name}: call fit(references) first")
+        return self.segmenter.personalize(self._references, list(images))

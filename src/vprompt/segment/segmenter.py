@@ -30,6 +30,7 @@ from vprompt.errors import ConfigError, PromptError
 from vprompt.prompts.resize import MaskPostprocess
 from vprompt.prompts.spatial import MaskLogits, ObjectPrompt, PromptSet
 from vprompt.segment.cache import EmbeddingCache, image_key
+from vprompt.segment.incontext import SegmenterOptions
 from vprompt.utils.precision import precision_autocast, resolve_precision
 
 MASK_THRESHOLD = 0.0
@@ -165,6 +166,19 @@ class Segmenter:
         if not isinstance(backbone, SamBackbone):
             raise ConfigError(f"{name} is not a promptable segmenter (expected a sam:* model)")
         return cls(backbone, **kwargs)
+
+    @classmethod
+    def from_options(cls, options: SegmenterOptions, *, default: str = "sam:vit-base") -> Segmenter:
+        """Build from :class:`~vprompt.segment.incontext.SegmenterOptions` (the CLI's and the
+        in-context methods' shared model options), with ``default`` when they name no model."""
+        return cls.load(
+            options.model or default,
+            options.weights,
+            device=options.device,
+            cache=EmbeddingCache(disk_dir=options.embedding_cache),
+            precision=options.precision,
+            max_pixels=options.max_pixels,
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return precision_autocast(self.precision, self.backbone.device)

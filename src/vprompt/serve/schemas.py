@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from vprompt.segment.automatic import AutomaticMaskConfig
+
 MaskFormat = Literal["png", "rle", "polygon"]
 MaskData = str | dict[str, Any] | list[list[float]]
 
@@ -105,15 +107,19 @@ class SegmentResponse(BaseModel):
     objects: list[SegmentedObject]
 
 
-class AutomaticRequest(BaseModel):
-    """SAM's automatic mask generator options (its defaults); bounded to keep calls finite."""
+_AMG = AutomaticMaskConfig()  # the one home of the generator's defaults
 
-    points_per_side: int = Field(default=32, ge=1, le=128)
-    pred_iou_thresh: float = Field(default=0.88, ge=0.0, le=1.0)
-    stability_score_thresh: float = Field(default=0.95, ge=0.0, le=1.0)
-    box_nms_thresh: float = Field(default=0.7, ge=0.0, le=1.0)
-    crop_n_layers: int = Field(default=0, ge=0, le=3)
-    min_mask_region_area: int = Field(default=0, ge=0)
+
+class AutomaticRequest(BaseModel):
+    """SAM's automatic mask generator options (defaults: :class:`AutomaticMaskConfig`'s);
+    bounded to keep calls finite."""
+
+    points_per_side: int = Field(default=_AMG.points_per_side, ge=1, le=128)
+    pred_iou_thresh: float = Field(default=_AMG.pred_iou_thresh, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(default=_AMG.stability_score_thresh, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(default=_AMG.box_nms_thresh, ge=0.0, le=1.0)
+    crop_n_layers: int = Field(default=_AMG.crop_n_layers, ge=0, le=3)
+    min_mask_region_area: int = Field(default=_AMG.min_mask_region_area, ge=0)
     format: MaskFormat = "rle"
 
 
