@@ -14,6 +14,7 @@ from vprompt.engine import (
     load_pack,
     save_pack,
 )
+from vprompt.engine.experiment import Experiment, RunReport, run
 from vprompt.engine.protocol import ProtocolRun, plan_jobs, run_protocol
 from vprompt.errors import (
     ConfigError,
@@ -33,6 +34,7 @@ from vprompt.methods import (
     MappingOnly,
     MethodOutput,
     Prediction,
+    PromptMethod,
     VisualPrompt,
     ZeroShotClassifier,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "EvalResult",
+    "Experiment",
     "FeatureCache",
     "FitResult",
     "FullFineTune",
@@ -56,8 +59,10 @@ __all__ = [
     "Prediction",
     "Preprocess",
     "PromptError",
+    "PromptMethod",
     "PromptPack",
     "ProtocolRun",
+    "RunReport",
     "UnknownNameError",
     "VPromptError",
     "VisualPrompt",
@@ -73,6 +78,7 @@ __all__ = [
     "load_pack",
     "load_suite_task",
     "plan_jobs",
+    "run",
     "run_protocol",
     "save_pack",
 ]

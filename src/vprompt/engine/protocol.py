@@ -218,7 +218,7 @@ class _Runner:
         self.run = run
         self.experiment = Experiment(run.method, run.preset, run.overrides)
         self.cls = self.experiment.method_class
-        self.trainable = self.cls.capabilities.uses_training_data
+        self.learns_from_data = self.cls.capabilities.uses_training_data
         preset = self.experiment.preset_spec
         self.epochs_by_shots = (
             dict(preset.epochs_by_shots)
@@ -264,7 +264,7 @@ class _Runner:
         self, method: PromptMethod, task: SuiteTask, job: Job, folder: Path, desc: str
     ) -> tuple[dict[str, Any], float]:
         """Fit on the task's training split (for methods that learn from data), then test."""
-        splits = task.splits() if self.trainable else None
+        splits = task.splits() if self.learns_from_data else None
         val = splits.val if splits is not None else None
         select: Selection = "best-val" if self.run.select == "best-val" and val else "last"
         fitted, scores = train_and_test(
