@@ -524,3 +524,20 @@ def test_preprocess_constructor_validates() -> None:
         Preprocess(size=224)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown preprocess keys"):
         Preprocess.from_dict({"size": 224, "crop_pct": 0.9})
+
+
+@pytest.mark.parametrize(
+    "name", ["clip:tiny", "torchvision:tiny", "timm:tiny-vit", "sam:tiny", "seggpt:tiny"]
+)
+def test_every_family_returns_a_frozen_model(name: str) -> None:
+    """load_backbone's typed result: every family's model carries its provenance and is frozen."""
+    from vprompt.backbones.protocols import Backbone, FrozenModel, PromptableSegmenter
+
+    model = load_backbone(name, "none")
+    assert isinstance(model, FrozenModel)
+    assert model.name == name
+    assert model.weights == "none"
+    assert all(not p.requires_grad for p in model.parameters())
+    assert isinstance(model, Backbone) != name.startswith(("sam:", "seggpt:"))
+    if name.startswith("sam:"):
+        assert isinstance(model, PromptableSegmenter)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -21,6 +21,32 @@ class NotAViTError(WeightsError, AttributeError):
     Also an ``AttributeError`` so that ``hasattr`` — and so ``isinstance(b, TokenBackbone)`` —
     answers False for such backbones instead of raising.
     """
+
+
+@runtime_checkable
+class FrozenModel(Protocol):
+    """What :func:`~vprompt.backbones.registry.load_backbone` returns, whatever the family: a
+    frozen ``nn.Module`` (eval mode, ``requires_grad=False``) that knows its provenance.
+
+    Narrow it with ``isinstance`` to :class:`Backbone` (classifiers and CLIP),
+    :class:`ImageTextBackbone`, :class:`TokenBackbone` or :class:`PromptableSegmenter` for
+    what a family offers.
+    """
+
+    name: str
+    """Registered ``family:arch`` name."""
+    weights: str
+    """Weight source it was built from (tag, ``hf-hub:…``, path, or ``none``)."""
+
+    def fingerprint(self) -> str: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 @runtime_checkable

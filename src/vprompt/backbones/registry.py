@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vprompt.backbones.protocols import FrozenModel
 from vprompt.errors import ConfigError, UnknownNameError, WeightsError
 from vprompt.utils.registry import Registry, close_matches
 
@@ -40,7 +41,7 @@ class BackboneFamily:
     list_archs: Callable[[], list[str]]
     list_tags: Callable[[str], list[str]]
     default_weights: Callable[[str], str]
-    build: Callable[[str, str, torch.device], Any]
+    build: Callable[[str, str, torch.device], FrozenModel]
     tiny: tuple[str, ...] = field(default=())
 
 
@@ -147,7 +148,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_backbone(
     name: str, weights: str | None = None, *, device: str | torch.device | None = "cpu"
-) -> Any:
+) -> FrozenModel:
     """Build a frozen backbone by ``family:arch`` name.
 
     Args:
@@ -157,7 +158,8 @@ def load_backbone(
         device: ``cpu``, ``cuda``, ``auto`` …
 
     Returns:
-        A backbone in eval mode with every parameter frozen (``requires_grad=False``).
+        A backbone in eval mode with every parameter frozen (``requires_grad=False``); narrow
+        it with ``isinstance`` to the family's protocol (:mod:`vprompt.backbones.protocols`).
     """
     family, arch = split_name(name)
     source = family.default_weights(arch) if weights is None else str(weights)

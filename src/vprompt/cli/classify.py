@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from vprompt.cli.common import (
     predict_options,
     weights_option,
 )
+
+if TYPE_CHECKING:
+    from vprompt.methods.base import PromptMethod
 
 
 @main.command("models")
@@ -57,7 +60,7 @@ def _emit_results(results: Iterable[Any], as_json: bool) -> int:
 
 
 def _predict_and_report(
-    classifier: Any,
+    classifier: PromptMethod,
     images: tuple[str, ...],
     *,
     top_k: int,
@@ -138,6 +141,7 @@ def zeroshot_cmd(
     """Classify IMAGES (files, folders, globs) by class names, with no training."""
     from vprompt.backbones import load_backbone
     from vprompt.engine.pack import save_pack as write_pack
+    from vprompt.methods.clip_common import require_image_text
     from vprompt.methods.zeroshot import ZeroShotClassifier
     from vprompt.prompts.text import load_class_list
 
@@ -148,7 +152,7 @@ def zeroshot_cmd(
         if classes_file
         else load_class_list(classes or "")
     )
-    backbone = load_backbone(model, weights, device=device)
+    backbone = require_image_text(load_backbone(model, weights, device=device), "zeroshot")
     classifier = ZeroShotClassifier(backbone, names, templates=templates, descriptions=descriptions)
     if save_pack:
         write_pack(classifier, save_pack)

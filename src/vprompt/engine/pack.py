@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from vprompt.backbones.preprocess import Preprocess
+from vprompt.backbones.protocols import Backbone, FrozenModel
 from vprompt.backbones.registry import load_backbone
 from vprompt.errors import ConfigError, PackError, VPromptError
+from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import config_from_dict, config_to_dict
 from vprompt.methods.registry import METHODS
 from vprompt.utils.io import atomic_path
@@ -88,7 +90,10 @@ def _version() -> str:
 
 
 def pack_method(
-    method: Any, *, metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None
+    method: PromptMethod,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> PromptPack:
     """Snapshot a method's prompt tensors and provenance into a :class:`PromptPack`."""
     backbone = method.backbone
@@ -105,7 +110,7 @@ def pack_method(
 
 
 def save_pack(
-    pack_or_method: PromptPack | Any,
+    pack_or_method: PromptPack | PromptMethod,
     path: str | os.PathLike[str],
     *,
     metrics: Mapping[str, Any] | None = None,
@@ -258,10 +263,10 @@ def check_classnames(pack: PromptPack, classnames: Sequence[str]) -> None:
 def build_from_pack(
     pack: PromptPack,
     *,
-    backbone: Any | None = None,
+    backbone: FrozenModel | None = None,
     weights: str | None = None,
     device: str | torch.device | None = "cpu",
-) -> Any:
+) -> PromptMethod:
     """Rebuild the method a pack came from, on its frozen backbone.
 
     Args:
@@ -288,6 +293,11 @@ def build_from_pack(
             f"{pack.backbone.name} weights {pack.backbone.weights!r} (fingerprint "
             f"{pack.backbone.fingerprint}), these weights {backbone.weights!r} have "
             f"fingerprint {fp}"
+        )
+    if not isinstance(backbone, Backbone):
+        raise PackError(
+            f"the pack's backbone {pack.backbone.name} is not a classifier or image-text model "
+            "(prompt packs apply to those)"
         )
     if Preprocess.from_dict(pack.preprocess) != backbone.preprocess:
         raise PackError(

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from vprompt.data.batched import array_batches
 from vprompt.data.dataset import ClassificationDataset, TransformedDataset
 from vprompt.errors import ConfigError
+from vprompt.methods.base import PromptMethod
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -35,7 +36,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_classes(method: Any, data: ClassificationDataset, what: str) -> None:
+def check_classes(method: PromptMethod, data: ClassificationDataset, what: str) -> None:
     """Label indices only mean something when both sides list the same classes in order."""
     ours, theirs = list(method.classnames), list(data.classnames)
     if ours != theirs:

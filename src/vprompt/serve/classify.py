@@ -59,7 +59,7 @@ class Classifiers:
                     "clip:ViT-B-16"
                 )
             backbones[(self.backbone.name, self.backbone.fingerprint())] = self.backbone
-        self.packs: dict[str, Any] = {}
+        self.packs: dict[str, PromptMethod] = {}
         for name, path in packs.items():
             try:
                 pack = load_pack(path)
@@ -87,7 +87,7 @@ class Classifiers:
             )
         return names
 
-    def pack(self, name: str) -> Any:
+    def pack(self, name: str) -> PromptMethod:
         """The method of a loaded pack (404 ``pack_not_found`` otherwise)."""
         method = self.packs.get(name)
         if method is None:
