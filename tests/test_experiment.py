@@ -87,14 +87,14 @@ def test_run_refuses_methods_without_training_data(folder: Path, tmp_path: Path)
 
 def test_run_on_a_benchmark_dataset_fills_its_template(tmp_path: Path) -> None:
     root = tmp_path / "suite"
-    write_fake_dataset("dtd", root, num_classes=3, images_per_class=(3, 1, 1))
+    write_fake_dataset("eurosat", root, num_classes=3, images_per_class=(3, 1, 1))
     out = tmp_path / "kg"
     vprompt.run(
-        "kgcoop", data="dtd", data_root=root, shots=1, seed=1, out_dir=out,
+        "kgcoop", data="eurosat", data_root=root, shots=1, seed=1, out_dir=out,
         overrides=["optim.epochs=1", "optim.warmup_epochs=0", "optim.batch_size=2"], **TINY,
     )  # fmt: skip
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["template"] == "{} texture."
+    assert config["config"]["template"] == "a centered satellite photo of {}."
 
 
 def test_protocol_records_a_user_template_over_the_dataset_one(tmp_path: Path) -> None:
@@ -118,4 +118,5 @@ def test_protocol_records_a_user_template_over_the_dataset_one(tmp_path: Path) -
         run_protocol(run, plan_jobs("few-shot", method="kgcoop", datasets=["dtd"], shots=[1]))
         job = tmp_path / label / "jobs" / "dtd" / "shots_1" / "seed_1" / "train"
         packs[label] = load_pack(job / "prompt.safetensors").config["template"]
-    assert packs == {"dataset": "{} texture.", "mine": "an image of {}."}
+    # KgCoOp's own template for DTD (its reference_settings) unless the user sets one.
+    assert packs == {"dataset": "a photo of a {}, a type of texture.", "mine": "an image of {}."}

@@ -45,7 +45,7 @@ class CoCoOpConfig:
     """CoCoOp's settings; defaults are the reference's base-to-novel setting.
 
     Attributes:
-        n_ctx: M (ignored with ``ctx_init``, whose token count sets it).
+        n_ctx: M (ignored with ``ctx_init``, whose word count sets it, as in the reference).
         ctx_init: Initialise the context from this phrase's token embeddings; empty for
             N(0, ``init_std``²) random vectors.
         class_token_position: Only ``end`` (the reference has no other).
@@ -88,23 +88,22 @@ class CoCoOpConfig:
 
 
 def build_meta_net(in_dim: int, out_dim: int, reduction: int) -> nn.Sequential:
-    """π: ``Linear(D, D // r) → ReLU → Linear(D // r, W)``, initialised from a fixed seed."""
+    """π: ``Linear(D, D // r) → ReLU → Linear(D // r, W)``, PyTorch's default initialisation
+    from the global generator (seeded by the run)."""
     hidden = in_dim // reduction
     if hidden < 1:
         raise ConfigError(
             f"meta_reduction={reduction} leaves no hidden units for {in_dim}-dim image features"
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            OrderedDict(
-                [
-                    ("linear1", nn.Linear(in_dim, hidden)),
-                    ("relu", nn.ReLU()),
-                    ("linear2", nn.Linear(hidden, out_dim)),
-                ]
-            )
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("linear1", nn.Linear(in_dim, hidden)),
+                ("relu", nn.ReLU()),
+                ("linear2", nn.Linear(hidden, out_dim)),
+            ]
         )
+    )
 
 
 def assemble_conditional(
@@ -149,11 +148,15 @@ class CoCoOp(PromptMethod):
         super().__init__(backbone, classnames, config)
         clip = require_image_text(backbone, "cocoop")
         cfg = self.config
-        vectors, m = init_context(clip, n_ctx=cfg.n_ctx, init=cfg.ctx_init, std=cfg.init_std)
+        start = init_context(clip, n_ctx=cfg.n_ctx, init=cfg.ctx_init, std=cfg.init_std)
+        m = start.n_ctx
         self.config = dataclasses.replace(cfg, n_ctx=m)
-        self.ctx = nn.Parameter(vectors.float())  # M x W, fp32 even under bf16 autocast
-        self.meta_net = build_meta_net(clip.embed_dim, vectors.shape[-1], cfg.meta_reduction)
-        self.assembler = PromptAssembler(clip, self.classnames, n_ctx=m, position="end")
+        self.ctx = nn.Parameter(start.vectors.float())  # M x W, fp32 even under bf16 autocast
+        # Drawn after the context from the run's seeded generator, as the reference does.
+        self.meta_net = build_meta_net(clip.embed_dim, clip.text_width, cfg.meta_reduction)
+        self.assembler = PromptAssembler(
+            clip, self.classnames, n_ctx=m, position="end", prompt_prefix=start.prompt_prefix
+        )
         self.to(clip.logit_scale.device)
 
     @classmethod

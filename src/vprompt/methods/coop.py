@@ -57,11 +57,15 @@ class CoOpConfig:
     """CoOp's settings; defaults are the paper's few-shot setting (16 tokens, random init).
 
     Attributes:
-        n_ctx: M, the number of learned context tokens (ignored with ``ctx_init``, whose token
-            count sets it).
+        n_ctx: M, the number of learned context tokens (ignored with ``ctx_init``, whose
+            *word* count sets it, as in the reference; a phrase with more tokens than words
+            keeps the extra ones frozen after the context).
         ctx_init: Initialise the context from this phrase's token embeddings (e.g. ``"a photo
-            of a"``, the base-to-novel setting); empty for N(0, 0.02²) random vectors.
-        class_specific: One context per class (CSC) instead of one shared context.
+            of a"``, the base-to-novel setting); empty for N(0, 0.02²) random vectors drawn
+            from the run's seeded generator.
+        class_specific: One context per class (CSC) instead of one shared context; as in the
+            reference, only without ``ctx_init`` (with a phrase the context is shared, and the
+            applied config says so).
         class_token_position: ``end``, ``middle`` or ``front``.
         init_std: Standard deviation of the random initialisation.
         augment: Random resized crop (scale 0.08-1, bicubic) and horizontal flip for training,

@@ -13,9 +13,9 @@ SGD lr 0.002, 100 epochs, 1 constant warm-up epoch at 1e-5, cosine, ``CTX_INIT: 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -71,10 +71,10 @@ class KgCoOpConfig(CoOpConfig):
     :class:`~vprompt.methods.coop.CoOpConfig`'s.
 
     Attributes:
-        n_ctx: M (``NCTX=4``; the ``ctx_init`` phrase's token count overrides it).
+        n_ctx: M (``NCTX=4``; the ``ctx_init`` phrase's word count overrides it).
         ctx_init: The initial phrase (``"a photo of a"``).
-        template: The hand-crafted prompt the learned one is kept close to; the protocol runner
-            fills in the dataset's paper template.
+        template: The hand-crafted prompt the learned one is kept close to; runs on a
+            benchmark dataset take KgCoOp's template for it (``reference_settings``).
         kg_weight: W, the weight of the knowledge-guided term (``TRAINER.COOP.W``, 8.0).
         optim: Batch 128, 100 epochs, Dassl's CoOp optimizer and schedule.
     """
@@ -103,6 +103,10 @@ class KgCoOp(PromptMethod):
     Config = KgCoOpConfig
     capabilities = Capabilities(inputs="image-features", retargets=True, template_field="template")
     feature_kind = CLIP_IMAGE_FEATURES
+    # trainers/kgcoop.py CUSTOM_TEMPLATES, where they differ from the datasets' own.
+    reference_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "dtd": {"template": "a photo of a {}, a type of texture."},
+    }
     state_hint = "(n_ctx, class-specific context and classes must match)"
     handcrafted: torch.Tensor  # C x D, unit norm (buffer, rebuilt from the template)
 

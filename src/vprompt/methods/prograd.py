@@ -18,9 +18,9 @@ Defaults follow BeierZhu/Prompt-align: ``ProGrad.public/configs/trainers/ProGrad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,8 @@ from vprompt.methods.coop import CoOpConfig, coop_optim
 from vprompt.methods.kgcoop import check_template, template_text_features
 from vprompt.methods.registry import register_method
 from vprompt.methods.text_context import (
+    ContextInit,
     ContextTextFeatures,
-    init_context,
     learned_context,
     refuse_class_specific,
 )
@@ -67,11 +67,11 @@ class ProGradConfig(CoOpConfig):
 
     Attributes:
         n_ctx: M (16).
-        init_from_template: Without ``ctx_init``, initialise the last context vectors with the
-            token embeddings of the template's words before ``{}`` and the others with zeros
-            (the reference's ``CTX_INIT: True``); false for N(0, 0.02²) random vectors.
-        template: The zero-shot teacher's prompt; the protocol runner fills in the dataset's
-            paper template.
+        init_from_template: Without ``ctx_init``, initialise the context from the template as
+            the reference's ``CTX_INIT: True`` does (:func:`template_init`); false for
+            N(0, 0.02²) random vectors.
+        template: The zero-shot teacher's prompt and the context's initial phrase; runs on a
+            benchmark dataset take ProGrad's own template for it (``reference_settings``).
         grad_lambda: λ, how much of the conflicting component is removed (``LOSS.LAMBDA``; the
             paper uses 0.8 for 8/16 shots on Flowers102, DTD and EuroSAT).
         temperature: T of the distillation loss (``LOSS.T``).
@@ -94,22 +94,36 @@ class ProGradConfig(CoOpConfig):
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
 
 
-def template_context(backbone: ImageTextBackbone, template: str, n_ctx: int) -> torch.Tensor | None:
-    """M x W context: zeros, then the token embeddings of the words before the template's
-    ``{}`` (None when there are none).
+def template_init(backbone: ImageTextBackbone, template: str, n_ctx: int) -> ContextInit | None:
+    """ProGrad's initial context from the dataset template, as its reference builds it.
 
-    Text after ``{}`` is not part of the learned prompt, which ends with the class name and
-    ``"."`` as CoOp's does. Words beyond M tokens keep only the last M (the reference asserts
-    instead; a retargeted or reloaded context must not fail on another dataset's template).
+    The phrase is the template without its trailing ``" {}."`` (for a template whose class
+    name is not at the end, the words before ``{}``); its word count P fills the last P of the
+    M context positions with the embeddings of its first P tokens, the others start at zero,
+    and the prompts are tokenized with ``"X" * (M - P)`` plus the phrase at the context
+    positions, so a phrase with more tokens than words (``"pet,"``) keeps the rest frozen after
+    the context. None when the template has no words before the class name.
+
+    Raises:
+        ConfigError: The phrase has more words than M (the reference asserts the same).
     """
-    words = template.split("{}", 1)[0].strip()
-    if not words:
+    phrase = template.replace(" {}.", "").replace("_", " ")
+    if "{}" in phrase:
+        phrase = template.split("{}", 1)[0].strip().replace("_", " ")
+    if not phrase.strip():
         return None
-    vectors, k = init_context(backbone, n_ctx=n_ctx, init=words, std=1.0)
-    k = min(k, n_ctx)
-    out = torch.zeros(n_ctx, vectors.shape[-1])
-    out[n_ctx - k :] = vectors[vectors.shape[0] - k :]
-    return out
+    p = len(phrase.split(" "))
+    if p > n_ctx:
+        raise ConfigError(
+            f"prograd: template {template!r} has {p} words before the class name, more than "
+            f"n_ctx={n_ctx}; raise n_ctx or set init_from_template=false"
+        )
+    with torch.no_grad():
+        embedded = backbone.embed_tokens(backbone.tokenize([phrase]))[0]
+    vectors = torch.zeros(n_ctx, embedded.shape[-1])
+    vectors[n_ctx - p :] = embedded[1 : 1 + p].float()
+    prefix = " ".join(["X"] * (n_ctx - p))
+    return ContextInit(vectors, f"{prefix} {phrase}")
 
 
 def project_conflicting(grad: torch.Tensor, reference: torch.Tensor, lam: float) -> torch.Tensor:
@@ -140,6 +154,14 @@ class ProGrad(PromptMethod):
         custom_backward=True,
     )
     feature_kind = CLIP_IMAGE_FEATURES
+    # trainers/prograd.py CUSTOM_TEMPLATES, where they differ from the datasets' own.
+    reference_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "oxford_pets": {"template": "a type of pet, a photo of a {}."},
+        "oxford_flowers": {"template": "a type of flower, a photo of a {}."},
+        "fgvc_aircraft": {"template": "a type of aircraft, a photo of a {}."},
+        "dtd": {"template": "a texture of {}."},
+        "food101": {"template": "a type of food, a photo of {}."},
+    }
     state_hint = "(n_ctx, class-specific context and classes must match)"
     handcrafted: torch.Tensor  # C x D, unit norm (buffer, rebuilt from the template)
 
@@ -151,14 +173,12 @@ class ProGrad(PromptMethod):
     ) -> None:
         super().__init__(backbone, classnames, config)
         clip = require_image_text(backbone, "prograd")
-        self.ctx, self.assembler, self.config = learned_context(clip, self.classnames, self.config)
-        self._text = ContextTextFeatures(clip, self.assembler, self.config.class_chunk)
         cfg = self.config
+        start = None
         if cfg.init_from_template and not cfg.ctx_init.strip():
-            vectors = template_context(clip, cfg.template, cfg.n_ctx)
-            if vectors is not None:
-                with torch.no_grad():
-                    self.ctx.copy_(vectors.to(self.ctx.device).expand_as(self.ctx))
+            start = template_init(clip, cfg.template, cfg.n_ctx)
+        self.ctx, self.assembler, self.config = learned_context(clip, self.classnames, cfg, start)
+        self._text = ContextTextFeatures(clip, self.assembler, self.config.class_chunk)
         hand = template_text_features(clip, self.classnames, cfg.template)
         self.register_buffer("handcrafted", hand, persistent=False)
         self.to(clip.logit_scale.device)

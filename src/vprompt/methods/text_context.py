@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -30,26 +31,49 @@ ClassTokenPosition = Literal["end", "middle", "front"]
 PLACEHOLDER = "X"  # the word whose embedding slots the context replaces (as in CoOp)
 
 
+@dataclass(frozen=True)
+class ContextInit:
+    """How a learned context starts.
+
+    Attributes:
+        vectors: M x W initial vectors (G x M x W for one context per group).
+        prompt_prefix: The text tokenized at the context positions when the class prompts
+            are built (``"X X … X"``, or the init phrase): its tokens after the first M stay
+            frozen in every prompt, between the context and the class name.
+    """
+
+    vectors: torch.Tensor
+    prompt_prefix: str
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.vectors.shape[-2])
+
+
 def init_context(
-    backbone: ImageTextBackbone, *, n_ctx: int, init: str, std: float
-) -> tuple[torch.Tensor, int]:
-    """Initial context vectors: the token embeddings of ``init`` (its word count sets M), or
-    N(0, std²) random vectors. Returns (M x W vectors, M)."""
+    backbone: ImageTextBackbone, *, n_ctx: int, init: str, std: float, groups: int | None = None
+) -> ContextInit:
+    """The CoOp family's initial context, as its reference PromptLearners make it.
+
+    With an ``init`` phrase (underscores read as spaces) its *word* count sets M
+    (``len(init.split(" "))``) and the context starts as the embeddings of its first M tokens;
+    a phrase with more tokens than words (``close-up``, ``pet,``) keeps the rest frozen after
+    the context (the phrase is the prompt prefix). Without one, M = ``n_ctx`` vectors are drawn
+    with ``nn.init.normal_(std)`` from the global generator (seeded by the run), one set per
+    group when ``groups`` is given (class-specific contexts).
+    """
     if init.strip():
-        words = init.replace("_", " ").strip()
-        tokens = backbone.tokenize([words])
-        eot = int(backbone.eot_index(tokens)[0])
-        n = eot - 1  # tokens between SOS and EOT
-        if n < 1:
-            raise ConfigError(f"ctx_init {init!r} has no tokens")
+        phrase = init.replace("_", " ")
+        m = len(phrase.split(" "))
         with torch.no_grad():
-            vectors = backbone.embed_tokens(tokens)[0, 1 : 1 + n].float().clone()
-        return vectors, n
+            embedded = backbone.embed_tokens(backbone.tokenize([phrase]))[0]
+        return ContextInit(embedded[1 : 1 + m].float().clone(), phrase)
     if n_ctx < 1:
         raise ConfigError(f"n_ctx must be >= 1, got {n_ctx}")
-    width = int(backbone.embed_tokens(backbone.tokenize(["a"]))[0].shape[-1])
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(n_ctx, width, generator=gen) * std, n_ctx
+    shape = (n_ctx, int(backbone.text_width))
+    vectors = torch.empty((groups, *shape) if groups is not None else shape)
+    nn.init.normal_(vectors, std=std)
+    return ContextInit(vectors, " ".join([PLACEHOLDER] * n_ctx))
 
 
 class PromptAssembler(nn.Module):
@@ -62,6 +86,8 @@ class PromptAssembler(nn.Module):
         position: Where the class name goes: after (``end``), between the two halves of
             (``middle``), or before (``front``) the context.
         suffix_text: Text after the class name (CoOp: ``"."``).
+        prompt_prefix: The text at the context positions when the prompts are tokenized
+            (``"X X … X"`` by default; an init phrase whose tokens beyond M stay frozen).
     """
 
     token_prefix: torch.Tensor  # C x 1 x W (SOS)
@@ -76,6 +102,7 @@ class PromptAssembler(nn.Module):
         n_ctx: int,
         position: ClassTokenPosition = "end",
         suffix_text: str = ".",
+        prompt_prefix: str | None = None,
     ) -> None:
         super().__init__()
         if position not in ("end", "middle", "front"):
@@ -84,7 +111,9 @@ class PromptAssembler(nn.Module):
             raise ConfigError("learned text context needs at least one class name")
         self.position = position
         self.n_ctx = n_ctx
-        placeholder = " ".join([PLACEHOLDER] * n_ctx)
+        placeholder = (
+            prompt_prefix if prompt_prefix is not None else " ".join([PLACEHOLDER] * n_ctx)
+        )
         names = [name.replace("_", " ") for name in classnames]
         tokens = backbone.tokenize([f"{placeholder} {name}{suffix_text}" for name in names])
         eot = backbone.eot_index(tokens)  # C
@@ -201,28 +230,41 @@ def encode_prompts(
 
 
 def learned_context(
-    backbone: ImageTextBackbone, classnames: Sequence[str], config: Any
+    backbone: ImageTextBackbone,
+    classnames: Sequence[str],
+    config: Any,
+    start: ContextInit | None = None,
 ) -> tuple[nn.Parameter, PromptAssembler, Any]:
     """CoOp's learned context for a config with ``n_ctx``, ``ctx_init``, ``class_specific``,
-    ``class_token_position`` and ``init_std``.
+    ``class_token_position`` and ``init_std`` (:func:`init_context`, or ``start``).
+
+    As in the reference, a class-specific context exists only without an init phrase (or a
+    ``start``): with one, every class shares the context initialised from it.
 
     Returns:
         The context parameter (M x W shared, or C x M x W class-specific; fp32 even under bf16
-        autocast), the assembler of the class prompts around it, and ``config`` with
-        ``n_ctx`` = M (the ``ctx_init`` phrase's token count when it is given).
+        autocast), the assembler of the class prompts around it, and ``config`` as it was
+        applied (``n_ctx`` = M, ``class_specific`` false when an init phrase made it shared).
     """
-    vectors, m = init_context(
-        backbone, n_ctx=config.n_ctx, init=config.ctx_init, std=config.init_std
+    specific = bool(config.class_specific) and not config.ctx_init.strip() and start is None
+    if start is None:
+        start = init_context(
+            backbone,
+            n_ctx=config.n_ctx,
+            init=config.ctx_init,
+            std=config.init_std,
+            groups=len(classnames) if specific else None,
+        )
+    m = start.n_ctx
+    assembler = PromptAssembler(
+        backbone,
+        classnames,
+        n_ctx=m,
+        position=config.class_token_position,
+        prompt_prefix=start.prompt_prefix,
     )
-    if config.class_specific:
-        if config.ctx_init.strip():
-            vectors = vectors.unsqueeze(0).repeat(len(classnames), 1, 1)
-        else:
-            gen = torch.Generator().manual_seed(0)
-            shape = (len(classnames), m, vectors.shape[-1])
-            vectors = torch.randn(shape, generator=gen) * config.init_std
-    assembler = PromptAssembler(backbone, classnames, n_ctx=m, position=config.class_token_position)
-    return nn.Parameter(vectors.float()), assembler, dataclasses.replace(config, n_ctx=m)
+    applied = dataclasses.replace(config, n_ctx=m, class_specific=specific)
+    return nn.Parameter(start.vectors.float()), assembler, applied
 
 
 class ContextTextFeatures:
