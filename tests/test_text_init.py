@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -191,3 +192,31 @@ def test_same_seed_same_pack_through_the_cli(method, extra, colours, run_cli, tm
     assert any(not torch.equal(v, packs["d"][k]) for k, v in packs["c"].items())
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["seed"] == 1
+
+
+# ---------------------------------------------------------------------------- item 5
+@pytest.mark.parametrize(("n", "drop", "steps"), [(10, True, 2), (10, False, 3), (3, True, 1)])
+def test_last_partial_batch_follows_dassl(tiny_clip, tmp_path, n, drop, steps) -> None:
+    """Dassl drops the last partial batch when at least one full batch exists
+    (``drop_last=is_train and len(data) >= batch_size``): the CoOp family's defaults do."""
+    import dataclasses
+
+    from vprompt.engine import fit
+    from vprompt.methods.coop import coop_optim
+
+    assert coop_optim().drop_last is True
+    assert CoOpConfig().optim.drop_last is True
+
+    class Few:
+        classnames: ClassVar[list[str]] = list(NAMES)
+
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, i: int):
+            return Image.fromarray(np.full((32, 32, 3), 40 * i % 255, np.uint8)), i % 3
+
+    optim = dataclasses.replace(coop_optim(epochs=2, batch_size=4), drop_last=drop)
+    config = CoOpConfig(n_ctx=2, augment=False, optim=optim)
+    result = fit(CoOp(tiny_clip, NAMES, config), Few(), out_dir=tmp_path, progress=False)
+    assert [h["step"] for h in result.history] == [steps, 2 * steps]

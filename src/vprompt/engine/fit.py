@@ -308,7 +308,7 @@ def _train(
         return
     if ckpt.epochs_done >= optim.epochs:
         return
-    steps_per_epoch = math.ceil(len(train) / optim.batch_size)
+    steps_per_epoch = epoch_steps(len(train), optim)
     if max_steps_per_epoch is not None:
         steps_per_epoch = max(1, min(steps_per_epoch, int(max_steps_per_epoch)))
     schedule = LRSchedule.from_config(optim, steps_per_epoch=steps_per_epoch)
@@ -366,6 +366,15 @@ def _train(
         notify(callbacks, FitEvent("epoch", epoch, ckpt.global_step, dict(record)))
         if progress:
             tqdm.write(_summary(record, optim.epochs), file=sys.stderr)
+
+
+def epoch_steps(n: int, optim: OptimConfig) -> int:
+    """Optimizer steps per epoch over ``n`` images: every batch, or without the last partial
+    one when ``optim.drop_last`` and a full batch exists (the shuffled order is the same, the
+    epoch simply stops before it)."""
+    if optim.drop_last and n >= optim.batch_size:
+        return n // optim.batch_size
+    return math.ceil(n / optim.batch_size)
 
 
 def _validate(

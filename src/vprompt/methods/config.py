@@ -21,7 +21,9 @@ class OptimConfig:
     ``epochs``. ``step_unit="epoch"`` reproduces Dassl's epoch-stepped schedule, which the CoOp
     family's published numbers use: epoch ``e >= W`` trains at
     ``lr * (1 + cos(pi * (e - W) / epochs)) / 2``. ``eps`` is Adam's / AdamW's epsilon (torch's
-    default; Tip-Adapter-F trains with 1e-4).
+    default; Tip-Adapter-F trains with 1e-4). ``drop_last`` skips each epoch's last partial
+    batch when the training set holds at least one full batch (Dassl's rule, which the CoOp
+    family's published numbers use).
     """
 
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -36,6 +38,7 @@ class OptimConfig:
     warmup_type: Literal["linear", "constant"] = "linear"
     step_unit: Literal["iteration", "epoch"] = "iteration"
     eps: float = 1e-8
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         if self.warmup_type not in ("linear", "constant"):
@@ -54,6 +57,8 @@ class OptimConfig:
             raise ConfigError(
                 f"optim.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"
             )
+        if not isinstance(self.drop_last, bool):
+            raise ConfigError(f"optim.drop_last must be true or false, got {self.drop_last!r}")
         if not self.eps > 0:
             raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:

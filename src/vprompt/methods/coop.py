@@ -37,7 +37,7 @@ from vprompt.methods.text_context import (
 
 def coop_optim(epochs: int = 200, batch_size: int = 32) -> OptimConfig:
     """Dassl's CoOp-family optimizer: SGD 0.002, 1 constant-warmup epoch at 1e-5, cosine per
-    epoch, weight decay 5e-4."""
+    epoch, weight decay 5e-4; the last partial batch is dropped when a full one exists."""
     return OptimConfig(
         optimizer="sgd",
         lr=0.002,
@@ -49,6 +49,7 @@ def coop_optim(epochs: int = 200, batch_size: int = 32) -> OptimConfig:
         warmup_type="constant",
         step_unit="epoch",
         batch_size=batch_size,
+        drop_last=True,
     )
 
 
