@@ -541,3 +541,59 @@ def test_every_family_returns_a_frozen_model(name: str) -> None:
     assert isinstance(model, Backbone) != name.startswith(("sam:", "seggpt:"))
     if name.startswith("sam:"):
         assert isinstance(model, PromptableSegmenter)
+
+
+def _openai_release(state: dict, *, markers: bool) -> dict:
+    """A state dict laid out as OpenAI's CLIP releases are: linear / conv / attention weights
+    and the projections in float16, LayerNorms and embeddings in float32, and (JIT archives'
+    state dicts) the input_resolution / context_length / vocab_size entries."""
+    out = {}
+    for key, value in state.items():
+        half = value.ndim >= 2 and (key.endswith(("weight", "in_proj_weight")) or "proj" in key)
+        half = half and "ln_" not in key and "embedding" not in key
+        out[key] = value.half() if half else value.clone()
+    if markers:
+        out.update(
+            input_resolution=torch.tensor(32),
+            context_length=torch.tensor(77),
+            vocab_size=torch.tensor(49408),
+        )
+    return out
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_openai_format_state_dict_builds_quickgelu(tmp_path: Path, markers: bool) -> None:
+    """OpenAI's models were trained with QuickGELU; open_clip's plain configs use GELU, so a
+    file in OpenAI's format must select QuickGELU (features differ by ~1% otherwise)."""
+    import open_clip
+
+    gelu = load_backbone("clip:tiny", "none")
+    path = tmp_path / "openai.pt"
+    torch.save(_openai_release(gelu.model.state_dict(), markers=markers), path)
+    loaded = load_backbone("clip:tiny", str(path))
+    acts = [m for m in loaded.model.modules() if isinstance(m, open_clip.transformer.QuickGELU)]
+    assert acts, "an OpenAI-format file must build QuickGELU activations"
+    reference = open_clip.create_model("vprompt-tiny", force_quick_gelu=True)
+    reference.load_state_dict(
+        {k: v.float() for k, v in gelu.model.state_dict().items()}, strict=True
+    )
+    reference.eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_image(images), reference.encode_image(images), atol=1e-3, rtol=1e-3
+        )
+    # An open_clip-format file (float32 throughout, no markers) keeps the arch's GELU.
+    plain = tmp_path / "plain.pt"
+    torch.save(gelu.model.state_dict(), plain)
+    kept = load_backbone("clip:tiny", str(plain))
+    assert not any(isinstance(m, open_clip.transformer.QuickGELU) for m in kept.model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_archive_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    path = tmp_path / "ViT-B-16.pt"
+    scripted.save(str(path))
+    with pytest.raises(WeightsError, match=r"TorchScript.*--weights openai"):
+        load_backbone("clip:tiny", str(path))

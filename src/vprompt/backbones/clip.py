@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from vprompt.backbones import clip_vision
+from vprompt.backbones.clip_files import file_format, load_openai_state, torchscript_error
 from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import NotAViTError
@@ -365,6 +366,18 @@ def _resolve_source(arch: str, weights: str) -> dict[str, Any]:
             )
         path = found[0]
     if path.is_file():
+        found_format = file_format(path)
+        if found_format == "torchscript":
+            raise torchscript_error(f"clip:{arch}", path)
+        if found_format == "openai":
+            # OpenAI trained with QuickGELU; its layout is loaded by load_openai_state.
+            return {
+                "model_name": oc_arch,
+                "pretrained": None,
+                "tokenizer": oc_arch,
+                "force_quick_gelu": True,
+                "openai_file": path,
+            }
         return {"model_name": oc_arch, "pretrained": str(path), "tokenizer": oc_arch}
     tags = list_tags(arch)
     if weights in tags:
@@ -390,6 +403,7 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
     oc = _open_clip()
     args = _resolve_source(arch, weights)
     tokenizer_name = args.pop("tokenizer")
+    openai_file = args.pop("openai_file", None)
     previous_disable = logging.root.manager.disable
     # open_clip logs "initialized randomly" and similar notes as root warnings; we report
     # failures as exceptions instead.
@@ -402,6 +416,8 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
                 model = oc.create_model(**args, weights_only=True, device="cpu")
         else:
             model = oc.create_model(**args, weights_only=True, device="cpu")
+        if openai_file is not None:
+            load_openai_state(model, openai_file)
     except pickle.UnpicklingError as exc:
         # torch wraps the reason (a blocked global or opcode) in advice to retry with
         # weights_only=False, which is exactly what must not happen; keep only the reason.
@@ -416,6 +432,8 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
             f"{weights}: refusing to load: the file needs arbitrary unpickling "
             f"(only tensors are accepted): {detail}"
         ) from exc
+    except WeightsError:
+        raise
     except Exception as exc:  # torch, open_clip and safetensors raise many error types
         raise WeightsError(
             f"cannot load clip:{arch} weights from {weights!r}: {_error_summary(exc)}"
