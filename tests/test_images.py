@@ -403,3 +403,40 @@ def test_max_pixels_above_pillows_threshold_allows_larger_images(tmp_path, monke
     img = load_image(tmp_path / "x.png", max_pixels=5000)
     assert img.size == (40, 30)
     assert pixel(img, (0, 0)) == (1, 2, 3)
+
+
+def test_benchmark_suite_reads_images_as_the_reference_code(tmp_path):
+    """Dassl's read_image is ``Image.open(path).convert("RGB")``: no EXIF rotation, alpha
+    dropped (not composited on white). The suite's readers do the same; user images keep
+    EXIF-aware loading (``load_image``)."""
+    import numpy as np
+
+    from vprompt.data.items import Datum, ItemDataset
+
+    rng = np.random.default_rng(0)
+    rotated = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when shown
+    rotated.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    rgba = rng.integers(0, 255, (16, 16, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # fully transparent: the hidden colours are what the reference sees
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "clear.png")
+    items = [Datum("rotated.jpg", 0, "a"), Datum("clear.png", 1, "b")]
+    suite = ItemDataset(tmp_path, items, ["a", "b"], reader="reference")
+    for index, name in enumerate(("rotated.jpg", "clear.png")):
+        with Image.open(tmp_path / name) as raw:
+            expected = np.asarray(raw.convert("RGB"))
+        assert np.array_equal(np.asarray(suite[index][0]), expected), name
+    user = load_image(tmp_path / "rotated.jpg")
+    assert user.size == (20, 30)  # upright for people
+    assert suite[0][0].size == (30, 20)  # as stored, as the papers' code reads it
+    assert suite.identity(0) != ItemDataset(tmp_path, items, ["a", "b"]).identity(0)
+
+
+def test_suite_tasks_use_the_reference_reader(tmp_path):
+    from vprompt.data.suite.synthetic import write_fake_dataset
+    from vprompt.data.tasks import load_suite_task
+
+    write_fake_dataset("dtd", tmp_path, num_classes=2, images_per_class=(2, 1, 1))
+    task = load_suite_task("dtd", tmp_path, shots=1, seed=1)
+    assert task.train.reader == task.test.reader == "reference"

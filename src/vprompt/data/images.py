@@ -6,6 +6,7 @@ import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +19,7 @@ IMAGE_EXTENSIONS = frozenset(
 # Pillow's own decompression-bomb threshold (~89.5 MP); raise it per call with ``max_pixels``.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 _GLOB_CHARS = set("*?[")
+ImageReader = Literal["exif", "reference"]
 
 
 def expand_image_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
@@ -90,11 +92,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(
-    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reader: ImageReader = "exif",
 ) -> Image.Image:
-    """Open an image as RGB, upright (EXIF orientation applied).
+    """Open an image as RGB.
 
-    Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted.
+    With ``reader="exif"`` (user images) the image is upright (EXIF orientation applied) and
+    grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted as a
+    viewer shows them. With ``reader="reference"`` (the benchmark suite) it is decoded exactly
+    as the papers' code reads it, ``Image.open(path).convert("RGB")``: no EXIF rotation, alpha
+    dropped.
 
     Raises:
         ImageLoadError: Missing, unreadable, corrupt or truncated files, and images with more
@@ -117,6 +126,8 @@ def load_image(
                     f"{max_pixels} pixels",
                 )
             img.load()
+            if reader == "reference":
+                return img.convert("RGB")
             upright: Image.Image = ImageOps.exif_transpose(img) or img
             return to_rgb(upright)
     except ImageLoadError:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vprompt.data.images import load_image
+from vprompt.data.images import ImageReader, load_image
 from vprompt.errors import DatasetError
 
 
@@ -85,6 +85,9 @@ class ItemDataset:
         items: The labelled images, in order.
         classnames: Names for labels 0..C-1 (prompt-ready: underscores already replaced).
             Defaults to the items' own names via :func:`label_names` and :func:`prompt_name`.
+        reader: How images are decoded (:func:`~vprompt.data.images.load_image`): ``exif``
+            for user data, ``reference`` (as the papers' code reads them) for the benchmark
+            suite.
     """
 
     def __init__(
@@ -92,8 +95,11 @@ class ItemDataset:
         root: str | os.PathLike[str],
         items: Sequence[Datum],
         classnames: Sequence[str] | None = None,
+        *,
+        reader: ImageReader = "exif",
     ) -> None:
         self.root = Path(root)
+        self.reader: ImageReader = reader
         self.items = list(items)
         if classnames is None:
             classnames = [prompt_name(n) for n in label_names(self.items)]
@@ -116,7 +122,7 @@ class ItemDataset:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         item = self.items[index]
-        return load_image(self.root / item.path), item.label
+        return load_image(self.root / item.path, reader=self.reader), item.label
 
     def identity(self, index: int) -> str:
         """A key that changes when the image file changes (for feature caches)."""
@@ -125,4 +131,6 @@ class ItemDataset:
             st = path.stat()
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
-        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        # The reader changes the pixels (rotation, alpha), so it is part of the identity.
+        reader = "" if self.reader == "exif" else f":{self.reader}"
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}{reader}"

@@ -6,10 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vprompt.data.dataset import DataSplits
+from vprompt.data.images import ImageReader
 from vprompt.data.fewshot import FewShot, Subsample, load_or_sample, subsample_classes
 from vprompt.data.items import ItemDataset, label_names, prompt_name
 from vprompt.data.suite.base import SuiteDataset, get_suite
 from vprompt.errors import DatasetError
+
+# The benchmark suite decodes images as the papers' code does (Dassl's read_image).
+READER: ImageReader = "reference"
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class SuiteTask:
             test_only_ok: Allow test-only datasets (their ``train`` is then empty).
         """
         if self.train is None and test_only_ok:
-            empty = ItemDataset(self.test.root, [], self.test.classnames)
+            empty = ItemDataset(self.test.root, [], self.test.classnames, reader=READER)
             return DataSplits(self.spec.name, empty, self.test, None)
         if self.train is None:
             raise DatasetError(
@@ -83,7 +87,7 @@ def load_suite_task(
                 f"{spec.title} is a test-only dataset: it has no training split to sample "
                 "shots or base/new classes from"
             )
-        test_only = ItemDataset(spec.path(data_root), full.test)
+        test_only = ItemDataset(spec.path(data_root), full.test, reader=READER)
         return SuiteTask(spec, None, None, test_only, None, seed, "all")
     train, val = full.train, full.val
     if shots:
@@ -104,9 +108,9 @@ def load_suite_task(
     folder = spec.path(data_root)
     return SuiteTask(
         spec,
-        ItemDataset(folder, train, names),
-        ItemDataset(folder, val, names) if val else None,
-        ItemDataset(folder, test, names),
+        ItemDataset(folder, train, names, reader=READER),
+        ItemDataset(folder, val, names, reader=READER) if val else None,
+        ItemDataset(folder, test, names, reader=READER),
         shots or None,
         seed,
         subsample,

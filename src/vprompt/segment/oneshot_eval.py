@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from tqdm import tqdm
 
-from vprompt.data.images import IMAGE_EXTENSIONS, load_image
+from vprompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image
 from vprompt.errors import DatasetError
 from vprompt.segment.clicks import iou
 
@@ -108,11 +108,11 @@ def evaluate_oneshot(
     progress: bool = True,
 ) -> OneShotReport:
     """Run ``method`` once per concept (reference → all targets) and score every target."""
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    limit = max_pixels or DEFAULT_MAX_PIXELS
     per_concept: dict[str, float] = {}
     per_target: dict[str, list[float]] = {}
     for concept in tqdm(concepts, desc="one-shot", unit="concept", disable=not progress):
-        images = [load_image(p, **kwargs) for p in concept.images]
+        images = [load_image(p, max_pixels=limit) for p in concept.images]
         masks = [_mask(m, im.size) for m, im in zip(concept.masks, images, strict=True)]
         if not masks[0].any():
             raise DatasetError(f"{concept.masks[0]}: the reference mask is empty")
