@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+from PIL import Image
 
 from vprompt.errors import ConfigError, DatasetError, PromptError
 from vprompt.prompts.spatial import MaskLogits, Point
@@ -43,17 +44,17 @@ def _logits(value: float) -> MaskLogits:
 def test_first_click_is_the_centre_of_an_odd_square() -> None:
     gt = _rect((12, 12), 2, 6, 3, 7)  # 5 x 5, centre pixel (row 4, col 5)
     click = next_click(np.zeros_like(gt), gt)
-    assert click == Point(5.5, 4.5, positive=True)
+    assert click == Point(5, 4, positive=True)
 
 
 def test_even_square_ties_go_to_the_first_pixel_in_row_major_order() -> None:
     gt = _rect((10, 10), 2, 5, 2, 5)  # 4 x 4: the central 2 x 2 pixels all have distance 2
-    assert next_click(np.zeros_like(gt), gt) == Point(3.5, 3.5, positive=True)
+    assert next_click(np.zeros_like(gt), gt) == Point(3, 3, positive=True)
 
 
 def test_equal_objects_tie_to_the_upper_left_one() -> None:
     gt = _rect((12, 12), 6, 8, 1, 3) | _rect((12, 12), 1, 3, 7, 9)
-    assert next_click(np.zeros_like(gt), gt) == Point(8.5, 2.5)
+    assert next_click(np.zeros_like(gt), gt) == Point(8, 2)
 
 
 def test_larger_false_positive_blob_gets_a_negative_click() -> None:
@@ -61,34 +62,34 @@ def test_larger_false_positive_blob_gets_a_negative_click() -> None:
     gt = _rect(shape, 2, 10, 2, 10) | _rect(shape, 20, 22, 20, 22)  # 3 x 3 part missed
     pred = _rect(shape, 2, 10, 2, 10) | _rect(shape, 15, 21, 2, 8)  # 7 x 7 false positive
     click = next_click(pred, gt)
-    assert click == Point(5.5, 18.5, positive=False)
+    assert click == Point(5, 18, positive=False)
 
 
 def test_larger_false_negative_blob_gets_a_positive_click() -> None:
     shape = (30, 30)
     gt = _rect(shape, 20, 26, 20, 26)  # missed entirely: 7 x 7
     pred = _rect(shape, 1, 3, 1, 3)  # 3 x 3 false positive
-    assert next_click(pred, gt) == Point(23.5, 23.5, positive=True)
+    assert next_click(pred, gt) == Point(23, 23, positive=True)
 
 
-def test_equal_fn_and_fp_maxima_give_a_positive_click() -> None:
+def test_equal_fn_and_fp_maxima_give_a_negative_click() -> None:
     shape = (20, 20)
     pred = _rect(shape, 1, 3, 1, 3)  # false positive first in row-major order
     gt = _rect(shape, 10, 12, 10, 12)  # false negative of the same size
-    assert next_click(pred, gt) == Point(11.5, 11.5, positive=True)
+    assert next_click(pred, gt) == Point(2, 2, positive=False)  # the reference's tie rule
 
 
 def test_padding_treats_the_image_border_as_a_boundary() -> None:
     gt = _rect((10, 10), 0, 9, 0, 2)  # a strip along the left edge, full height
     empty = np.zeros_like(gt)
-    assert next_click(empty, gt) == Point(1.5, 1.5)
+    assert next_click(empty, gt) == Point(1, 1)
     # Without padding only the right side is a boundary: the farthest pixel is in column 0.
-    assert next_click(empty, gt, pad=False) == Point(0.5, 0.5)
+    assert next_click(empty, gt, pad=False) == Point(0, 0)
 
 
 def test_no_padding_on_a_full_image_still_finds_a_click() -> None:
     gt = np.ones((5, 5), dtype=bool)
-    assert next_click(np.zeros_like(gt), gt, pad=False) == Point(2.5, 2.5)
+    assert next_click(np.zeros_like(gt), gt, pad=False) == Point(2, 2)
 
 
 def test_single_pixel_error_and_perfect_prediction() -> None:
@@ -96,7 +97,7 @@ def test_single_pixel_error_and_perfect_prediction() -> None:
     pred = gt.copy()
     assert next_click(pred, gt) is None
     pred[3, 3] = False
-    assert next_click(pred, gt) == Point(3.5, 3.5, positive=True)
+    assert next_click(pred, gt) == Point(3, 3, positive=True)
 
 
 def test_clicked_pixels_are_not_clicked_again() -> None:
@@ -108,9 +109,9 @@ def test_clicked_pixels_are_not_clicked_again() -> None:
     assert second is not None
     assert (second.x, second.y) != (first.x, first.y)
     # Distance 2 ring, first in row-major order: (row 3, col 4).
-    assert second == Point(4.5, 3.5)
+    assert second == Point(4, 3)
     only = _rect((5, 5), 2, 2, 2, 2)
-    assert next_click(np.zeros_like(only), only, clicked=[Point(2.5, 2.5)]) is None
+    assert next_click(np.zeros_like(only), only, clicked=[Point(2, 2)]) is None
 
 
 def test_next_click_rejects_bad_masks() -> None:
@@ -124,7 +125,7 @@ def test_next_click_rejects_bad_masks() -> None:
     with pytest.raises(PromptError, match="0 and 1"):
         next_click(np.full((8, 8), 0.5), gt)
     # 0/1 integer masks are fine.
-    assert next_click(np.zeros((8, 8), np.uint8), gt.astype(np.uint8)) == Point(3.5, 3.5)
+    assert next_click(np.zeros((8, 8), np.uint8), gt.astype(np.uint8)) == Point(3, 3)
 
 
 def test_iou() -> None:
@@ -199,7 +200,7 @@ def test_perfect_after_one_click() -> None:
     pred = Fixed(gt)
     trace = simulate_clicks(pred, gt, max_clicks=5)
     assert trace.ious == [1.0] * 5
-    assert trace.clicks == [Point(7.5, 6.5)]  # dt 4 at (6, 7..9): the first wins
+    assert trace.clicks == [Point(7, 6)]  # dt 4 at (6, 7..9): the first wins
     assert pred.calls == 1  # nothing left to correct: the loop stops asking
     assert trace.noc(0.85) == trace.noc(0.9) == 1
     assert trace.nocs == {0.85: 1, 0.9: 1}
@@ -222,7 +223,7 @@ def test_components_need_two_and_three_clicks() -> None:
     labels, gt = _three_parts()
     pred = Segments(labels)
     trace = simulate_clicks(pred, gt, max_clicks=8)
-    assert trace.clicks == [Point(7.5, 7.5), Point(5.5, 23.5), Point(27.5, 4.5)]
+    assert trace.clicks == [Point(7, 7), Point(5, 23), Point(27, 4)]
     assert trace.ious[:3] == pytest.approx([121 / 195, 170 / 195, 1.0])
     assert trace.ious[3:] == [1.0] * 5
     assert trace.noc(0.85) == 2  # 170 / 195 = 0.872
@@ -235,9 +236,9 @@ def test_negative_click_removes_a_leaked_segment() -> None:
     pred = Segments(labels, links={1: {1, 2}})  # clicking segment 1 leaks into segment 2
     trace = simulate_clicks(pred, gt, max_clicks=5)
     assert trace.clicks == [
-        Point(7.5, 7.5),
-        Point(5.5, 23.5, positive=False),  # 7 x 7 leak beats the 5 x 5 miss
-        Point(27.5, 4.5),
+        Point(7, 7),
+        Point(5, 23, positive=False),  # 7 x 7 leak beats the 5 x 5 miss
+        Point(27, 4),
     ]
     assert trace.ious[:3] == pytest.approx([121 / 195, 121 / 146, 1.0])
     assert trace.noc(0.85) == trace.noc(0.9) == 3
@@ -315,7 +316,7 @@ def test_evaluate_aggregates_noc_nof_and_miou() -> None:
     data = json.loads(json.dumps(report.to_dict()))
     assert data["noc"]["0.85"] == pytest.approx(7 / 3)
     assert data["nof"] == {"0.85": 1, "0.9": 1}
-    assert data["objects"][0]["clicks"][1] == [5.5, 23.5, True]
+    assert data["objects"][0]["clicks"][1] == [5.0, 23.0, True]
     assert data["objects"][2]["noc"] == {"0.85": 4, "0.9": 4}
 
 
@@ -346,3 +347,66 @@ def test_plot_is_written_atomically(tmp_path: Path) -> None:
     assert out == tmp_path / "plots" / "miou.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["miou.png"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------------------- the reference
+def _reference_click(pred, gt_labels, not_clicked):
+    """RITM's Clicker._get_next_click on a label map (1 object, 0 background, -1 ignored),
+    with scipy's exact distance transform standing in for OpenCV's (float32 results)."""
+    from scipy.ndimage import distance_transform_edt
+
+    gt = gt_labels == 1
+    not_ignore = gt_labels != -1
+    fn = np.pad(gt & ~pred & not_ignore, 1)
+    fp = np.pad(~gt & pred & not_ignore, 1)
+    fn_dt = distance_transform_edt(fn).astype(np.float32)[1:-1, 1:-1] * not_clicked
+    fp_dt = distance_transform_edt(fp).astype(np.float32)[1:-1, 1:-1] * not_clicked
+    is_positive = fn_dt.max() > fp_dt.max()
+    ys, xs = np.where(fn_dt == fn_dt.max()) if is_positive else np.where(fp_dt == fp_dt.max())
+    return bool(is_positive), int(ys[0]), int(xs[0])
+
+
+def _reference_iou(gt_labels, pred):
+    """RITM's utils.get_iou."""
+    keep = gt_labels != -1
+    obj = gt_labels == 1
+    return (pred & obj & keep).sum() / ((pred | obj) & keep).sum()
+
+
+def test_clicks_and_iou_equal_the_reference_clicker_with_an_unknown_band() -> None:
+    rng = np.random.default_rng(5)
+    labels = np.zeros((40, 50), np.int64)
+    labels[8:30, 10:38] = 1
+    labels[6:8, 8:40] = -1  # GrabCut's unknown band above the object
+    labels[30:33, 8:40] = -1
+    gt, ignore = labels == 1, labels == -1
+    not_clicked = np.ones(labels.shape, dtype=bool)
+    pred = np.zeros(labels.shape, dtype=bool)
+    clicked: list[Point] = []
+    for _ in range(6):
+        positive, row, col = _reference_click(pred, labels, not_clicked)
+        ours = next_click(pred, gt, clicked=clicked, ignore=ignore)
+        assert ours == Point(col, row, positive=positive)  # (x = col, y = row): no half pixel
+        clicked.append(ours)
+        not_clicked[row, col] = False
+        # A sloppy predictor: the truth, with noise and a leak into the ignored band.
+        pred = (gt ^ (rng.random(gt.shape) < 0.08)) | ignore
+        assert iou(pred, gt, ignore) == pytest.approx(_reference_iou(labels, pred))
+        assert iou(pred, gt, ignore) != pytest.approx(iou(pred, gt))  # the band matters
+
+
+def test_grabcut_trimap_is_one_object_with_an_ignored_band(tmp_path) -> None:
+    from vprompt.segment.click_data import load_click_folder
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "images" / "cup.jpg")
+    trimap = np.zeros((20, 30), np.uint8)
+    trimap[4:16, 6:24] = 128
+    trimap[6:14, 8:22] = 255
+    Image.fromarray(trimap).save(tmp_path / "masks" / "cup.png")
+    (sample,) = load_click_folder(tmp_path)  # no flag needed: the trimap's convention
+    assert sample.object_id == 255
+    assert np.array_equal(sample.mask, trimap == 255)
+    assert sample.ignore is not None
+    assert np.array_equal(sample.ignore, trimap == 128)

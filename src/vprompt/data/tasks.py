@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vprompt.data.dataset import DataSplits
-from vprompt.data.images import ImageReader
 from vprompt.data.fewshot import FewShot, Subsample, load_or_sample, subsample_classes
+from vprompt.data.images import ImageReader
 from vprompt.data.items import ItemDataset, label_names, prompt_name
 from vprompt.data.suite.base import SuiteDataset, get_suite
 from vprompt.errors import DatasetError

@@ -1,9 +1,10 @@
 """SAM's coordinate frame: resize-longest-side, pad to a square, and the way back.
 
 This is the ONE place where spatial prompts move between the original image and the model's
-input frame. Coordinates are continuous: ``(0, 0)`` is the top-left *corner* of the image, x
-grows right, y grows down, and an image of size ``(W, H)`` covers ``[0, W] x [0, H]`` (pixel
-``(row i, col j)`` covers ``[j, j + 1] x [i, i + 1]``; no half-pixel shift is applied anywhere).
+input frame. Coordinates are original-image pixels, x the column and y the row, continuous in
+``[0, W] x [0, H]``, scaled here with no shift of their own; SAM's prompt encoder then adds
+half a pixel to every input-frame coordinate, so integer ``(j, i)`` addresses pixel
+``(row i, col j)``'s centre, as in Meta's ``SamPredictor`` and the interactive benchmarks.
 
 The arithmetic matches transformers' ``SamImageProcessor._get_preprocess_shape`` and
 ``SamProcessor._normalize_coordinates`` exactly:

@@ -1,10 +1,12 @@
 """Spatial prompts for promptable segmentation (SAM family): points, boxes, masks, scribbles.
 
-Coordinates are in ORIGINAL-image pixels and continuous: ``(0, 0)`` is the top-left *corner*
-of the image, x grows right, y grows down, and an image of size ``(W, H)`` covers
-``[0, W] x [0, H]`` — both edges included, so ``x == W`` is valid. Pixel ``(row i, col j)``
-covers ``[j, j + 1] x [i, i + 1]`` and its centre is ``(j + 0.5, i + 0.5)``; nothing adds that
-half pixel for you. Image sizes are ``(W, H)``; mask arrays are ``H x W``.
+Coordinates are in ORIGINAL-image pixels and continuous, x the column and y the row, valid
+in ``[0, W] x [0, H]`` for an image of size ``(W, H)`` (both edges included). They reach the
+model exactly as given, as Meta's ``SamPredictor`` takes them: SAM's prompt encoder adds half a
+pixel (of its input frame) to every coordinate, so the integer coordinates ``(j, i)`` point at
+pixel ``(row i, col j)`` — how the interactive benchmarks send their clicks. (Scribble masks
+are rasterized geometrically: a pixel is in when its square's centre ``(j + 0.5, i + 0.5)``
+lies within the stroke.) Image sizes are ``(W, H)``; mask arrays are ``H x W``.
 
 One :class:`ObjectPrompt` describes one object (points, at most one box, and at most one mask
 input); a :class:`PromptSet` holds many objects of one image, is validated against its size, and

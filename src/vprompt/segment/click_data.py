@@ -3,8 +3,11 @@
 A click-evaluation folder holds ``images/`` and ``masks/``: ``masks/STEM.png`` is the ground
 truth of ``images/STEM.*``. A mask PNG with only 0 and one other value is one object; an
 instance PNG (0 = background, every other value one object) yields one object per value, as
-in the COCO-style instance benchmarks. ``ignore_value`` (e.g. 255 for VOC-style borders) is
-never an object of an instance PNG; a binary mask is one object whatever its value.
+in the COCO-style instance benchmarks. A GrabCut trimap (0 background, 128 unknown, 255
+object) is one object whose unknown band is ignored, as the reference loaders read it
+(``instances_mask[mask == 128] = -1``). ``ignore_value`` (e.g. 255 for VOC-style borders) is
+never an object of an instance PNG and its pixels are ignored; a binary mask is one object
+whatever its value. Ignored pixels count neither in the clicks nor in the IoU.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from vprompt.prompts.spatial import MaskLogits, ObjectPrompt, Point, PromptSet
 from vprompt.segment.clicks import ClickPredictor
 from vprompt.segment.segmenter import ImageEmbedding, Segmenter
 
+GRABCUT_UNKNOWN = 128  # the trimap's "unknown" band
+GRABCUT_OBJECT = 255
+
 
 @dataclass(frozen=True)
 class ClickSample:
-    """One object to segment: its image file and ground-truth mask (H x W bool)."""
+    """One object to segment: its image file, ground-truth mask and ignored pixels (H x W
+    bool, or None when every pixel counts)."""
 
     image: Path
     object_id: int
     mask: NDArray[np.bool_]
+    ignore: NDArray[np.bool_] | None = None
 
 
 def load_click_folder(root: str | Path, *, ignore_value: int | None = None) -> list[ClickSample]:
@@ -66,10 +74,17 @@ def load_click_folder(root: str | Path, *, ignore_value: int | None = None) -> l
                 f"{size[0]}x{size[1]}"
             )
         values = [int(v) for v in np.unique(labels) if v != 0]
-        if len(values) > 1:  # a binary 0/255 mask is one object even when 255 is "ignore"
-            values = [v for v in values if v != ignore_value]
+        ignored: list[int] = []
+        if values == [GRABCUT_UNKNOWN, GRABCUT_OBJECT]:  # a GrabCut trimap
+            ignored, values = [GRABCUT_UNKNOWN], [GRABCUT_OBJECT]
+        elif len(values) > 1 and ignore_value in values:
+            # A binary 0/255 mask is one object even when 255 is "ignore".
+            ignored, values = [int(ignore_value)], [v for v in values if v != ignore_value]
+        ignore = np.isin(labels, ignored) if ignored else None
         for value in values:
-            samples.append(ClickSample(image=image, object_id=value, mask=labels == value))
+            samples.append(
+                ClickSample(image=image, object_id=value, mask=labels == value, ignore=ignore)
+            )
     if not samples:
         raise DatasetError(f"{base}: no object in any mask")
     return samples
@@ -98,12 +113,14 @@ class SamClickPredictor:
 
 def sam_predictor_factory(
     segmenter: Segmenter, samples: Sequence[ClickSample]
-) -> tuple[list[tuple[int, NDArray[np.bool_]]], Callable[[int], ClickPredictor]]:
+) -> tuple[
+    list[tuple[int, NDArray[np.bool_], NDArray[np.bool_] | None]], Callable[[int], ClickPredictor]
+]:
     """``(pairs, make_predictor)`` for :func:`~vprompt.segment.clicks.evaluate_clicks`.
 
     Each image is embedded once (the segmenter's cache), however many objects it holds.
     """
-    pairs = [(i, s.mask) for i, s in enumerate(samples)]
+    pairs = [(i, s.mask, s.ignore) for i, s in enumerate(samples)]
 
     def make(index: int) -> ClickPredictor:
         embedding = segmenter.embed_image(samples[index].image)

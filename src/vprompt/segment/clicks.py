@@ -1,22 +1,26 @@
 """Interactive-segmentation evaluation: simulated clicks, NoC, NoF and mIoU@k.
 
-The protocol is the one RITM introduced and SimpleClick / FocalClick kept. Each click goes to
-the interior-most pixel of the current largest error region: take the false negatives
-(``gt & ~pred``) and the false positives (``~gt & pred``), pad both with a one-pixel border of
-"no error" (so the image edge counts as a region boundary), and compute each one's Euclidean
-distance transform. The click lands on the pixel farthest from any boundary. It is positive
-when it comes from the false negatives, negative when it comes from the false positives. The
-first click is placed the same way from an empty prediction, so it falls at the centre of the
-object's interior.
+The protocol is the one RITM introduced and SimpleClick / FocalClick kept, as its reference
+clicker (``isegm/inference/clicker.py``) runs it. Each click goes to the interior-most pixel
+of the current largest error region: take the false negatives (``gt & ~pred``) and the false
+positives (``~gt & pred``), both outside the "ignore" pixels, pad them with a one-pixel border
+of "no error" (so the image edge counts as a region boundary), and compute each one's
+Euclidean distance transform. The click lands on the pixel farthest from any boundary (the
+first in row-major order on a tie). It is positive only when the false negatives' distance is
+strictly larger: a tie goes to a negative click. An already clicked pixel is never clicked
+again. The first click is placed the same way from an empty prediction, so it falls at the
+centre of the object's interior.
 
-A predictor sees all clicks so far on one image, in original-image pixel coordinates, plus its
-own previous low-res logits, and returns the new binary mask. NoC@t is the number of clicks
-needed to reach IoU >= t (``max_clicks`` when never reached). NoF@t counts the objects that
-never reach ``t`` within ``max_clicks``. mIoU@k is the mean IoU after k clicks.
+Clicks are sent as the reference sends them, at integer pixel coordinates ``(x = col,
+y = row)``: SAM's prompt encoder adds the half pixel itself. Ignored pixels (GrabCut's
+"unknown" band, VOC's borders) count neither in the click choice nor in the IoU.
 
-Unlike RITM's reference code, which gives a tie between the two error maps to the negative
-click, a tie here gives a positive click. An already clicked pixel is never clicked again (as
-in RITM).
+A predictor sees all clicks so far on one image plus its own previous low-res logits, and
+returns the new binary mask. NoC@t is the number of clicks needed to reach IoU >= t
+(``max_clicks`` when never reached). NoF@t counts the objects that never reach ``t`` within
+``max_clicks``. mIoU@k is the mean IoU after k clicks. Unlike the reference, which keeps
+clicking a perfect prediction at pixel (0, 0), a run whose prediction has no error left stops
+and repeats its last IoU.
 """
 
 from __future__ import annotations
@@ -84,16 +88,30 @@ def _check_settings(max_clicks: int, thresholds: Iterable[float]) -> tuple[float
     return out
 
 
-def iou(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
-    """Intersection over union of two ``H x W`` bool masks; 1.0 when both are empty."""
+def iou(
+    a: NDArray[np.bool_], b: NDArray[np.bool_], ignore: NDArray[np.bool_] | None = None
+) -> float:
+    """Intersection over union of two ``H x W`` bool masks outside the ``ignore`` pixels
+    (RITM's ``get_iou``); 1.0 when both are empty there."""
     a_mask, b_mask = _check_pair(a, b)
-    union = int(np.count_nonzero(a_mask | b_mask))
+    keep = _keep(ignore, a_mask.shape)
+    union = int(np.count_nonzero((a_mask | b_mask) & keep))
     if union == 0:
         return 1.0
-    return int(np.count_nonzero(a_mask & b_mask)) / union
+    return int(np.count_nonzero(a_mask & b_mask & keep)) / union
 
 
-def _distance(region: NDArray[np.bool_], pad: bool) -> NDArray[np.float64]:
+def _keep(ignore: Any, shape: tuple[int, ...]) -> NDArray[np.bool_]:
+    """The pixels that count: everything but ``ignore`` (an H x W bool mask, or None)."""
+    if ignore is None:
+        return np.ones(shape, dtype=bool)
+    mask = _as_mask("ignore mask", ignore)
+    if mask.shape != shape:
+        raise PromptError(f"ignore mask has shape {mask.shape}, expected {shape}")
+    return ~mask
+
+
+def _distance(region: NDArray[np.bool_], pad: bool) -> NDArray[np.float32]:
     """Distance of each pixel of ``region`` to the nearest pixel outside it (0 outside)."""
     try:
         from scipy.ndimage import distance_transform_edt
@@ -102,12 +120,14 @@ def _distance(region: NDArray[np.bool_], pad: bool) -> NDArray[np.float64]:
             "click simulation needs scipy (pip install scipy) for its distance transform"
         ) from exc
     if not region.any():
-        return np.zeros(region.shape, dtype=np.float64)
+        return np.zeros(region.shape, dtype=np.float32)
+    # float32, as OpenCV's distanceTransform returns it in the reference: equal distances
+    # (and so ties) come out as they do there.
     # Without padding, a region that fills the image has no boundary at all.
     if pad or region.all():
         padded = np.pad(region, 1, mode="constant", constant_values=False)
-        return np.asarray(distance_transform_edt(padded), dtype=np.float64)[1:-1, 1:-1]
-    return np.asarray(distance_transform_edt(region), dtype=np.float64)
+        return np.asarray(distance_transform_edt(padded), dtype=np.float32)[1:-1, 1:-1]
+    return np.asarray(distance_transform_edt(region), dtype=np.float32)
 
 
 def next_click(
@@ -116,8 +136,9 @@ def next_click(
     *,
     pad: bool = True,
     clicked: Sequence[Point] = (),
+    ignore: NDArray[np.bool_] | None = None,
 ) -> Point | None:
-    """The next simulated click for a prediction (RITM's protocol).
+    """The next simulated click for a prediction (RITM's reference clicker).
 
     Args:
         pred: ``H x W`` current predicted mask (all False before the first click).
@@ -125,13 +146,15 @@ def next_click(
         pad: Treat the image border as a region boundary (the standard protocol). Without it,
             error regions touching the border get their clicks pushed towards the edge.
         clicked: Earlier clicks. Their pixels are never chosen again.
+        ignore: ``H x W`` pixels that are neither object nor background (GrabCut's unknown
+            band): never errors, never clicked.
 
     Returns:
-        A click at the centre of the chosen pixel ``(col + 0.5, row + 0.5)``. It is positive
-        when it fixes a false negative. When both error maps reach the same largest distance,
-        the click is positive. Within one map, a tie goes to the first pixel in row-major
-        order. Returns None when the prediction matches the ground truth, or when every error
-        pixel has already been clicked.
+        A click at the chosen pixel's integer coordinates ``(col, row)``. It is positive when
+        the false negatives' largest distance is strictly larger than the false positives'
+        (a tie is negative, as in the reference). Within one map, a tie goes to the first
+        pixel in row-major order. Returns None when the prediction matches the ground truth
+        outside ``ignore``, or when every error pixel has already been clicked.
 
     Raises:
         PromptError: if the masks are not 2-D or differ in shape.
@@ -140,8 +163,9 @@ def next_click(
     pred_mask, gt_mask = _check_pair(pred, gt)
     if not gt_mask.any():
         raise DatasetError("ground-truth mask is empty; there is no object to click on")
-    fn_dist = _distance(gt_mask & ~pred_mask, pad)  # H x W
-    fp_dist = _distance(~gt_mask & pred_mask, pad)  # H x W
+    keep = _keep(ignore, gt_mask.shape)
+    fn_dist = _distance(gt_mask & ~pred_mask & keep, pad)  # H x W
+    fp_dist = _distance(~gt_mask & pred_mask & keep, pad)  # H x W
     h, w = gt_mask.shape
     for p in clicked:
         row = min(max(math.floor(p.y), 0), h - 1)
@@ -154,9 +178,9 @@ def next_click(
     fp_max = float(fp_dist.flat[fp_best])
     if fn_max == 0.0 and fp_max == 0.0:
         return None
-    positive = fn_max >= fp_max
+    positive = fn_max > fp_max
     row, col = divmod(fn_best if positive else fp_best, w)
-    return Point(col + 0.5, row + 0.5, positive=positive)
+    return Point(float(col), float(row), positive=positive)
 
 
 @dataclass(frozen=True)
@@ -208,6 +232,7 @@ def simulate_clicks(
     iou_thresholds: Sequence[float] = (0.85, 0.9),
     stop_at: float | None = None,
     pad: bool = True,
+    ignore: NDArray[np.bool_] | None = None,
 ) -> ClickTrace:
     """Click on one object until ``max_clicks``, feeding the predictor's logits back.
 
@@ -220,6 +245,7 @@ def simulate_clicks(
             is complete. Once the prediction equals the ground truth, its last IoU repeats for
             the remaining clicks.
         pad: See :func:`next_click`.
+        ignore: ``H x W`` pixels left out of the clicks and the IoU (see :func:`next_click`).
 
     Raises:
         DatasetError: if ``gt`` is empty.
@@ -238,7 +264,7 @@ def simulate_clicks(
     clicks: list[Point] = []
     ious: list[float] = []
     while len(ious) < max_clicks:
-        click = next_click(pred, gt_mask, pad=pad, clicked=clicks)
+        click = next_click(pred, gt_mask, pad=pad, clicked=clicks, ignore=ignore)
         if click is None:  # nothing left to correct: the IoU can no longer change
             ious.extend([ious[-1]] * (max_clicks - len(ious)))
             break
@@ -255,7 +281,7 @@ def simulate_clicks(
                 f"click predictor returned a mask of shape {pred.shape}, but the ground-truth "
                 f"mask has shape {gt_mask.shape}"
             )
-        ious.append(iou(pred, gt_mask))
+        ious.append(iou(pred, gt_mask, ignore))
         if stop_at is not None and ious[-1] >= stop_at:
             break
     return ClickTrace(ious=ious, clicks=clicks, max_clicks=max_clicks, thresholds=thresholds)
@@ -305,7 +331,7 @@ class ClickReport:
 
 
 def evaluate_clicks(
-    pairs: Iterable[tuple[int, NDArray[np.bool_]]],
+    pairs: Iterable[tuple[int, NDArray[np.bool_]] | tuple[int, NDArray[np.bool_], Any]],
     make_predictor: Callable[[int], ClickPredictor],
     *,
     max_clicks: int = 20,
@@ -316,7 +342,9 @@ def evaluate_clicks(
     """Simulate clicks on every ``(image_index, gt mask)`` pair and summarize NoC, NoF, mIoU@k.
 
     Args:
-        pairs: Objects to segment. An image with several objects appears once per object.
+        pairs: Objects to segment as ``(image_index, gt)`` or ``(image_index, gt, ignore)``
+            (``ignore``: the object's pixels left out, or None). An image with several
+            objects appears once per object.
         make_predictor: Builds a fresh :class:`ClickPredictor` for an image index. It is
             called once per pair, so a cached image embedding can be shared across objects.
         max_clicks: Click budget per object.
@@ -337,10 +365,17 @@ def evaluate_clicks(
         raise DatasetError("evaluate_clicks: no (image_index, mask) pairs to evaluate")
     traces: list[ClickTrace] = []
     indices: list[int] = []
-    for n, (index, gt) in enumerate(tqdm(items, desc="clicks", unit="obj", disable=not progress)):
+    for n, item in enumerate(tqdm(items, desc="clicks", unit="obj", disable=not progress)):
+        index, gt = item[0], item[1]
+        ignore = item[2] if len(item) > 2 else None
         try:
             trace = simulate_clicks(
-                make_predictor(index), gt, max_clicks=max_clicks, iou_thresholds=levels, pad=pad
+                make_predictor(index),
+                gt,
+                max_clicks=max_clicks,
+                iou_thresholds=levels,
+                pad=pad,
+                ignore=ignore,
             )
         except DatasetError as exc:
             raise DatasetError(f"object {n} (image {index}): {exc}") from exc
