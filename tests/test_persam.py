@@ -3,6 +3,7 @@ the decoder, the cascaded refinement, and the 2-weight fine-tune."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from vprompt.errors import ConfigError, PromptError, UnknownNameError
 from vprompt.prompts.resize import ResizeLongestSide, ResizeSquare
-from vprompt.prompts.spatial import Box
+from vprompt.prompts.spatial import Box, ObjectPrompt, Point, PromptSet
 from vprompt.segment import persam as persam_mod
 from vprompt.segment.incontext import SEGMENTATION_METHODS
 from vprompt.segment.persam import (
@@ -139,8 +140,8 @@ def test_similarity_and_points_at_its_extremes(seg):
     i, j = np.unravel_index(np.argmax(expected), expected.shape)
     k, m = np.unravel_index(np.argmin(expected), expected.shape)
     pos, neg = result.points
-    assert (pos.x, pos.y, pos.positive) == (j + 0.5, i + 0.5, True)
-    assert (neg.x, neg.y, neg.positive) == (m + 0.5, k + 0.5, False)
+    assert (pos.x, pos.y, pos.positive) == (j, i, True)  # (col, row), as the reference sends
+    assert (neg.x, neg.y, neg.positive) == (m, k, False)
     assert result.mask.shape == (200, 300)
     assert result.mask.dtype == np.bool_
     assert isinstance(result.score, float)
@@ -220,10 +221,12 @@ def test_guidance_changes_the_decoder_output(seg2, monkeypatch):
     assert not torch.allclose(with_guidance["logits"], without["logits"], rtol=0, atol=1e-7)
 
 
-def test_mask_box_encloses_pixels():
+def test_mask_box_is_the_references_inclusive_pixel_box():
+    """PerSAM-F's refinement box is (x_min, y_min, x_max, y_max) of the mask's pixels."""
     mask = _mask(10, 8, slice(3, 6), slice(2, 7))
-    assert persam_mod._mask_box(mask) == Box(2, 3, 7, 6)
+    assert persam_mod._mask_box(mask) == Box(2, 3, 6, 5)
     assert persam_mod._mask_box(np.zeros((8, 10), bool)) is None
+    assert persam_mod._mask_box(_mask(10, 8, slice(3, 4), slice(2, 7))) is None  # zero-area
 
 
 # --- PerSAM-F ---
@@ -292,7 +295,7 @@ def test_persam_f_refines_with_boxes_and_skips_them_for_empty_masks(seg, monkeyp
     assert first["multimask"] is True
     for call in (refine1, refine2):
         obj = call["prompts"].objects[0]
-        assert obj.box == Box(16, 32, 64, 80)
+        assert obj.box == Box(16, 32, 63, 79)  # inclusive pixel indices
         assert obj.logits is not None
     np.testing.assert_allclose(refine1["prompts"].objects[0].logits.array, _RIGHT, atol=1e-5)
     np.testing.assert_array_equal(result.mask, _REF_MASK)
@@ -364,3 +367,155 @@ def test_bad_methods_and_configs_are_refused(seg):
         PerSAM(seg).predict(_photo(64, 48))
     with pytest.raises(PromptError, match="fit"):
         _ = PerSAMF(seg).weights
+
+
+# --- the guidance as the reference computes it ---
+
+
+def _reference_attention(attn, q, k, v, sim=None):
+    """Personalize-SAM's Attention.forward on transformers' weights: softmax(qkᵀ/√d), then
+    with a similarity map softmax(weights + sim)."""
+    heads = attn.num_attention_heads
+
+    def split(x):
+        b, p, n, c = x.shape
+        return x.reshape(b * p, n, heads, c // heads).transpose(1, 2)
+
+    qh, kh, vh = split(attn.q_proj(q)), split(attn.k_proj(k)), split(attn.v_proj(v))
+    weights = torch.softmax(qh @ kh.transpose(2, 3) / math.sqrt(qh.shape[-1]), dim=-1)
+    if sim is not None:
+        weights = torch.softmax(weights + sim, dim=-1)
+    out = (weights @ vh).transpose(1, 2)
+    b, p = q.shape[:2]
+    out = out.reshape(b, p, out.shape[1], -1)
+    return attn.out_proj(out)
+
+
+def _reference_transformer(tr, point_embedding, image_embedding, image_pe, sim, target):
+    """Personalize-SAM's TwoWayTransformer.forward (its in-place `queries += target` included:
+    it shifts the shared point embedding too)."""
+    keys = image_embedding.flatten(2).transpose(1, 2).unsqueeze(1)
+    key_pe = image_pe.flatten(2).transpose(1, 2).unsqueeze(1)
+    point_embedding = point_embedding.clone()
+    queries = point_embedding
+    for layer in tr.layers:
+        queries += target  # in place: point_embedding moves with it on the first layer
+        if layer.skip_first_layer_pe:
+            queries = _reference_attention(layer.self_attn, queries, queries, queries)
+        else:
+            q = queries + point_embedding
+            queries = queries + _reference_attention(layer.self_attn, q, q, queries)
+        queries = layer.layer_norm1(queries)
+        q, k = queries + point_embedding, keys + key_pe
+        queries = layer.layer_norm2(
+            queries + _reference_attention(layer.cross_attn_token_to_image, q, k, keys, sim)
+        )
+        queries = layer.layer_norm3(queries + layer.mlp(queries))
+        q, k = queries + point_embedding, keys + key_pe
+        keys = layer.layer_norm4(
+            keys + _reference_attention(layer.cross_attn_image_to_token, k, q, queries)
+        )
+    q = queries + point_embedding + target
+    k = keys + key_pe
+    queries = queries + _reference_attention(tr.final_attn_token_to_image, q, k, keys)
+    return tr.layer_norm_final_attn(queries), keys
+
+
+def test_guided_decoder_equals_the_reference_transformer() -> None:
+    """transformers adds the similarity before the softmax and no target embedding to the
+    final attention; under persam_guidance the decoder computes what the reference does."""
+    from vprompt import load_backbone
+    from vprompt.backbones.sam_guidance import persam_guidance
+
+    model = load_backbone("sam:tiny", "none").model
+    tr = model.mask_decoder.transformer
+    c = model.config.mask_decoder_config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    side = model.config.prompt_encoder_config.image_size // 16
+    points = torch.randn(1, 1, 7, c, generator=gen)
+    image = torch.randn(1, c, side, side, generator=gen)
+    pe = torch.randn(1, c, side, side, generator=gen)
+    sim = 4 * torch.rand(1, 1, 1, side * side, generator=gen)  # a sigmoid map is in (0, 1)
+    target = 3 * torch.randn(1, 1, 1, c, generator=gen)
+    with torch.no_grad():
+        expected = _reference_transformer(tr, points, image, pe, sim, target)
+        plain = tr(points.clone(), image, pe, attention_similarity=sim, target_embedding=target)
+        with persam_guidance(model, target):
+            got = tr(points.clone(), image, pe, attention_similarity=sim, target_embedding=target)
+        after = tr(points.clone(), image, pe, attention_similarity=sim, target_embedding=target)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+    gap = float((plain[0] - expected[0]).abs().max())
+    assert gap > 1e-4, gap  # the port alone computes something else (10x the tolerance)
+    torch.testing.assert_close(after[0], plain[0])  # the hook is gone afterwards
+
+
+def test_location_prior_is_sent_as_the_reference_sends_it() -> None:
+    """point_selection gives the integer (col, row) of the flat index; SAM adds its +0.5."""
+    assert persam_mod._pixel_point(2 * 10 + 7, 10, positive=True) == Point(7, 2, positive=True)
+
+
+def test_backbone_decode_applies_the_reference_guidance() -> None:
+    """Inside SamBackbone.decode with PerSAM's guidance, the two-way transformer's output
+    tokens are the reference's (tiny random logits are too small to compare directly)."""
+    from vprompt.segment import Segmenter
+
+    own = Segmenter.load("sam:tiny", "none", device="cpu")  # a private copy: sharpened below
+    backbone = own.backbone
+    tr = backbone.model.mask_decoder.transformer
+    with torch.no_grad():  # random-init attention is near uniform: both formulas would agree
+        for layer in tr.layers:
+            layer.cross_attn_token_to_image.q_proj.weight.mul_(40)
+            layer.cross_attn_token_to_image.k_proj.weight.mul_(40)
+    emb = own.embed_image(_photo(64, 48, 2))
+    # random-init SAM gives the same embedding at every position: vary them so the
+    # similarity map and the attention have something to act on
+    parts = dict(emb.parts)
+    parts["embeddings"] = torch.randn(
+        parts["embeddings"].shape, generator=torch.Generator().manual_seed(4)
+    )
+    prompts = PromptSet([ObjectPrompt(points=[Point(20, 10)])], image_size=emb.image_size)
+    arrays = prompts.to_arrays(backbone.frame)
+    c = backbone.model.config.mask_decoder_config.hidden_size
+    hw = parts["embeddings"].shape[-1] * parts["embeddings"].shape[-2]
+    gen = torch.Generator().manual_seed(3)
+    sim = 4 * torch.rand(1, 1, 1, hw, generator=gen)
+    target = 3 * torch.randn(1, 1, 1, c, generator=gen)
+    seen: dict[str, Any] = {}
+
+    def before(_module, args, kwargs):
+        seen["inputs"] = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)}
+
+    def after(_module, args, kwargs, output):
+        seen["tokens"] = output[0].clone()
+
+    hooks = [
+        tr.register_forward_pre_hook(before, with_kwargs=True),
+        tr.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        backbone.decode(
+            parts, arrays, multimask=True, attention_similarity=sim, target_embedding=target
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    inputs = seen["inputs"]
+    with torch.no_grad():
+        expected, _ = _reference_transformer(
+            tr,
+            inputs["point_embeddings"],
+            inputs["image_embeddings"],
+            inputs["image_positional_embeddings"],
+            sim,
+            target,
+        )
+        plain, _ = tr(
+            inputs["point_embeddings"].clone(),
+            inputs["image_embeddings"],
+            inputs["image_positional_embeddings"],
+            attention_similarity=sim,
+            target_embedding=target,
+        )
+    assert float((plain - expected).abs().max()) > 1e-3  # the port alone differs here
+    torch.testing.assert_close(seen["tokens"], expected, atol=1e-5, rtol=1e-5)

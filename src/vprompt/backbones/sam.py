@@ -14,6 +14,7 @@ a local folder saved by ``save_pretrained``, or ``none`` (deterministic random i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from vprompt.backbones.registry import (
     BackboneFamily,
 )
 from vprompt.backbones.sam_configs import ARCHS, MODEL_TYPES, TINY_ARCHS, SamKind
+from vprompt.backbones.sam_guidance import persam_guidance
 from vprompt.errors import PromptError
 from vprompt.prompts.resize import ResizeLongestSide, ResizeSquare
 from vprompt.prompts.spatial import PromptArrays
@@ -136,7 +138,9 @@ class SamBackbone(nn.Module):
             multimask: Three candidate masks per object (SAM's default for ambiguous
                 prompts) instead of one.
             attention_similarity: PerSAM's target-guided attention bias, B x 1 x T x HW.
-            target_embedding: PerSAM's target-semantic prompt, B x 1 x 1 x C.
+            target_embedding: PerSAM's target-semantic prompt, B x 1 x 1 x C. With either,
+                the decoder computes the guidance as PerSAM's reference does
+                (:func:`~vprompt.backbones.sam_guidance.persam_guidance`).
 
         Returns:
             Low-res logits (B x K x L x L, float32) and predicted IoU (B x K).
@@ -161,16 +165,18 @@ class SamBackbone(nn.Module):
             if key in kwargs:
                 kwargs[key] = kwargs[key].to(dtype)
         model: Any = self.model
-        if self.kind == "sam":
-            out = model(image_embeddings=expanded["embeddings"], **kwargs)
-        elif self.kind == "sam-hq":
-            inter = [expanded[k] for k in sorted(expanded) if k.startswith("intermediate.")]
-            out = model(
-                image_embeddings=expanded["embeddings"], intermediate_embeddings=inter, **kwargs
-            )
-        else:
-            levels = [expanded[k] for k in sorted(expanded) if k.startswith("high_res.")]
-            out = model(image_embeddings=[*levels, expanded["embeddings"]], **kwargs)
+        guided = attention_similarity is not None or target_embedding is not None
+        with persam_guidance(model, target_embedding) if guided else contextlib.nullcontext():
+            if self.kind == "sam":
+                out = model(image_embeddings=expanded["embeddings"], **kwargs)
+            elif self.kind == "sam-hq":
+                inter = [expanded[k] for k in sorted(expanded) if k.startswith("intermediate.")]
+                out = model(
+                    image_embeddings=expanded["embeddings"], intermediate_embeddings=inter, **kwargs
+                )
+            else:
+                levels = [expanded[k] for k in sorted(expanded) if k.startswith("high_res.")]
+                out = model(image_embeddings=[*levels, expanded["embeddings"]], **kwargs)
         logits = out.pred_masks.reshape(n, -1, *out.pred_masks.shape[-2:]).float()
         iou = out.iou_scores.reshape(n, -1).float()
         return logits, iou

@@ -15,14 +15,18 @@ of their target features and the target embedding the mean of their target embed
 **PerSAM (training-free).** The cosine similarity of the target feature with every normalised
 embedding location (h x w) is upsampled to the original size as mask logits are (bilinear to
 the low-res side, then :func:`upsample_logits`). Location prior: a positive point at its
-maximum, a negative one at its minimum (pixel centres). Target-guided attention: the grid
-similarity standardised by the mean and std of the full-size map, through a sigmoid, added to
-the decoder's token-to-image attention (1 x 1 x 1 x hw; the reference code resizes the full-size
-map onto the whole grid instead, which misaligns it with SAM's padding on non-square images).
-Target-semantic prompt: the target embedding added to the decoder's tokens (1 x 1 x 1 x C).
-First decode: the two points, single mask. Cascaded post-refinement (paper and code): (1) points
-+ the best low-res logits, (2) the same + the box enclosing the current mask; both multimask,
-keeping the highest predicted IoU.
+maximum, a negative one at its minimum, sent as the reference sends them (the pixel's integer
+``(col, row)``; SAM adds its own half pixel). Target-guided attention: the grid similarity
+standardised by the mean and std of the full-size map, through a sigmoid, applied in every
+token-to-image attention of the decoder (1 x 1 x 1 x hw; the reference code resizes the
+full-size map onto the whole grid instead, which misaligns it with SAM's padding on non-square
+images). Target-semantic prompt: the target embedding added to the decoder's tokens before
+every block and to the final attention's query (1 x 1 x 1 x C). Both are computed inside the
+decoder as the reference's modified transformer computes them (the bias added *after* the
+softmax, then a second softmax): :mod:`vprompt.backbones.sam_guidance`. First decode: the two
+points, single mask. Cascaded post-refinement (paper and code): (1) points + the best low-res
+logits, (2) the same + the box ``(x_min, y_min, x_max, y_max)`` of the current mask's pixels;
+both multimask, keeping the highest predicted IoU.
 
 **PerSAM-F.** Two weights mix the decoder's three multimask candidates:
 ``w1 * M1 + w2 * M2 + (1 - w1 - w2) * M3`` (``w1 = w2 = 1/3`` at the start). They are learned
@@ -290,8 +294,10 @@ class _Prior:
 
 
 def _pixel_point(index: int, width: int, *, positive: bool) -> Point:
+    """The reference's ``point_selection``: a flat index of the similarity map becomes the
+    integer ``(col, row)`` it sends to SAM (which adds its own half-pixel shift)."""
     row, col = divmod(index, width)
-    return Point(col + 0.5, row + 0.5, positive=positive)
+    return Point(float(col), float(row), positive=positive)
 
 
 def _locate(
@@ -324,11 +330,14 @@ def _locate(
 
 
 def _mask_box(mask: NDArray[np.bool_]) -> Box | None:
-    """The box enclosing a mask's pixels (pixel edges, continuous coordinates), or None."""
+    """The reference's refinement box: ``(x_min, y_min, x_max, y_max)`` of the mask's pixel
+    indices, inclusive. None for an empty mask, and for a mask one pixel wide or tall (the
+    reference would send that zero-area box; a :class:`Box` is never empty, so the refinement
+    step then goes on without one, which the README lists)."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    if rows.size == 0 or rows[0] == rows[-1] or cols[0] == cols[-1]:
         return None
-    return Box(float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    return Box(float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1]))
 
 
 def _refine(
