@@ -433,6 +433,35 @@ def test_predict_refuses_pickle_renamed_to_safetensors(run_cli, photos, work):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["nan-tensor", "deep-metadata", "metadata-list"])
+def test_predict_and_inspect_refuse_hostile_packs_in_one_line(
+    run_cli, zeroshot_run, photos, work, damage
+):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, pack = zeroshot_run
+    with safe_open(str(pack), "pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(pack))
+    bad = work / f"{damage}.safetensors"
+    if damage == "nan-tensor":
+        tensors["class_embeddings"][0, 0] = float("nan")
+        save_file(tensors, str(bad), metadata=meta)
+    elif damage == "deep-metadata":
+        save_file(tensors, str(bad), metadata={"vprompt": "[" * 50_000 + "]" * 50_000})
+    else:
+        header = json.dumps({"__metadata__": ["vprompt"]}).encode()
+        bad.write_bytes(len(header).to_bytes(8, "little") + header)
+    commands = [("predict", "--pack", bad, photos[0], "--json")]
+    if damage == "deep-metadata":  # inspect reads the pack through the same load_pack
+        commands.append(("inspect", bad))
+    for args in commands:
+        res = run_cli(*args)
+        assert res.stdout == ""
+        assert_clean_error(res, contains=(str(bad),))
+
+
 def test_inspect_refuses_truncated_pack(run_cli, zeroshot_run, work):
     _, pack = zeroshot_run
     data = pack.read_bytes()

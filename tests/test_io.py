@@ -69,3 +69,41 @@ def test_result_has_ordinary_permissions(tmp_path, umask):
     mode = stat.S_IMODE((tmp_path / "x.txt").stat().st_mode)
     assert mode == 0o666 & ~umask
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def test_json_out_is_standard_json_with_non_finite_numbers_as_null():
+    import json
+
+    import numpy as np
+
+    from vprompt.utils import jsonio
+
+    value = {"a": float("nan"), "b": [1.5, float("-inf"), (np.float32("inf"), 2)], "c": "NaN"}
+    text = jsonio.dumps(value)
+    assert json.loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": "NaN"}
+    assert jsonio.dumps(np.array([1.0, np.nan])) == "[1.0, null]"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"a": NaN}', "NaN is not a JSON value"),
+        ("[Infinity]", "Infinity is not a JSON value"),
+        ("[-Infinity]", "-Infinity is not a JSON value"),
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),
+        ("[" * 65 + "]" * 65, "nested deeper than 64 levels"),
+        (b"\xff\xfe{}", r"not UTF-8 text \(byte 0\)"),
+        ("{'single': 1}", "not valid JSON"),
+    ],
+    ids=["nan", "infinity", "minus-infinity", "very-deep", "65-deep", "not-utf8", "python"],
+)
+def test_json_in_refuses_what_is_not_standard_json(text, reason):
+    from vprompt.utils import jsonio
+
+    with pytest.raises(jsonio.JSONInputError, match=reason) as info:
+        jsonio.loads(text, what="my.json")
+    assert str(info.value).startswith("my.json: ")
+    assert jsonio.loads("[" * 64 + "]" * 64, what="ok") is not None

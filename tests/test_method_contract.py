@@ -7,6 +7,7 @@ feeds it (the engine's :class:`~vprompt.engine.fit_data.FitData`: cached feature
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from vprompt.engine.features import FeatureSource, takes_feature_path
 from vprompt.engine.fit_data import FitData
 from vprompt.engine.optim import build_optimizer, flat_params
 from vprompt.engine.pack import build_from_pack, load_pack, pack_method, save_pack
+from vprompt.errors import ConfigError, PackError
 from vprompt.methods import (
     METHODS,
     Capabilities,
@@ -176,6 +178,12 @@ def test_method_contract(name: str, example: MethodExample, tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(rebuilt(images).logits, expected)
     assert pack_method(rebuilt).tensors.keys() == pack.tensors.keys()
+    for key, value in pack.tensors.items():  # a NaN anywhere in the state is refused
+        if value.dtype.is_floating_point and value.numel():
+            poisoned = value.clone().reshape(-1)
+            poisoned[-1] = float("nan")
+            with pytest.raises(PackError, match=f"'{key}' holds NaN"):
+                rebuilt.load_prompt_state({**pack.tensors, key: poisoned.reshape(value.shape)})
 
     # Declared retargeting gives the same kind of method for other classes.
     if caps.retargets and not getattr(method.config, "class_specific", False):
@@ -183,6 +191,41 @@ def test_method_contract(name: str, example: MethodExample, tmp_path) -> None:
         assert moved.classnames == ["ant", "bee"]
         with torch.no_grad():
             assert moved(images).logits.shape == (len(images), 2)
+
+
+def _integer_fields(config: Any, prefix: str = "") -> list[str]:
+    """Dotted names of a config's integer (or unset) fields, sections included."""
+    names = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            names += _integer_fields(value, f"{prefix}{f.name}.")
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            names.append(prefix + f.name)
+    return names
+
+
+@pytest.mark.parametrize(("name", "example"), CASES)
+def test_hostile_sizes_in_a_config_are_refused_before_anything_is_allocated(
+    name: str, example: MethodExample
+) -> None:
+    """A pack or --set can put any number in any field: 10⁹ or -1 must be a ConfigError
+    or build a small prompt, never an allocation failure or another crash."""
+    cls = METHODS.get(name)
+    base = apply_config_mapping(cls.Config(), example.config)
+    for dotted in _integer_fields(base):
+        for value in (10**9, -1):
+            *sections, last = dotted.split(".")
+            override: dict[str, Any] = {last: value}
+            for section in reversed(sections):
+                override = {section: override}
+            try:
+                config = apply_config_mapping(base, override)
+                method = cls(_backbone(example.backbone), CLASSES, config)
+            except ConfigError:
+                continue
+            size = sum(t.numel() for t in method.prompt_state().values())
+            assert size < 10**7, f"{dotted}={value} built a {size}-element prompt"
 
 
 def test_every_built_in_method_has_examples() -> None:

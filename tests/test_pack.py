@@ -352,6 +352,123 @@ def test_vprompt_metadata_that_is_not_json_or_not_an_object(tmp_path):
         load_pack(path)
 
 
+def _raw_pack(path: Path, header: dict[str, Any] | bytes, data: bytes = b"\0" * 4) -> Path:
+    """A file with safetensors framing around any header (valid JSON or not)."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+_ONE_TENSOR = {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "got"),
+    [(["vprompt"], "a list"), ("vprompt", "a str"), ({"vprompt": {"format": 1}}, "'vprompt'")],
+    ids=["list", "string", "non-string-value"],
+)
+def test_metadata_section_of_the_wrong_shape_is_refused(tmp_path, metadata, got):
+    path = _raw_pack(tmp_path / "m.safetensors", {"__metadata__": metadata, **_ONE_TENSOR})
+    with pytest.raises(PackError, match="__metadata__ must map names to strings") as info:
+        load_pack(path)
+    assert got in str(info.value)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e300]},
+        {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]},
+        {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]},
+        {"dtype": 5, "shape": [1], "data_offsets": [0, 4]},
+        ["F32", [1], [0, 4]],
+    ],
+    ids=["float-offset", "negative-dim", "backwards", "shape-string", "dtype-number", "list"],
+)
+def test_malformed_tensor_entries_are_refused(tmp_path, entry):
+    path = _raw_pack(tmp_path / "e.safetensors", {"x": entry})
+    with pytest.raises(PackError, match="malformed tensor entry 'x'"):
+        load_pack(path)
+
+
+def test_deep_nesting_is_refused_in_the_header_and_in_the_metadata(pack_meta, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    header = _raw_pack(tmp_path / "h.safetensors", ('{"a": ' + deep + "}").encode(), b"")
+    with pytest.raises(PackError, match="nested deeper than 64 levels"):
+        load_pack(header)
+    meta = tmp_path / "meta.safetensors"
+    save_file({"w": torch.ones(1)}, str(meta), metadata={"vprompt": deep})
+    with pytest.raises(PackError, match="nested deeper than 64 levels"):
+        load_pack(meta)
+    nested: Any = "leaf"
+    for _ in range(70):  # deep, but within Python's own recursion limit
+        nested = {"k": nested}
+    path = write_pack(tmp_path / "n.safetensors", dict(pack_meta, extra=nested))
+    with pytest.raises(PackError, match="nested deeper than 64 levels"):
+        load_pack(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_tensors_are_refused_before_anything_is_built(pack_meta, tmp_path, value):
+    emb = torch.zeros(4, 32)
+    emb[2, 5] = value
+    path = write_pack(tmp_path / "nan.safetensors", pack_meta, {"class_embeddings": emb})
+    with pytest.raises(PackError, match="'class_embeddings' holds NaN or infinite values"):
+        load_pack(path)
+
+
+def test_nan_in_metadata_is_refused_and_never_written(classifier, pack_meta, tmp_path):
+    path = tmp_path / "nan-meta.safetensors"
+    text = json.dumps(dict(pack_meta, metrics={"top1": float("nan")}))  # Python writes NaN
+    save_file({"class_embeddings": torch.zeros(4, 32)}, str(path), metadata={"vprompt": text})
+    with pytest.raises(PackError, match="NaN is not a JSON value"):
+        load_pack(path)
+    saved = save_pack(classifier, tmp_path / "ok.safetensors", metrics={"loss": float("inf")})
+    assert load_pack(saved).metrics == {"loss": None}  # stored as null, read back
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("classnames", [{"a": 1}, 3, "cat", "dog"]),
+        ("classnames", ["cat", "", "rocket", "cup"]),
+        ("classnames", "cat,person"),
+        ("method", ["zeroshot"]),
+        ("metrics", [1, 2]),
+        ("created", 5),
+    ],
+    ids=["objects", "empty-name", "string", "method-list", "metrics-list", "created-number"],
+)
+def test_metadata_fields_of_the_wrong_json_type_are_refused(pack_meta, tmp_path, field, value):
+    path = write_pack(tmp_path / "t.safetensors", dict(pack_meta, **{field: value}))
+    with pytest.raises(PackError, match=f"lacks or mangles field '{field}'"):
+        load_pack(path)
+
+
+def test_build_errors_name_the_pack_file(pack_meta, tiny_clip, tmp_path):
+    path = write_pack(
+        tmp_path / "t.safetensors", pack_meta, {"class_embeddings": torch.ones(3, 32)}
+    )
+    with pytest.raises(PackError, match=r"t\.safetensors: zeroshot tensor 'class_embeddings'"):
+        build_from_pack(load_pack(path), backbone=tiny_clip)
+
+
+def test_a_pack_too_big_for_memory_is_a_pack_error(pack_file, tiny_clip, monkeypatch):
+    """A config or class list sized past this machine's memory is one line, not a crash."""
+    from vprompt.methods.zeroshot import ZeroShotClassifier as ZeroShot
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+        )
+
+    monkeypatch.setattr(ZeroShot, "from_state", classmethod(allocate))
+    with pytest.raises(PackError, match="needs more memory than is available"):
+        build_from_pack(load_pack(pack_file), backbone=tiny_clip)
+
+
 @pytest.mark.parametrize("version", [999, 2, 0, -1, "1", None, 1.5])
 def test_unsupported_format_version_is_refused(pack_meta, tmp_path, version):
     meta = dict(pack_meta, format_version=version)

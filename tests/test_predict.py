@@ -127,6 +127,44 @@ def test_unexpected_transform_failure_is_reported_per_file(photos_dir):
             assert by_path[p].predictions == [Prediction("b", 0.75, 1)]
 
 
+def test_non_finite_scores_are_a_per_image_error_never_nan_in_json(photos_dir):
+    """A model that overflows for one image reports that image as failed; the others stand,
+    and the JSON printed holds no NaN."""
+    from vprompt.cli.classify import _emit_results
+
+    paths = sorted(photos_dir.glob("*.png"))[:3]
+
+    @dataclass(frozen=True)
+    class Settings:
+        pass
+
+    class Overflowing(PromptMethod):
+        Config = Settings
+
+        def input_transform(self, train: bool):
+            return lambda img: torch.zeros(3, 2, 2)
+
+        def predict_proba(self, images):
+            probs = torch.tensor([[0.25, 0.75]]).repeat(len(images), 1)
+            probs[1] = float("nan")  # the second image of every batch
+            return probs
+
+    results = list(predict_files(Overflowing(SimpleNamespace(), ["a", "b"]), paths, top_k=2))
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "non-finite scores" in (results[1].error or "")
+    assert results[0].predictions == [Prediction("b", 0.75, 1), Prediction("a", 0.25, 0)]
+    nan = FileResult(Path("z.png"), predictions=[Prediction("a", float("nan"), 0)])
+    import click.testing
+
+    @click.command()
+    def emit() -> None:
+        _emit_results([nan], True)
+
+    out = click.testing.CliRunner().invoke(emit).output
+    assert "NaN" not in out
+    assert '"score": null' in out
+
+
 def test_file_result_to_json():
     ok = FileResult(Path("x.png"), predictions=[Prediction("cat", 0.5, 0)])
     assert ok.to_json() == {"image": "x.png", "predictions": [{"label": "cat", "score": 0.5}]}

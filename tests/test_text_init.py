@@ -21,6 +21,7 @@ from PIL import Image
 
 from vprompt.engine.experiment import Experiment
 from vprompt.engine.pack import load_pack
+from vprompt.errors import ConfigError
 from vprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vprompt.methods.coop import CoOp, CoOpConfig
 from vprompt.methods.kgcoop import KgCoOp, KgCoOpConfig
@@ -47,6 +48,20 @@ def reference_features(backbone, prompts: torch.Tensor, tokens: torch.Tensor) ->
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
     x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
     return F.normalize(x, dim=-1)
+
+
+@pytest.mark.parametrize("method_cls", [CoOp, ProGrad])
+def test_a_context_longer_than_the_text_tower_is_refused_before_allocation(
+    tiny_clip, method_cls
+) -> None:
+    """The reference's clip.tokenize raises on a prompt past 77 tokens; the open_clip
+    tokenizer would cut it silently (dropping the class name and the end token)."""
+    config = method_cls.Config(n_ctx=10**9)
+    with pytest.raises(ConfigError, match="does not fit clip:tiny's text context of 77"):
+        method_cls(tiny_clip, NAMES, config)
+    with pytest.raises(ConfigError, match="'golden retriever' needs 78 tokens"):
+        method_cls(tiny_clip, NAMES, method_cls.Config(n_ctx=73))
+    assert method_cls(tiny_clip, NAMES, method_cls.Config(n_ctx=72)).ctx.shape[-2] == 72
 
 
 # ---------------------------------------------------------------------------- item 3

@@ -248,6 +248,9 @@ def test_pack_keeps_the_data_sized_cache_and_the_searched_values(tiny_clip, tmp_
     wrong = dict(pack.tensors, cache_values=torch.zeros(15, 4))
     with pytest.raises(PackError, match="cache_values"):
         TipAdapter.from_state(tiny_clip, CLASSES, method.config, wrong)
+    uneven = dict(pack.tensors, cache_values=torch.zeros(14, len(CLASSES)))  # keys have 15
+    with pytest.raises(PackError, match="same number of rows"):
+        TipAdapter.from_state(tiny_clip, CLASSES, method.config, uneven)
 
 
 def test_config_is_checked() -> None:

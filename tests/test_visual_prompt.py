@@ -11,10 +11,11 @@ import torch
 
 import vprompt
 from vprompt.data.fashion_mnist import CLASSNAMES, FashionMNIST, read_idx
-from vprompt.errors import ConfigError, DatasetError
+from vprompt.errors import ConfigError, DatasetError, PackError
 from vprompt.methods import MappingOnly, VisualPrompt
 from vprompt.methods.label_mapping import LabelMapping, greedy_frequency_mapping
 from vprompt.methods.pixel_prompt import PixelPrompt
+from vprompt.methods.visual_prompt import VisualPromptConfig
 
 
 # ---------------------------------------------------------------------------- pixel prompts
@@ -119,6 +120,35 @@ def test_random_and_linear_mappings():
     assert sum(p.numel() for p in lin.parameters()) == 44
     with pytest.raises(ConfigError, match="at least as many"):
         LabelMapping(kind="frequency", num_source=3, num_target=5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mapping.indices": torch.tensor([0, 1, 10])}, r"must lie in \[0, 10\)"),
+        ({"mapping.indices": torch.tensor([-1, 1, 2])}, r"from -1 to 2"),
+        ({"mapping.indices": torch.tensor([4, 4, 2])}, "repeat a source class"),
+        ({"mapping.calibrated": torch.tensor(7)}, "must be 0 or 1, got 7"),
+    ],
+    ids=["past-the-end", "negative", "repeated", "flag"],
+)
+def test_stored_label_mapping_values_are_checked(change, message):
+    """A pack's mapping indices select source logits: out of range they would crash (or read
+    another class) at prediction time, so loading refuses them."""
+    mapping = LabelMapping(kind="frequency", num_source=10, num_target=3)
+    good = {"indices": torch.tensor([7, 0, 3]), "calibrated": torch.tensor(1)}
+    mapping.check_state({f"mapping.{k}": v for k, v in good.items()}, "mapping.")
+    stored = {**{f"mapping.{k}": v for k, v in good.items()}, **change}
+    with pytest.raises(PackError, match=message):
+        mapping.check_state(stored, "mapping.")
+
+
+def test_visual_prompt_refuses_a_pack_with_a_mapping_out_of_range(tiny_cnn):
+    method = VisualPrompt(tiny_cnn, ["a", "b"], VisualPromptConfig(mapping="frequency"))
+    state = method.prompt_state()
+    state["mapping.indices"] = torch.tensor([5000, 3])
+    with pytest.raises(PackError, match=r"mapping.indices must lie in \[0, 1000\)"):
+        method.load_prompt_state(state)
 
 
 # ---------------------------------------------------------------------------- method

@@ -46,3 +46,14 @@ class ConfigError(VPromptError, ValueError):
 
 class DatasetError(VPromptError):
     """A dataset that is missing, incomplete or malformed."""
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed memory allocation: Python's MemoryError, or the
+    RuntimeError PyTorch raises on CPU ("can't allocate memory") and CUDA ("out of memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )

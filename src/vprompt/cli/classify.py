@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from vprompt.cli.common import (
     predict_options,
     weights_option,
 )
+from vprompt.utils import jsonio
 
 if TYPE_CHECKING:
     from vprompt.methods.base import PromptMethod
@@ -34,7 +34,7 @@ def models_cmd(as_json: bool, family: str | None) -> None:
 
     rows = list_models(family)
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        click.echo(jsonio.dumps(rows, indent=1))
         return
     width = max(len("NAME"), *(len(r["name"]) for r in rows)) + 2
     fwidth = max(len("FAMILY"), *(len(r["family"]) for r in rows)) + 2
@@ -52,7 +52,7 @@ def _emit_results(results: Iterable[Any], as_json: bool) -> int:
             click.echo(f"vprompt: error: {res.path}: {res.error}", err=True)
             continue
         if as_json:
-            click.echo(json.dumps(res.to_json(), ensure_ascii=False))
+            click.echo(jsonio.dumps(res.to_json(), ensure_ascii=False))
         else:
             ranked = ", ".join(f"{p.label} ({p.score:.3f})" for p in res.predictions)
             click.echo(f"{res.path}: {ranked}")
@@ -230,7 +230,7 @@ def inspect_cmd(pack_path: str, as_json: bool) -> None:
     }
     meta["num_parameters"] = pack.num_parameters()
     if as_json:
-        click.echo(json.dumps(meta, indent=1, ensure_ascii=False))
+        click.echo(jsonio.dumps(meta, indent=1, ensure_ascii=False))
         return
     click.echo(f"pack:        {Path(pack_path)}")
     click.echo(
@@ -242,13 +242,13 @@ def inspect_cmd(pack_path: str, as_json: bool) -> None:
     click.echo(f"backbone:    {bb.name} weights={bb.weights} fingerprint={bb.fingerprint}")
     shown = ", ".join(pack.classnames[:10]) + (" …" if len(pack.classnames) > 10 else "")
     click.echo(f"classes:     {len(pack.classnames)}: {shown}")
-    click.echo(f"preprocess:  {json.dumps(pack.preprocess)}")
+    click.echo(f"preprocess:  {jsonio.dumps(pack.preprocess)}")
     click.echo(f"parameters:  {meta['num_parameters']}")
     for k, v in meta["tensors"].items():
         click.echo(f"  tensor {k}: {v['dtype']} {v['shape']}")
     for key in ("config", "metrics"):
         if meta[key]:
-            click.echo(f"{key + ':':<13}{json.dumps(meta[key], ensure_ascii=False)[:2000]}")
+            click.echo(f"{key + ':':<13}{jsonio.dumps(meta[key], ensure_ascii=False)[:2000]}")
 
 
 @main.command("interpret")
@@ -296,7 +296,7 @@ def interpret_cmd(
             "top_k": top_k,
             "vectors": [entry.to_dict(groups) for entry in found],
         }
-        click.echo(json.dumps(report, ensure_ascii=False))
+        click.echo(jsonio.dumps(report, ensure_ascii=False))
         return
     kind = "class-specific" if ctx.dim() == 3 else "shared"
     click.echo(

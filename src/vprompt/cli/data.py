@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import click
 
 from vprompt.cli.common import friendly_errors, main
+from vprompt.utils import jsonio
 
 if TYPE_CHECKING:
     from vprompt.data.items import Datum
@@ -68,7 +68,7 @@ def split_cmd(
             "train": [_item(d) for d in train],
             "val": [_item(d) for d in val],
         }
-        click.echo(json.dumps(payload, ensure_ascii=False))
+        click.echo(jsonio.dumps(payload, ensure_ascii=False))
         return
     click.echo(
         f"{task.spec.title}: {len(train)} train and {len(val)} val images over "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -10,6 +9,7 @@ import click
 
 from vprompt.cli.common import friendly_errors
 from vprompt.cli.data import data_group
+from vprompt.utils import jsonio
 
 if TYPE_CHECKING:
     from vprompt.data.suite.base import SuiteDataset
@@ -64,7 +64,7 @@ def check_cmd(datasets: str, data_root: str | None, check_images: bool, as_json:
     failed = [r.dataset for r in reports if not r.ok]
     if as_json:
         payload = {"ok": not failed, "datasets": [r.to_json() for r in reports]}
-        click.echo(json.dumps(payload, ensure_ascii=False))
+        click.echo(jsonio.dumps(payload, ensure_ascii=False))
     else:
         for report in reports:
             for line in report.lines():
@@ -116,7 +116,7 @@ def prepare_cmd(
     root = resolve_data_root(data_root)
     report = prepare_dataset(spec, root, downloads, keep_archives=keep_archives)
     if as_json:
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False))
+        click.echo(jsonio.dumps(report.to_json(), ensure_ascii=False))
         return
     if report.already_prepared:
         done = "nothing new to add to" if report.notes else "already prepared in"

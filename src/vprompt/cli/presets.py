@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import click
 
 from vprompt.cli.common import friendly_errors, main
+from vprompt.utils import jsonio
 
 
 @main.command("presets")
@@ -24,7 +24,7 @@ def presets_cmd(as_json: bool, method_name: str | None) -> None:
 
     rows = [p for name, p in PRESETS.items() if method_name in (None, p.method)]
     if as_json:
-        click.echo(json.dumps([p.to_dict() for p in rows], indent=1, ensure_ascii=False))
+        click.echo(jsonio.dumps([p.to_dict() for p in rows], indent=1, ensure_ascii=False))
         return
     if not rows:
         click.echo("no presets" + (f" for method {method_name!r}" if method_name else ""))

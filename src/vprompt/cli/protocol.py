@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from vprompt.cli.common import (
     preset_option,
     weights_option,
 )
+from vprompt.utils import jsonio
 
 _DEFAULT_SHOTS = {
     "few-shot": "1,2,4,8,16",
@@ -169,7 +169,7 @@ def protocol_cmd(
 
     summary = run_protocol(run, jobs, on_job=report)
     if as_json:
-        click.echo(json.dumps(summary["table"], ensure_ascii=False))
+        click.echo(jsonio.dumps(summary["table"], ensure_ascii=False))
         return
     click.echo((out / "table.md").read_text(encoding="utf-8"))
     click.echo(f"outputs: {out} (results.json, table.md, table.csv, jobs/)")

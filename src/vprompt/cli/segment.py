@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,6 +11,7 @@ import click
 
 from vprompt.cli.common import device_option, friendly_errors, main, precision_option
 from vprompt.segment.automatic import AutomaticMaskConfig
+from vprompt.utils import jsonio
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,7 +97,7 @@ def build_segmenter(**seg_opts: Any) -> Any:
 
 def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(jsonio.dumps(result))
         return
     for row in result["objects"]:
         click.echo(

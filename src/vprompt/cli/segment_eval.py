@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import click
 
 from vprompt.cli.common import friendly_errors, main
 from vprompt.cli.segment import build_segmenter, segmenter_options
+from vprompt.utils import jsonio
 
 
 def _thresholds(text: str) -> tuple[float, ...]:
@@ -71,10 +71,10 @@ def eval_clicks_cmd(
     )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=1))
+    atomic_write_text(out_dir / "report.json", jsonio.dumps(result, indent=1))
     plot = plot_miou_curve(report, out_dir / "miou_curve.png")
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(jsonio.dumps(result))
         return
     for t in levels:
         click.echo(f"NoC@{t * 100:g}: {report.noc[t]:.2f}   NoF@{t * 100:g}: {report.nof[t]}")

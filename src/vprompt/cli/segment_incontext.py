@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import click
 from vprompt.cli.common import friendly_errors, main
 from vprompt.cli.segment import mask_format_option, segmenter_options, segmenter_options_from
 from vprompt.segment.incontext import SEGMENTATION_METHODS
+from vprompt.utils import jsonio
 
 
 def _method_help() -> str:
@@ -126,7 +126,7 @@ def personalize_cmd(
         )
         row = summary["objects"][0]
         if as_json:
-            click.echo(json.dumps(summary))
+            click.echo(jsonio.dumps(summary))
         else:
             click.echo(
                 f"{target}: score {row['score']:.3f}, area {row['area']} px -> {out_dir / name}"
@@ -184,9 +184,9 @@ def eval_oneshot_cmd(
     result = {**report.to_dict(), "method": method, "model": model_name, "data": data}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=1))
+    atomic_write_text(out_dir / "report.json", jsonio.dumps(result, indent=1))
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(jsonio.dumps(result))
         return
     for name, value in report.per_concept.items():
         click.echo(f"{name}: IoU {value:.3f}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from vprompt.cli.common import (
@@ -16,6 +14,7 @@ from vprompt.cli.common import (
     preset_option,
     weights_option,
 )
+from vprompt.utils import jsonio
 
 _DATA_HELP = (
     "fashion-mnist[:PATH], folder:PATH, csv:PATH, json:PATH, or a benchmark dataset name "
@@ -163,7 +162,7 @@ def train_cmd(
         device=device,
     )
     if as_json:
-        click.echo(json.dumps(report.summary, ensure_ascii=False))
+        click.echo(jsonio.dumps(report.summary, ensure_ascii=False))
         return
     if report.fit is not None:
         click.echo(f"pack:    {report.fit.pack_path}")
@@ -242,6 +241,6 @@ def eval_cmd(
         "per_class_accuracy": scores.per_class_accuracy,
     }
     if as_json:
-        click.echo(json.dumps(report, ensure_ascii=False))
+        click.echo(jsonio.dumps(report, ensure_ascii=False))
     else:
         click.echo(f"{split} accuracy: {100 * scores.accuracy:.1f}% on {scores.n} images")

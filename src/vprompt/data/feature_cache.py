@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import random
 import re
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vprompt.data.feature_store import FORMAT_VERSION, CacheDtype, FeatureSpace
+from vprompt.utils import jsonio
 
 # Rows encoded between two index updates: bounds the work an interruption loses without
 # rewriting a large index after every batch.
@@ -168,7 +168,7 @@ class FeatureCache:
     def space_dir(self, key: FeatureKey) -> Path:
         """The folder of ``key``'s space."""
         record = {"format": FORMAT_VERSION, "dtype": self.dtype, "key": key.to_dict()}
-        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(jsonio.dumps(record, sort_keys=True).encode()).hexdigest()
         return self.root / digest[:2] / digest
 
     def features(

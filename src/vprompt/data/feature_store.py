@@ -15,7 +15,6 @@ filled again. An advisory lock serializes appends of concurrent processes. Nothi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text
 
 FORMAT_VERSION = 1
@@ -76,8 +76,8 @@ class FeatureSpace:
         if not meta_path.is_file():
             return SpaceState(None, []), None
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            meta = jsonio.loads(meta_path.read_bytes(), what=META_FILE)
+        except (OSError, jsonio.JSONInputError) as exc:
             return SpaceState(None, []), f"unreadable {META_FILE} ({exc})"
         expected = self._meta(None)
         if not isinstance(meta, dict) or any(
@@ -91,8 +91,8 @@ class FeatureSpace:
         if not index_path.is_file():
             return SpaceState(dim, []), None  # created, nothing appended yet
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            index = jsonio.loads(index_path.read_bytes(), what=INDEX_FILE)
+        except (OSError, jsonio.JSONInputError) as exc:
             return SpaceState(None, []), f"unreadable {INDEX_FILE} ({exc})"
         ids = index.get("identities") if isinstance(index, dict) else None
         if (
@@ -158,7 +158,7 @@ class FeatureSpace:
             if state.dim is None:
                 self.path.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(
-                    self.path / META_FILE, json.dumps(self._meta(dim), indent=2) + "\n"
+                    self.path / META_FILE, jsonio.dumps(self._meta(dim), indent=2) + "\n"
                 )
             known = set(state.identities)
             keep = [j for j, ident in enumerate(identities) if ident not in known]
@@ -176,7 +176,7 @@ class FeatureSpace:
             ids = state.identities + [identities[j] for j in keep]
             atomic_write_text(
                 self.path / INDEX_FILE,
-                json.dumps({"format": FORMAT_VERSION, "identities": ids}) + "\n",
+                jsonio.dumps({"format": FORMAT_VERSION, "identities": ids}) + "\n",
             )
 
     def _meta(self, dim: int | None) -> dict[str, Any]:

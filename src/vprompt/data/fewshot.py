@@ -21,7 +21,6 @@ relabels the kept classes from 0 in every split.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -33,6 +32,7 @@ from typing import Literal
 
 from vprompt.data.items import Datum
 from vprompt.errors import DatasetError
+from vprompt.utils import jsonio
 
 Subsample = Literal["all", "base", "new"]
 SUBSAMPLES: tuple[Subsample, ...] = ("all", "base", "new")
@@ -120,7 +120,7 @@ def source_digest(train: Sequence[Datum], val: Sequence[Datum]) -> str:
     for name, items in (("train", train), ("val", val)):
         h.update(name.encode())
         for d in items:
-            h.update(json.dumps(d.to_json(), ensure_ascii=False).encode())
+            h.update(jsonio.dumps(d.to_json(), ensure_ascii=False).encode())
             h.update(b"\n")
     return h.hexdigest()
 
@@ -167,7 +167,7 @@ def load_or_sample(
         "train": [d.to_json() for d in selection.train],
         "val": [d.to_json() for d in selection.val],
     }
-    text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
+    text = jsonio.dumps(payload, indent=1, ensure_ascii=False) + "\n"
     from vprompt.utils.io import atomic_write_text
 
     for path in candidates:
@@ -184,8 +184,8 @@ def _read_selection(path: Path, *, digest: str, shots: int, seed: int) -> FewSho
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = jsonio.loads(path.read_bytes(), what=str(path))
+    except (OSError, jsonio.JSONInputError) as exc:
         warnings.warn(f"{path}: unreadable few-shot split ({exc}); sampling again", stacklevel=3)
         return None
     ok = (

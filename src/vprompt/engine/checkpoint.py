@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vprompt.errors import ConfigError
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_path, atomic_write_text
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -87,11 +88,11 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> None:
         tensors[f"best.{key}"] = value
     tensors.update(ckpt.optimizer_tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    text = json.dumps(ckpt.progress(), sort_keys=True)
+    text = jsonio.dumps(ckpt.progress(), sort_keys=True)
     with atomic_path(out_dir / CHECKPOINT_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: text})
     atomic_write_text(
-        out_dir / CHECKPOINT_JSON, json.dumps(ckpt.progress(), indent=2, sort_keys=True) + "\n"
+        out_dir / CHECKPOINT_JSON, jsonio.dumps(ckpt.progress(), indent=2, sort_keys=True) + "\n"
     )
 
 
@@ -107,7 +108,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
         tensors = load_file(str(path), device="cpu")
-        info = json.loads(meta[_META_KEY])
+        info = jsonio.loads(meta[_META_KEY], what="checkpoint metadata")
     except Exception as exc:  # safetensors' own error types, missing/garbled metadata
         raise ConfigError(
             f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); start over with "
@@ -161,7 +162,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Path
 
 
 def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+    return json.loads(jsonio.dumps(value))
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

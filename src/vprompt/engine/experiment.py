@@ -23,7 +23,6 @@ calls); the protocol runner builds each job with :class:`Experiment` and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import apply_config_mapping, apply_overrides, with_epochs
 from vprompt.methods.presets import Preset, get_preset, resolve_method
 from vprompt.methods.registry import METHODS
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text
 
 TEST_METRICS_FILE = "test_metrics.json"
@@ -109,7 +109,7 @@ class Experiment:
         if settings:
             where = f"{cls.name}'s reference settings for {dataset}"
             config = apply_config_mapping(config, settings, what=where)
-            notes.append(f"{where}: {json.dumps(settings, sort_keys=True)}")
+            notes.append(f"{where}: {jsonio.dumps(settings, sort_keys=True)}")
         preset = self.preset_spec
         if preset is not None:
             config = apply_config_mapping(config, preset.config, what=f"preset {preset.name}")
@@ -322,7 +322,7 @@ def run(
         "pack": str(fitted.pack_path) if fitted else None,
     }
     atomic_write_text(
-        out / TEST_METRICS_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n"
+        out / TEST_METRICS_FILE, jsonio.dumps(summary, indent=1, ensure_ascii=False) + "\n"
     )
     return RunReport(built, fitted, scores, summary, notes)
 

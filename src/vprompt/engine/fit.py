@@ -56,6 +56,7 @@ from vprompt.engine.schedule import LRSchedule
 from vprompt.errors import ConfigError
 from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import OptimConfig, config_from_dict, config_to_dict
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text
 from vprompt.utils.precision import autocast_for
 
@@ -260,10 +261,10 @@ def _open_checkpoint(
     """The run's checkpoint (its prompt loaded into ``method``), or a fresh one."""
     if not resume:
         clear_checkpoint(out)
-        return Checkpoint(run=json.loads(json.dumps(run)))
+        return Checkpoint(run=json.loads(jsonio.dumps(run)))
     ckpt = load_checkpoint(out)
     if ckpt is None:
-        return Checkpoint(run=json.loads(json.dumps(run)))
+        return Checkpoint(run=json.loads(jsonio.dumps(run)))
     check_same_run(_with_defaults(ckpt.run, method), run, out)
     if ckpt.prompt:
         method.load_prompt_state(ckpt.prompt)
@@ -424,7 +425,7 @@ def _finalize(
     config = dict(run)
     config["device"] = str(device)
     config["selected"] = selected
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / CONFIG_FILE, jsonio.dumps(config, indent=2, sort_keys=True) + "\n")
     metrics = _pack_metrics(val, ckpt, selected, validate)
     save_pack(method, out / PACK_FILE, metrics=metrics)
     plot_learning_curves(ckpt.history, out / CURVES_FILE)
@@ -574,7 +575,7 @@ def _better(acc: float, loss: float, best: Mapping[str, float] | None) -> bool:
 
 def _write_metrics(out: Path, history: Sequence[Mapping[str, Any]]) -> None:
     # Rewritten whole from the checkpoint's history, so it always matches what a resume sees.
-    lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+    lines = "".join(jsonio.dumps(h, sort_keys=True) + "\n" for h in history)
     atomic_write_text(out / METRICS_FILE, lines)
 
 

@@ -9,7 +9,6 @@ handing it to safetensors and never unpickles anything.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -22,10 +21,11 @@ import torch
 from vprompt.backbones.preprocess import Preprocess
 from vprompt.backbones.protocols import Backbone, FrozenModel
 from vprompt.backbones.registry import load_backbone
-from vprompt.errors import ConfigError, PackError, VPromptError
+from vprompt.errors import ConfigError, PackError, VPromptError, is_allocation_failure
 from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import config_from_dict, config_to_dict
 from vprompt.methods.registry import METHODS
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_path
 
 FORMAT = "vprompt-pack"
@@ -58,6 +58,8 @@ class PromptPack:
     format_version: int = FORMAT_VERSION
     vprompt_version: str = ""
     created: str = ""
+    source: str = field(default="", compare=False)
+    """The file it was read from (not stored): error messages name it."""
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -127,7 +129,7 @@ def save_pack(
         pack.metrics.update(metrics)
     if not pack.tensors:
         raise PackError("a prompt pack needs at least one tensor")
-    header = json.dumps(pack.metadata(), sort_keys=True, ensure_ascii=False)
+    header = jsonio.dumps(pack.metadata(), sort_keys=True, ensure_ascii=False)
     target = Path(path)
     with atomic_path(target) as tmp:
         save_file(dict(pack.tensors), str(tmp), metadata={_META_KEY: header})
@@ -157,38 +159,68 @@ def _validate_layout(path: Path, blob_size: int, head: bytes) -> dict[str, Any]:
         fh.seek(8)
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = jsonio.loads(raw, what=f"{path} header")
+    except jsonio.JSONInputError as exc:
         if looks_pickled:
             raise pickled from None
-        raise PackError(f"{path}: not a safetensors prompt pack (header is not JSON)") from None
+        raise PackError(
+            f"{path}: not a safetensors prompt pack (header is not JSON: {exc.reason})"
+        ) from None
     if not isinstance(header, dict):
         raise PackError(f"{path}: not a safetensors prompt pack (header is not an object)")
     data_len = blob_size - 8 - n
     end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise PackError(f"{path}: malformed tensor entry {key!r} in header") from None
+    for key, entry in header.items():
+        if key != "__metadata__":
+            end = max(end, _tensor_entry_end(path, key, entry))
     if end > data_len:
         raise PackError(
             f"{path}: truncated prompt pack: tensors need {end} bytes of data, file has {data_len}"
         )
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__", {})
+    odd = (
+        [f"a {type(meta).__name__}"]
+        if not isinstance(meta, dict)
+        else [f"{k!r}: a {type(v).__name__}" for k, v in meta.items() if not isinstance(v, str)]
+    )
+    if odd:
+        raise PackError(
+            f"{path}: malformed safetensors header: __metadata__ must map names to strings, "
+            f"got {odd[0]}"
+        )
     if _META_KEY not in meta:
         raise PackError(
             f"{path}: a safetensors file, but not a vprompt prompt pack (no '{_META_KEY}' metadata)"
         )
     try:
-        info = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError:
-        raise PackError(f"{path}: prompt pack metadata is not valid JSON") from None
+        info = jsonio.loads(meta[_META_KEY], what=f"{path} prompt pack metadata")
+    except jsonio.JSONInputError as exc:
+        raise PackError(str(exc)) from None
     if not isinstance(info, dict):
         raise PackError(f"{path}: prompt pack metadata must be a JSON object")
     return info
+
+
+def _tensor_entry_end(path: Path, key: str, entry: Any) -> int:
+    """A safetensors tensor entry's end offset, after checking the entry's shape."""
+    bad = PackError(
+        f"{path}: malformed tensor entry {key!r} in header (expected dtype, a shape of "
+        "non-negative integers and two integer data_offsets)"
+    )
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise bad
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise bad
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+        raise bad
+    if offsets[0] > offsets[1]:
+        raise bad
+    return int(offsets[1])
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def load_pack(path: str | os.PathLike[str]) -> PromptPack:
@@ -214,29 +246,60 @@ def load_pack(path: str | os.PathLike[str]) -> PromptPack:
         tensors = load_file(str(p), device="cpu")
     except Exception as exc:  # safetensors' own error types
         raise PackError(f"{p}: cannot read tensors ({exc})") from None
-    try:
-        bb = info["backbone"]
-        pack = PromptPack(
-            method=str(info["method"]),
-            config=dict(info["config"]),
-            backbone=BackboneRef(str(bb["name"]), str(bb["weights"]), str(bb["fingerprint"])),
-            classnames=[str(c) for c in info["classnames"]],
-            preprocess=dict(info["preprocess"]),
-            tensors=dict(tensors),
-            metrics=dict(info.get("metrics") or {}),
-            extra=dict(info.get("extra") or {}),
-            format_version=version,
-            vprompt_version=str(info.get("vprompt_version", "")),
-            created=str(info.get("created", "")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PackError(f"{p}: prompt pack metadata lacks or mangles field {exc}") from None
+    for key, value in sorted(tensors.items()):
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise PackError(f"{p}: tensor {key!r} holds NaN or infinite values")
+    fields = _metadata_fields(p, info)
+    pack = PromptPack(**fields, tensors=dict(tensors), format_version=version, source=str(p))
     if pack.method not in METHODS:
         raise PackError(
             f"{p}: pack was made by method {pack.method!r}, which this vprompt does not know "
             f"(known: {', '.join(METHODS.names())})"
         )
     return pack
+
+
+def _metadata_fields(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The pack's metadata fields, each checked for its JSON type (never coerced)."""
+
+    def field(key: str, kind: type, default: Any = None, where: Any = info) -> Any:
+        if key not in where:
+            if default is not None:
+                return default
+            raise PackError(f"{path}: prompt pack metadata lacks or mangles field {key!r}")
+        value = where[key]
+        if not isinstance(value, kind):
+            raise PackError(
+                f"{path}: prompt pack metadata lacks or mangles field {key!r}: expected a "
+                f"{_JSON_KIND[kind]}, got {type(value).__name__}"
+            )
+        return value
+
+    bb = field("backbone", dict)
+    classnames = field("classnames", list)
+    if not classnames or not all(isinstance(c, str) and c.strip() for c in classnames):
+        raise PackError(
+            f"{path}: prompt pack metadata lacks or mangles field 'classnames': expected a "
+            "non-empty list of non-empty strings"
+        )
+    return {
+        "method": field("method", str),
+        "config": field("config", dict),
+        "backbone": BackboneRef(
+            field("name", str, where=bb),
+            field("weights", str, where=bb),
+            field("fingerprint", str, where=bb),
+        ),
+        "classnames": list(classnames),
+        "preprocess": field("preprocess", dict),
+        "metrics": field("metrics", dict, {}),
+        "extra": field("extra", dict, {}),
+        "vprompt_version": field("vprompt_version", str, ""),
+        "created": field("created", str, ""),
+    }
+
+
+_JSON_KIND: dict[type, str] = {dict: "JSON object", list: "JSON list", str: "string"}
 
 
 def check_classnames(pack: PromptPack, classnames: Sequence[str]) -> None:
@@ -305,8 +368,19 @@ def build_from_pack(
             f"{pack.preprocess}"
         )
     cls = METHODS.get(pack.method)
+    where = pack.source or "prompt pack"
     try:
         config = config_from_dict(cls.Config, pack.config)
     except ConfigError as exc:
-        raise PackError(f"the pack's {pack.method} config is invalid: {exc}") from None
-    return cls.from_state(backbone, pack.classnames, config, pack.tensors)
+        raise PackError(f"{where}: the pack's {pack.method} config is invalid: {exc}") from None
+    try:
+        return cls.from_state(backbone, pack.classnames, config, pack.tensors)
+    except (PackError, ConfigError) as exc:
+        raise PackError(f"{where}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:  # a config or class list beyond this machine
+        if not is_allocation_failure(exc):
+            raise
+        raise PackError(
+            f"{where}: building its {pack.method} prompt for {len(pack.classnames)} classes "
+            f"with config {pack.config} needs more memory than is available"
+        ) from None

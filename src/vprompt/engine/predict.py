@@ -34,6 +34,9 @@ class FileResult:
         }
 
 
+NON_FINITE = "the model gave non-finite scores (NaN or infinity) for this image"
+
+
 def predict_files(
     classifier: PromptMethod,
     paths: Sequence[Path],
@@ -79,10 +82,17 @@ def predict_files(
             if good:
                 pixels = torch.stack([prepared[i] for i in good])  # type: ignore[misc]
                 probs = classifier.predict_proba(pixels)
-                for i, preds in zip(
-                    good, topk_predictions(probs, classifier.classnames, top_k), strict=True
+                finite = torch.isfinite(probs).all(dim=1).tolist()
+                for i, preds, ok in zip(
+                    good,
+                    topk_predictions(probs, classifier.classnames, top_k),
+                    finite,
+                    strict=True,
                 ):
-                    results[i] = preds
+                    if ok:
+                        results[i] = preds
+                    else:
+                        prepared[i] = NON_FINITE
             for i, path in enumerate(chunk):
                 item = prepared[i]
                 if isinstance(item, str):

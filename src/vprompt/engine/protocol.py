@@ -15,7 +15,6 @@ the epoch on the few-shot validation split. The test split never selects anythin
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import config_to_dict
 from vprompt.methods.presets import get_preset, resolve_method
 from vprompt.methods.registry import METHODS
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text
 
 ProtocolName = Literal["few-shot", "base-to-novel", "cross-dataset", "domain-gen"]
@@ -394,8 +394,8 @@ def _finished(folder: Path, job: Job, identity: Mapping[str, Any]) -> dict[str, 
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        record = jsonio.loads(path.read_bytes(), what=str(path))
+    except (OSError, jsonio.JSONInputError):
         return None  # a torn or unreadable result: run the job again
     if record.get("identity") != identity or record.get("job") != job.to_dict():
         raise ConfigError(
@@ -445,4 +445,4 @@ def write_report(
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(path, jsonio.dumps(data, indent=1, ensure_ascii=False) + "\n")

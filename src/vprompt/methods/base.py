@@ -402,6 +402,17 @@ class PromptMethod(nn.Module):
         otherwise rebuilt); :meth:`prompt_state` and :meth:`load_prompt_state` follow it."""
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if not _frozen(k)}
 
+    def check_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Refuse values the method cannot use, before any is loaded (default: nothing).
+
+        Called by :meth:`load_prompt_state` once names, shapes, kinds and finiteness are
+        checked; override for value ranges, e.g. indices that must point into a table.
+
+        Raises:
+            PackError: Naming the tensor and the values it may hold.
+        """
+        return None
+
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """Only the learned / derived prompt tensors (on CPU): what a pack stores."""
         return {k: v.detach().cpu().contiguous() for k, v in self.prompt_tensors().items()}
@@ -411,8 +422,9 @@ class PromptMethod(nn.Module):
 
         Raises:
             PackError: Missing or unexpected names, a shape that does not fit (only the first
-                dimension of ``data_shaped_state`` tensors may differ), or a floating-point
-                tensor where an integer one belongs (or the reverse).
+                dimension of ``data_shaped_state`` tensors may differ, all alike), a
+                floating-point tensor where an integer one belongs (or the reverse), NaN or
+                infinite values, or what :meth:`check_prompt_state` refuses.
         """
         own = self.prompt_tensors()
         check_state_keys(self.name, set(own), tensors)
@@ -432,6 +444,12 @@ class PromptMethod(nn.Module):
                     f"{self.name} tensor {key!r} has shape {tuple(value.shape)}, expected "
                     f"{tuple(target.shape)}{hint}"
                 )
+            if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise PackError(f"{self.name} tensor {key!r} holds NaN or infinite values")
+        rows = {key: int(tensors[key].shape[0]) for key in sorted(self.data_shaped_state)}
+        if len(set(rows.values())) > 1:
+            raise PackError(f"{self.name} tensors must have the same number of rows: {rows}")
+        self.check_prompt_state(tensors)
         with torch.no_grad():
             for key, target in own.items():
                 value = tensors[key].to(target.device, target.dtype)

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import torch
 from torch import nn
 
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, PackError
 
 MappingKind = Literal["random", "frequency", "iterative", "linear"]
 
@@ -69,6 +69,28 @@ class LabelMapping(nn.Module):
         self.register_buffer("indices", initial.clone())
         # 0 until a frequency mapping was computed (kept in packs/checkpoints so resumes skip it).
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.long))
+
+    def check_state(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
+        """Refuse stored ``indices`` / ``calibrated`` values this mapping cannot use.
+
+        Raises:
+            PackError: An index outside ``[0, num_source)``, a repeated index (the map is
+                one-to-one, except for ``linear``, which ignores them), or a flag not 0 or 1.
+        """
+        indices = tensors[f"{prefix}indices"]
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise PackError(f"{prefix}indices must be integers, got {indices.dtype}")
+        low, high = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
+        if low < 0 or high >= self.num_source:
+            raise PackError(
+                f"{prefix}indices must lie in [0, {self.num_source}) (the backbone's "
+                f"{self.num_source} source classes), got values from {low} to {high}"
+            )
+        if self.kind != "linear" and int(indices.unique().numel()) != int(indices.numel()):
+            raise PackError(f"{prefix}indices repeat a source class (expected a one-to-one map)")
+        flag = int(tensors[f"{prefix}calibrated"].reshape(-1)[0])
+        if flag not in (0, 1):
+            raise PackError(f"{prefix}calibrated must be 0 or 1, got {flag}")
 
     def forward(self, source_logits: torch.Tensor) -> torch.Tensor:
         if self.linear is not None:

@@ -43,6 +43,7 @@ from vprompt.methods.registry import register_method
 from vprompt.methods.text_context import (
     ContextInit,
     ContextTextFeatures,
+    check_n_ctx,
     learned_context,
     refuse_class_specific,
 )
@@ -113,6 +114,7 @@ def template_init(backbone: ImageTextBackbone, template: str, n_ctx: int) -> Con
     if not phrase.strip():
         return None
     p = len(phrase.split(" "))
+    check_n_ctx(backbone, n_ctx)
     if p > n_ctx:
         raise ConfigError(
             f"prograd: template {template!r} has {p} words before the class name, more than "

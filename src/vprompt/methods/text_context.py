@@ -50,6 +50,18 @@ class ContextInit:
         return int(self.vectors.shape[-2])
 
 
+def check_n_ctx(backbone: ImageTextBackbone, n_ctx: int) -> None:
+    """Refuse a context length below 1 or beyond the text tower's context (start and end
+    tokens included), before anything of that size is allocated."""
+    if n_ctx < 1:
+        raise ConfigError(f"n_ctx must be >= 1, got {n_ctx}")
+    if n_ctx + 2 > backbone.context_length:
+        raise ConfigError(
+            f"n_ctx {n_ctx} does not fit {backbone.name}'s text context of "
+            f"{backbone.context_length} tokens (at most {backbone.context_length - 2})"
+        )
+
+
 def init_context(
     backbone: ImageTextBackbone, *, n_ctx: int, init: str, std: float, groups: int | None = None
 ) -> ContextInit:
@@ -68,8 +80,7 @@ def init_context(
         with torch.no_grad():
             embedded = backbone.embed_tokens(backbone.tokenize([phrase]))[0]
         return ContextInit(embedded[1 : 1 + m].float().clone(), phrase)
-    if n_ctx < 1:
-        raise ConfigError(f"n_ctx must be >= 1, got {n_ctx}")
+    check_n_ctx(backbone, n_ctx)
     shape = (n_ctx, int(backbone.text_width))
     vectors = torch.empty((groups, *shape) if groups is not None else shape)
     nn.init.normal_(vectors, std=std)
@@ -115,13 +126,14 @@ class PromptAssembler(nn.Module):
             prompt_prefix if prompt_prefix is not None else " ".join([PLACEHOLDER] * n_ctx)
         )
         names = [name.replace("_", " ") for name in classnames]
+        self.name_lens = [int(n) - 1 for n in backbone.eot_index(backbone.tokenize(names))]
+        _check_prompt_length(backbone, placeholder, suffix_text, names, self.name_lens)
         tokens = backbone.tokenize([f"{placeholder} {name}{suffix_text}" for name in names])
         eot = backbone.eot_index(tokens)  # C
         # Causal tower: nothing after the longest prompt's EOT can change any feature.
         length = int(eot.max()) + 1 if backbone.truncatable else tokens.shape[1]
         with torch.no_grad():
             emb = backbone.embed_tokens(tokens[:, :length]).float()  # C x L x W
-        self.name_lens = [int(n) - 1 for n in backbone.eot_index(backbone.tokenize(names))]
         self.register_buffer("token_prefix", emb[:, :1].clone(), persistent=False)
         self.register_buffer("token_suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)
         self.register_buffer("eot", eot.clone(), persistent=False)
@@ -175,6 +187,27 @@ class PromptAssembler(nn.Module):
     def eot_positions(self, classes: slice | None = None) -> torch.Tensor:
         """EOT position of each prompt (the class-token position does not move it)."""
         return self.eot[classes or slice(0, self.num_classes)]
+
+
+def _check_prompt_length(
+    backbone: ImageTextBackbone,
+    placeholder: str,
+    suffix_text: str,
+    names: Sequence[str],
+    name_lens: Sequence[int],
+) -> None:
+    """Refuse prompts longer than the text context (the tokenizer would cut them silently;
+    the reference's ``clip.tokenize`` raises)."""
+    pieces = [placeholder, suffix_text] if suffix_text else [placeholder]
+    counts = [int(n) - 1 for n in backbone.eot_index(backbone.tokenize(pieces))]
+    fixed = 2 + sum(counts)  # start and end tokens, the context phrase, the suffix
+    longest = max(range(len(names)), key=lambda i: name_lens[i])
+    if fixed + name_lens[longest] > backbone.context_length:
+        raise ConfigError(
+            f"the prompt for class {names[longest]!r} needs {fixed + name_lens[longest]} "
+            f"tokens, more than {backbone.name}'s text context of {backbone.context_length} "
+            "(shorten n_ctx, ctx_init or the class name)"
+        )
 
 
 def encode_prompts(

@@ -7,7 +7,7 @@ on CLIP the "mapping" is the text prompts (class embeddings from templates).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -25,6 +25,10 @@ from vprompt.methods.pixel_prompt import PixelPrompt, PixelRange, PromptKind
 from vprompt.methods.registry import register_method
 
 MappingChoice = Literal["auto", "text", "random", "frequency", "iterative", "linear"]
+
+
+MAX_SIDE = 4096
+"""Largest canvas, inner image or patch side a config may ask for (the prompt is 3 x side²)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,14 @@ class VisualPromptConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+        if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int):
+            raise ConfigError(f"patch_size must be a positive integer, got {self.patch_size!r}")
+        if self.patch_size < 1:
+            raise ConfigError(f"patch_size must be a positive integer, got {self.patch_size!r}")
+        for name in ("canvas_size", "inner_size", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_SIDE:
+                raise ConfigError(f"{name} must be at most {MAX_SIDE} pixels, got {value}")
         if self.canvas_size and self.inner_size and self.inner_size > self.canvas_size:
             raise ConfigError(
                 f"inner_size {self.inner_size} exceeds canvas_size {self.canvas_size}"
@@ -204,6 +216,10 @@ class VisualPrompt(PromptMethod):
         ]
 
     # ------------------------------------------------------------------ engine contract
+    def check_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.mapping is not None:
+            self.mapping.check_state(tensors, "mapping.")
+
     def trainable_parameters(self) -> list[Any]:
         prompt = [self.pixels.prompt] if self.pixels.prompt is not None else []
         mapping = list(self.mapping.parameters()) if self.mapping is not None else []

@@ -40,6 +40,8 @@ from vprompt.methods.registry import register_method
 PromptInit = Literal["xavier", "normal", "zeros"]
 HeadChoice = Literal["auto", "linear", "text"]
 _NORMAL_STD = 0.02  # timm's std for ViT class / position tokens
+MAX_TOKENS = 1024
+"""Most prompt tokens per layer a config may ask for (the VPT paper goes up to 200)."""
 
 
 def _paper_optim() -> OptimConfig:
@@ -94,9 +96,11 @@ class VPTConfig:
         if (
             isinstance(self.num_tokens, bool)
             or not isinstance(self.num_tokens, int)
-            or self.num_tokens < 0
+            or not 0 <= self.num_tokens <= MAX_TOKENS
         ):
-            raise ConfigError(f"num_tokens must be an integer >= 0, got {self.num_tokens!r}")
+            raise ConfigError(
+                f"num_tokens must be an integer from 0 to {MAX_TOKENS}, got {self.num_tokens!r}"
+            )
         if not isinstance(self.deep, bool):
             raise ConfigError(f"deep must be true or false, got {self.deep!r}")
         if (

@@ -7,11 +7,11 @@ Descriptions are CuPL-style JSON files ``{"class name": ["sentence", ...]}``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from vprompt.errors import PromptError
+from vprompt.utils import jsonio
 from vprompt.utils.registry import Registry
 
 MAX_TEXT_FILE_BYTES = 64 * 1024 * 1024
@@ -138,9 +138,9 @@ def load_descriptions(
         path = Path(spec).expanduser()
         where = str(path)
         try:
-            data = json.loads(_read_text(path, "description"))
-        except json.JSONDecodeError as exc:
-            raise PromptError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            data = jsonio.loads(_read_text(path, "description"), what=str(path))
+        except jsonio.JSONInputError as exc:
+            raise PromptError(str(exc)) from None
     else:
         data = spec
     if not isinstance(data, Mapping):

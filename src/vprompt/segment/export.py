@@ -11,7 +11,6 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from vprompt.segment.outputs import (
     save_mask_png,
     save_overlay,
 )
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text
 
 
@@ -65,7 +65,7 @@ def write_image_results(
     coco = coco_annotations(
         list(masks), scores=list(scores), file_name=file_name, size=image.size, form=form
     )
-    atomic_write_text(out / "annotations.json", json.dumps(coco))
+    atomic_write_text(out / "annotations.json", jsonio.dumps(coco))
     rows = []
     for i, mask in enumerate(masks):
         row: dict[str, Any] = {
@@ -90,5 +90,5 @@ def write_image_results(
             "annotations": "annotations.json",
         },
     }
-    atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "result.json", jsonio.dumps(result, indent=1))
     return result

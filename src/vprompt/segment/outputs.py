@@ -16,7 +16,6 @@ conventions throughout:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from vprompt.errors import PromptError
+from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text, atomic_write_with
 
 # A fixed palette so the same object index always gets the same colour.
@@ -494,5 +494,5 @@ def _json_default(value: Any) -> Any:
 
 def write_json_atomic(obj: Any, path: str | Path, *, indent: int | None = None) -> None:
     """Write ``obj`` as UTF-8 JSON, atomically; numpy scalars and arrays become plain JSON."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
+    text = jsonio.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
     atomic_write_text(path, text + "\n")

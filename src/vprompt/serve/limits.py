@@ -8,11 +8,10 @@ Multipart uploads get the image limit plus room for the form's other fields; eve
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vprompt.serve.errors import ApiError, error_body
+from vprompt.utils import jsonio
 
 FORM_OVERHEAD = 1 * 2**20  # multipart boundaries, headers and small fields next to the file
 
@@ -73,7 +72,7 @@ class BodyLimitMiddleware:
 
 
 async def _send_413(send: Send, message: str) -> None:
-    body = json.dumps(error_body("too_large", message)).encode()
+    body = jsonio.dumps(error_body("too_large", message)).encode()
     await send(
         {
             "type": "http.response.start",

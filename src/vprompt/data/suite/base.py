@@ -9,13 +9,13 @@ matches it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vprompt.data.items import Datum, label_names
 from vprompt.errors import DatasetError, UnknownNameError
+from vprompt.utils import jsonio
 from vprompt.utils.registry import Registry, unknown_name_message
 
 
@@ -131,15 +131,15 @@ def get_suite(name: str) -> SuiteDataset:
 def read_json_file(path: Path) -> object:
     """Parse a JSON file with errors that name it (never anything but JSON)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        return jsonio.loads(raw, what=str(path))
+    except jsonio.JSONInputError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def read_text_lines(path: Path, *, hint: str = "") -> list[str]:
@@ -205,4 +205,4 @@ def write_split_file(path: Path, splits: SuiteSplits, image_dir: str) -> None:
         "val": convert(splits.val),
         "test": convert(splits.test),
     }
-    atomic_write_text(path, json.dumps(payload, indent=4) + "\n")
+    atomic_write_text(path, jsonio.dumps(payload, indent=4) + "\n")

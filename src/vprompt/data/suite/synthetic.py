@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import json
 import shutil
 import zlib
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from vprompt.data.suite.coop_split import (
     ucf101_classname,
 )
 from vprompt.errors import DatasetError
+from vprompt.utils import jsonio
 
 # Marks a folder this module wrote, so rewriting it may delete it (and nothing else).
 MARKER = ".vprompt-synthetic"
@@ -166,7 +166,7 @@ def _stanford_cars(w: _Writer) -> None:
 def _oxford_flowers(w: _Writer) -> None:
     names = _extend(_FLOWERS, w.num_classes, lambda i: f"synthetic flower {i}")
     w.split_dataset(names, lambda y, s, k: f"image_{k:05d}.jpg")
-    w.text("cat_to_name.json", [json.dumps({str(i + 1): n for i, n in enumerate(names)})])
+    w.text("cat_to_name.json", [jsonio.dumps({str(i + 1): n for i, n in enumerate(names)})])
 
 
 def _food101(w: _Writer) -> None:
