@@ -168,3 +168,31 @@ def test_full_finetune_is_labelled_not_a_prompt_method(run_cli, colour_folder, t
     )
     assert result.returncode == 0, result.stderr
     assert "not a prompt method" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("m.csv", "path,label,split\na.png,red,train,EXTRA\n", "m.csv:2: 4 values"),
+        ("s.json", '{"train": [["a.png", 10000000000, "red"]], "val": [], "test": []}', "0..0"),
+    ],
+    ids=["csv-extra-cells", "json-label-1e10"],
+)
+def test_train_refuses_hostile_manifests_in_one_line(run_cli, tmp_path, name, content, message):
+    manifest = tmp_path / name
+    manifest.write_text(content)
+    kind = manifest.suffix.lstrip(".")
+    result = run_cli(
+        *vp_train_args(tmp_path, tmp_path / "run")[:7],
+        "--data",
+        f"{kind}:{manifest}",
+        "--out",
+        tmp_path / "run",
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vprompt: error:")]
+    assert len(errors) == 1, result.stderr
+    assert message in errors[0], result.stderr
+    assert str(manifest) in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started

@@ -9,6 +9,7 @@ from PIL import Image
 
 from vprompt.data.dataset import DataSplits
 from vprompt.data.images import IMAGE_EXTENSIONS, load_image
+from vprompt.data.items import check_text
 from vprompt.errors import DatasetError
 
 
@@ -27,7 +28,9 @@ class ImageFolder:
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: not a folder")
         found = sorted(
-            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
+            check_text(d.name, what="class folder name", where=str(self.root))
+            for d in self.root.iterdir()
+            if d.is_dir() and not d.name.startswith(".")
         )
         if not found:
             raise DatasetError(

@@ -36,21 +36,42 @@ class Datum:
 
     @classmethod
     def from_json(cls, entry: object, *, where: str) -> Datum:
-        """Parse ``[path, label, classname]`` with a clear error naming ``where``."""
+        """Parse ``[path, label, classname]`` with a clear error naming ``where``: a
+        non-empty path, a JSON integer label >= 0 and a non-empty printable class name."""
         if (
             not isinstance(entry, list | tuple)
             or len(entry) != 3
             or not isinstance(entry[0], str)
             or not isinstance(entry[2], str)
         ):
-            raise DatasetError(f"{where}: expected [path, label, classname], got {entry!r}")
-        try:
-            label = int(entry[1])
-        except (TypeError, ValueError):
-            raise DatasetError(f"{where}: label {entry[1]!r} is not an integer") from None
+            raise DatasetError(f"{where}: expected [path, label, classname], got {entry!r:.200}")
+        label = entry[1]
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise DatasetError(f"{where}: label {label!r:.50} is not an integer")
         if label < 0:
             raise DatasetError(f"{where}: negative label {label}")
-        return cls(entry[0].replace("\\", "/"), label, entry[2])
+        path = check_text(entry[0], what="path", where=where)
+        name = check_text(entry[2], what="class name", where=where)
+        return cls(path.replace("\\", "/"), label, name)
+
+
+_CONTROL = {chr(c) for c in (*range(0x20), 0x7F)}
+
+
+def check_text(value: str, *, what: str, where: str) -> str:
+    """``value`` if it is non-empty, valid UTF-8 (no undecodable bytes from a file name) and
+    free of control characters (newlines, tabs, NUL); otherwise a DatasetError naming
+    ``where`` and ``what`` (path, label, class name)."""
+    if not value.strip():
+        raise DatasetError(f"{where}: empty {what}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(f"{where}: {what} {value!r:.80} is not UTF-8 text") from None
+    bad = next((c for c in value if c in _CONTROL), None)
+    if bad is not None:
+        raise DatasetError(f"{where}: {what} {value!r:.80} holds the control character {bad!r}")
+    return value
 
 
 def prompt_name(classname: str) -> str:
@@ -71,9 +92,11 @@ def label_names(items: Iterable[Datum]) -> list[str]:
             raise DatasetError(
                 f"label {item.label} is both {seen!r} and {item.classname!r} in the split"
             )
-    if sorted(names) != list(range(len(names))):
-        missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
-        raise DatasetError(f"labels must be 0..{len(names) - 1}; missing {missing[:10]}")
+    if any(label >= len(names) for label in names):  # then some label below is missing
+        missing = [i for i in range(len(names)) if i not in names][:10]
+        raise DatasetError(
+            f"labels must be 0..{len(names) - 1}; got {max(names)}, missing {missing}"
+        )
     return [names[i] for i in range(len(names))]
 
 

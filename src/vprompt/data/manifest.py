@@ -12,38 +12,98 @@
 from __future__ import annotations
 
 import csv
+import io
+import re
 from pathlib import Path
 
 from vprompt.data.dataset import DataSplits
-from vprompt.data.items import Datum, ItemDataset, label_names
+from vprompt.data.items import Datum, ItemDataset, check_text, label_names
 from vprompt.data.suite.base import read_split_file
 from vprompt.errors import DatasetError
 
 _SPLITS = ("train", "val", "test")
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+_COLUMNS = ("path", "label", "classname", "split")
+_INTEGER = re.compile(r"[0-9]+")
+_SIGNED = re.compile(r"[+-][0-9]+")
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """``(line, row)`` of a manifest CSV, each row holding exactly the header's columns."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-            if "path" not in fields or "label" not in fields:
-                raise DatasetError(
-                    f"{path}: needs a header with 'path' and 'label' columns, found {fields}"
-                )
-            return [
-                {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-                for row in reader
-            ]
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
+        ) from None
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [f.strip().lower() for f in next(reader, [])]
+        _check_header(path, header)
+        rows = []
+        for values in reader:
+            if not values:
+                continue  # a blank line
+            line = reader.line_num
+            if len(values) != len(header):
+                count = f"{len(values)} value{'s' if len(values) != 1 else ''}"
+                raise DatasetError(
+                    f"{path}:{line}: {count}, the header has {len(header)} columns "
+                    f"({','.join(header)})"
+                )
+            rows.append((line, {k: v.strip() for k, v in zip(header, values, strict=True)}))
+        return rows
+    except csv.Error as exc:
         raise DatasetError(f"{path}: cannot read CSV ({exc})") from None
 
 
+def _check_header(path: Path, header: list[str]) -> None:
+    if "path" not in header or "label" not in header:
+        raise DatasetError(
+            f"{path}: needs a header with 'path' and 'label' columns, found {header}"
+        )
+    for name in header:
+        if name not in _COLUMNS:
+            raise DatasetError(
+                f"{path}: unknown column {name!r} (expected path, label and optionally "
+                "classname and split)"
+            )
+        if header.count(name) > 1:
+            raise DatasetError(f"{path}: column {name!r} appears twice in the header")
+
+
 def _to_items(rows: list[tuple[Path, int, dict[str, str]]]) -> dict[str, list[Datum]]:
-    """Rows (file, line, row) → items per split, with one shared class order."""
-    integer = all(r["label"].lstrip("-").isdigit() for _, _, r in rows)
+    """Rows (file, line, row) → items per split, with one shared class order.
+
+    Labels are either all integers (indices; named by a ``classname`` column or by their
+    number) or all class names.
+    """
+    for file, line, r in rows:
+        where = f"{file}:{line}"
+        check_text(r["path"], what="path", where=where)
+        check_text(r["label"], what="label", where=where)
+        if _SIGNED.fullmatch(r["label"]):
+            raise DatasetError(
+                f"{where}: label {r['label']!r} is signed; integer labels are 0, 1, 2, …"
+            )
+        if r.get("classname"):
+            check_text(r["classname"], what="class name", where=where)
+    numeric = [(f, ln, r["label"]) for f, ln, r in rows if _INTEGER.fullmatch(r["label"])]
+    integer = len(numeric) == len(rows)
+    if numeric and not integer:
+        named = next((f, ln, r["label"]) for f, ln, r in rows if not _INTEGER.fullmatch(r["label"]))
+        raise DatasetError(
+            f"labels mix integers ({numeric[0][0]}:{numeric[0][1]}: {numeric[0][2]!r}) and class "
+            f"names ({named[0]}:{named[1]}: {named[2]!r}); give every label the same way (class "
+            "names that are numbers: integer labels with a classname column)"
+        )
     if integer:
         names: dict[int, str] = {}
         for file, line, r in rows:
@@ -61,8 +121,6 @@ def _to_items(rows: list[tuple[Path, int, dict[str, str]]]) -> dict[str, list[Da
     index_of = {name: pos for pos, name in enumerate(classes)}
     out: dict[str, list[Datum]] = {s: [] for s in _SPLITS}
     for file, line, r in rows:
-        if not r["path"]:
-            raise DatasetError(f"{file}:{line}: empty path")
         split = r.get("split", "train") or "train"
         if split not in out:
             raise DatasetError(f"{file}:{line}: split {split!r} is not train, val or test")
@@ -83,12 +141,16 @@ def load_csv(spec: str | Path) -> DataSplits:
                 if split != "val":
                     raise DatasetError(f"{path}: expected {file.name} (and optional val.csv)")
                 continue
-            for line, row in enumerate(_read_rows(file), start=2):
+            for line, row in _read_rows(file):
+                if row.get("split", split) not in ("", split):
+                    raise DatasetError(
+                        f"{file}:{line}: split {row['split']!r} in the {split} split's file"
+                    )
                 row["split"] = split
                 rows.append((file, line, row))
     else:
         root = path.parent
-        for line, row in enumerate(_read_rows(path), start=2):
+        for line, row in _read_rows(path):
             if "split" not in row:
                 raise DatasetError(
                     f"{path}: a single CSV needs a 'split' column (train/val/test); or pass a "

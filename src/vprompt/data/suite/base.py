@@ -183,7 +183,10 @@ def read_split_file(path: Path, image_dir: str) -> SuiteSplits:
         return out
 
     train, val, test = convert("train"), convert("val"), convert("test")
-    return SuiteSplits(train, val, test, label_names(train))
+    try:
+        return SuiteSplits(train, val, test, label_names(train))
+    except DatasetError as exc:
+        raise DatasetError(f"{path} [train]: {exc}") from None
 
 
 def write_split_file(path: Path, splits: SuiteSplits, image_dir: str) -> None:
