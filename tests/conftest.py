@@ -58,20 +58,27 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliResult
     cache, few-shot split fallback) in a temporary folder instead of the user's home."""
     cache = tmp_path_factory.mktemp("vprompt-cache")
 
-    def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> CliResult:
-        env = dict(os.environ)
-        env.update(
+    def run(
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
+    ) -> CliResult:
+        """``env``: variables set on top of the test environment (e.g. another cache)."""
+        full = dict(os.environ)
+        full.update(
             HF_HUB_OFFLINE="1",
             CUDA_VISIBLE_DEVICES="",
             PYTHONUNBUFFERED="1",
             VPROMPT_CACHE=str(cache),
         )
+        full.update(env or {})
         proc = subprocess.run(
             [*VPROMPT, *map(str, args)],
             capture_output=True,
             text=True,
             cwd=cwd or REPO,
-            env=env,
+            env=full,
             timeout=timeout,
         )
         return CliResult(proc.returncode, proc.stdout, proc.stderr)

@@ -192,7 +192,10 @@ def test_personalize_cli(run_cli, tmp_path: Path, method: str, model: str) -> No
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["method"] for r in rows] == [method, method]
-    assert sorted(p.name for p in out.iterdir()) == ["target", "target-2"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "target",
+        "target-2",
+    ]
     with Image.open(out / "target" / "mask_000.png") as m:
         assert m.size == (128, 96)
     assert (out / "target-2" / "annotations.json").is_file()
@@ -244,11 +247,13 @@ def test_segment_all_cli(run_cli, photos_dir: Path, tmp_path: Path) -> None:
     assert len(list(out.glob("mask_*.png"))) == n
     coco = json.loads((out / "annotations.json").read_text())
     assert [a["area"] for a in coco["annotations"]] == [o["area"] for o in summary["objects"]]
+    bad = tmp_path / "bad"
     res = run_cli(
-        "segment-all", photos_dir / "coffee.png", *TINY, "--pred-iou-thresh", "2", "--out", out
+        "segment-all", photos_dir / "coffee.png", *TINY, "--pred-iou-thresh", "2", "--out", bad
     )
     assert res.returncode == 1
     assert "pred_iou_thresh" in res.stderr
+    assert not bad.exists()
 
 
 def test_models_lists_the_sam_family_with_readable_columns(run_cli) -> None:
@@ -322,3 +327,20 @@ def test_oneshot_protocol_scores_targets_against_their_masks(tmp_path: Path) -> 
     assert load_concepts(data / "disc")[0].name == "disc"
     with pytest.raises(DatasetError, match="images/ and masks/"):
         load_concepts(tmp_path)
+
+
+def test_segment_never_writes_over_another_runs_outputs(run_cli, photos_dir: Path, tmp_path):
+    image, out = photos_dir / "chelsea.png", tmp_path / "o"
+    first = run_cli("segment", image, *TINY, "--point", "20,20", "--out", out)
+    assert first.returncode == 0, first.stderr
+    mask = (out / "mask_000.png").read_bytes()
+    other = run_cli("segment", image, *TINY, "--point", "60,40", "--out", out)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines() == [
+        f"vprompt: error: output folder {out} holds the outputs of another `vprompt segment` "
+        "run (other inputs or settings); choose an empty or new --out folder, or pass "
+        "--overwrite to write over them"
+    ]
+    assert (out / "mask_000.png").read_bytes() == mask
+    again = run_cli("segment", image, *TINY, "--point", "60,40", "--out", out, "--overwrite")
+    assert again.returncode == 0, again.stderr

@@ -109,8 +109,9 @@ def test_rerunning_a_finished_run_resumes_instead_of_retraining(trained, run_cli
     )
     assert changed.returncode == 1
     assert "vprompt: error:" in changed.stderr
-    assert "--no-resume" in changed.stderr
+    assert "--overwrite" in changed.stderr
     assert "Traceback" not in changed.stderr
+    assert (out / "prompt.safetensors").read_bytes() == before  # nothing lost
 
 
 @pytest.mark.parametrize(
@@ -196,3 +197,71 @@ def test_train_refuses_hostile_manifests_in_one_line(run_cli, tmp_path, name, co
     assert str(manifest) in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_out_folders_that_cannot_or_must_not_be_written(run_cli, colour_folder, tmp_path):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("not a folder")
+    res = run_cli(*vp_train_args(colour_folder, in_the_way / "run"))
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1].startswith("vprompt: error: cannot create output folder")
+    assert "Traceback" not in res.stderr
+    assert in_the_way.read_text() == "not a folder"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("months of work")
+    res = run_cli(*vp_train_args(colour_folder, theirs, epochs=1))
+    assert res.returncode == 1
+    assert "files vprompt did not write (thesis.tex)" in res.stderr
+    assert "--overwrite" in res.stderr
+    res = run_cli(*vp_train_args(colour_folder, theirs, epochs=1), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert (theirs / "prompt.safetensors").is_file()
+    assert (theirs / "thesis.tex").read_text() == "months of work"  # written next to, not over
+
+
+def test_a_tampered_checkpoint_is_one_line_and_overwrite_starts_over(
+    trained, run_cli, colour_folder, tmp_path
+):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, source = trained
+    out = tmp_path / "vp"
+    shutil.copytree(source, out)
+    path = out / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        progress = json.loads(fh.metadata()["vprompt-checkpoint"])
+    progress["history"] = "rewritten by hand"
+    save_file(
+        load_file(str(path)), str(path), metadata={"vprompt-checkpoint": json.dumps(progress)}
+    )
+    res = run_cli(*vp_train_args(colour_folder, out))
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("vprompt: error:")]
+    assert errors == [
+        f"vprompt: error: {path}: damaged checkpoint: 'history' is 'rewritten by hand', expected "
+        "list; pass --overwrite (overwrite=True) to start over there, or choose a new out dir"
+    ]
+    assert "Traceback" not in res.stderr
+    res = run_cli(*vp_train_args(colour_folder, out), "--overwrite", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1])["test_accuracy"] >= 0
+
+
+def test_an_unwritable_feature_cache_is_a_warning_not_a_failure(run_cli, colour_folder, tmp_path):
+    in_the_way = tmp_path / "cache-file"
+    in_the_way.write_text("not a folder")
+    res = run_cli(
+        "train", "--method", "linear-probe", "--model", "clip:tiny", "--weights", "none",
+        "--data", f"folder:{colour_folder}", "--out", tmp_path / "lp", "--set", "optim.epochs=1",
+        env={"VPROMPT_CACHE": str(in_the_way)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if "vprompt: warning:" in line]
+    assert len(warnings) == 1, res.stderr
+    assert "feature cache" in warnings[0]
+    assert "Not a directory; going on without it" in warnings[0]
+    assert in_the_way.read_text() == "not a folder"

@@ -106,6 +106,6 @@ def test_eval_clicks_cli(run_cli, tmp_path: Path) -> None:
     assert set(report["noc"]) == {"0.85", "0.9"}
     assert all(1 <= v <= 3 for v in report["noc"].values())
     assert (out / "miou_curve.png").is_file()
-    bad = run_cli("eval-clicks", "--data", tmp_path, "--weights", "none", "--out", out)
+    bad = run_cli("eval-clicks", "--data", tmp_path, "--weights", "none", "--out", tmp_path / "b")
     assert bad.returncode == 1
     assert "images/ and masks/" in bad.stderr

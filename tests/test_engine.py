@@ -266,7 +266,7 @@ def test_finished_run_returns_at_once(baseline, make_method, data):
 
 
 def test_resume_with_other_config_is_refused(baseline, make_method, data, tmp_path):
-    with pytest.raises(ConfigError, match=r"(?s)optim\.lr.*--no-resume"):
+    with pytest.raises(ConfigError, match=r"(?s)optim\.lr.*--overwrite"):
         fit(make_method(lr=0.5), data[0], val=data[1], out_dir=baseline["out"], progress=False)
     with pytest.raises(ConfigError, match="seed"):
         fit(make_method(), data[0], val=data[1], out_dir=baseline["out"], seed=1, progress=False)
@@ -293,12 +293,21 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(make_method, da
         )
 
 
-def test_no_resume_starts_over(make_method, data, tmp_path):
-    fit(make_method(epochs=1), data[0], out_dir=tmp_path, progress=False)
-    method = make_method(epochs=2, lr=1.0)
-    result = fit(method, data[0], out_dir=tmp_path, resume=False, progress=False)
+def test_no_resume_starts_this_run_over_and_overwrite_replaces_another(make_method, data, tmp_path):
+    fit(make_method(epochs=2), data[0], out_dir=tmp_path, progress=False)
+    same = make_method(epochs=2)
+    result = fit(same, data[0], out_dir=tmp_path, resume=False, progress=False)
     assert result.epochs_run == 2
-    assert [e for e, _ in method.hook_calls] == [0, 1]
+    assert [e for e, _ in same.hook_calls] == [0, 1]
+    other = make_method(epochs=2, lr=1.0)
+    with pytest.raises(ConfigError, match="different run"):  # --no-resume is not --overwrite
+        fit(other, data[0], out_dir=tmp_path, resume=False, progress=False)
+    result = fit(other, data[0], out_dir=tmp_path, overwrite=True, progress=False)
+    assert result.epochs_run == 2
+    assert [e for e, _ in other.hook_calls] == [0, 1]
+    again = make_method(epochs=2, lr=1.0)  # now this run's own: --overwrite resumes it
+    fit(again, data[0], out_dir=tmp_path, overwrite=True, progress=False)
+    assert again.hook_calls == []
 
 
 def test_best_vs_last_selection_uses_val_only(make_method, data, tmp_path):
@@ -424,3 +433,110 @@ def test_a_non_finite_loss_names_its_step_and_keeps_the_last_checkpoint(
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 0
     if with_callbacks:
         assert [e.step for e in seen if e.kind == "step"][-1] == 11
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+
+def _tampered(source: Path, folder: Path, change: Callable[[dict, dict], None]) -> Path:
+    """A copy of ``source``'s run folder whose checkpoint is cut back to epoch 1 of 3 (so it
+    resumes), then changed by ``change(progress, tensors)``."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    path = folder / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        progress = json.loads(fh.metadata()["vprompt-checkpoint"])
+    tensors = load_file(str(path))
+    progress.update(finished=False, epochs_done=1, history=progress["history"][:1])
+    progress.update(best_epoch=0)  # the best tensors stay: a consistent mid-run checkpoint
+    (folder / "prompt.safetensors").unlink()
+    change(progress, tensors)
+    save_file(tensors, str(path), metadata={"vprompt-checkpoint": json.dumps(progress)})
+    return folder
+
+
+def _set(**values: Any) -> Callable[[dict, dict], None]:
+    return lambda progress, tensors: progress.update(values)
+
+
+def _tensor(name: str, value: Any) -> Callable[[dict, dict], None]:
+    return lambda progress, tensors: tensors.__setitem__(name, value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set(run="x"), "'run' is 'x', expected dict"),
+        (_set(epochs_done="abc"), "'epochs_done' is 'abc', expected int"),
+        (_set(epochs_done=-1), "negative progress"),
+        (_set(epochs_done=10**9), "1 epochs of history for epochs_done 1000000000"),
+        (_set(history="x"), "'history' is 'x'"),
+        (_set(history=[{}]), "history entry 0 is not the record of epoch 0"),
+        (_set(history=[{"epoch": 0, "train_loss": "nan"}]), "history entry 0 has train_loss"),
+        (_set(best_epoch=99), "best_epoch 99 is not one of the 1 epochs run"),
+        (_set(best_metric="x"), "'best_metric' is 'x'"),
+        (_set(best_metric={"val_acc": 1}), "lacks numeric val_acc and val_loss"),
+        (_set(selected=5), "'selected' is 5"),
+        (_set(setup_done="no"), "'setup_done' is 'no'"),
+        (_set(optimizer_scalars=[1]), "'optimizer_scalars' is"),
+        (_set(optimizer_scalars={"0": 5}), "optimizer_scalars must map parameters to objects"),
+        (_set(version=2), "checkpoint version 2 is not supported"),
+        (lambda p, t: p.clear(), "checkpoint version None"),
+        (lambda p, t: t.pop("prompt.prompt"), "no prompt tensors after set-up"),
+        (_tensor("prompt.prompt", torch.full((3, 32, 32), float("nan"))), "holds NaN"),
+        (_tensor("prompt.prompt", torch.zeros(2, 2)), "has shape (2, 2)"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_clear_error_and_overwrite_starts_over(
+    baseline, make_method, data, tmp_path, change, message
+):
+    folder = _tampered(baseline["out"], tmp_path / "run", change)
+    with pytest.raises(ConfigError) as info:
+        fit(make_method(), data[0], val=data[1], out_dir=folder, progress=False)
+    text = str(info.value)
+    assert message in text
+    assert str(folder / "checkpoint.safetensors") in text
+    assert "--overwrite" in text
+    method = make_method()
+    result = fit(method, data[0], val=data[1], out_dir=folder, overwrite=True, progress=False)
+    assert result.epochs_run == EPOCHS
+    assert torch.equal(method.prompt.detach(), baseline["method"].prompt.detach())
+
+
+def test_unreadable_checkpoint_bytes_are_one_clear_error(baseline, make_method, data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(baseline["out"], folder)
+    path = folder / "checkpoint.safetensors"
+    for damage in (path.read_bytes()[:100], b"\x00" * 7, b"not a checkpoint at all"):
+        path.write_bytes(damage)
+        with pytest.raises(ConfigError, match=r"unreadable checkpoint.*--overwrite"):
+            fit(make_method(), data[0], val=data[1], out_dir=folder, progress=False)
+
+
+def test_optimizer_state_that_does_not_fit_is_refused(baseline, make_method, data, tmp_path):
+    folder = _tampered(
+        baseline["out"], tmp_path / "run", _tensor("optim.0.exp_avg", torch.zeros(3))
+    )
+    with pytest.raises(ConfigError, match=r"optim.0.exp_avg' has shape \(3,\).*--no-resume"):
+        fit(make_method(), data[0], val=data[1], out_dir=folder, progress=False)
+    result = fit(make_method(), data[0], val=data[1], out_dir=folder, resume=False, progress=False)
+    assert result.epochs_run == EPOCHS
+
+
+def test_run_files_without_a_checkpoint_are_not_written_over(baseline, make_method, data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(baseline["out"], folder)
+    (folder / "checkpoint.safetensors").unlink()
+    pack = (folder / "prompt.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds a run's files .* but no checkpoint"):
+        fit(make_method(), data[0], val=data[1], out_dir=folder, progress=False)
+    assert (folder / "prompt.safetensors").read_bytes() == pack
+    fit(make_method(), data[0], val=data[1], out_dir=folder, overwrite=True, progress=False)

@@ -286,6 +286,58 @@ def test_encoder_dim_change_under_same_key_rebuilds(tiny_clip, folders, tmp_path
 
 
 # ---------------------------------------------------------------------------- identities
+@pytest.mark.parametrize("failure", ["not-a-folder", "disk-full"])
+def test_an_unwritable_cache_falls_back_to_memory_with_a_warning(
+    tiny_clip, folders, tmp_path, monkeypatch, failure
+):
+    import errno
+
+    from vprompt.data.feature_store import FeatureSpace
+
+    data = ImageFolder(folders[0])
+    method = _probe(tiny_clip)
+    root = tmp_path / "cache"
+    if failure == "not-a-folder":
+        root.write_text("VPROMPT_CACHE points at a file")
+    else:
+
+        def full(self, identities, rows):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / DATA_FILE))
+
+        monkeypatch.setattr(FeatureSpace, "append", full)
+    cache = FeatureCache(root)
+    encode = Counting(method.encode_images)
+    with pytest.warns(RuntimeWarning, match="going on without it") as caught:
+        got = _features(cache, data, method, encode)
+    assert len(caught) == 1
+    reason = "Not a directory" if failure == "not-a-folder" else "No space left on device"
+    assert reason in str(caught[0].message)
+    assert cache.unwritable is not None
+    torch.testing.assert_close(got, _direct(method, data), rtol=1e-5, atol=1e-6)
+    assert encode.images == 32  # each image once (in memory from then on)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert torch.equal(_features(cache, data, method, encode), got)
+    assert encode.images == 32
+    if failure == "not-a-folder":
+        assert root.read_text() == "VPROMPT_CACHE points at a file"  # nothing lost
+
+
+def test_a_failing_encoder_is_not_taken_for_a_failing_cache(tiny_clip, folders, tmp_path):
+    data = ImageFolder(folders[0])
+    method = _probe(tiny_clip)
+
+    def broken(pixels):
+        raise OSError("decoder exploded")
+
+    cache = FeatureCache(tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(OSError, match="decoder exploded"):
+            _features(cache, data, method, broken)
+    assert cache.unwritable is None
+
+
 def test_identities_of_datasets(folders, tmp_path):
     data = ImageFolder(folders[0])
     assert has_identity(data)

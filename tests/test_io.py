@@ -107,3 +107,66 @@ def test_json_in_refuses_what_is_not_standard_json(text, reason):
         jsonio.loads(text, what="my.json")
     assert str(info.value).startswith("my.json: ")
     assert jsonio.loads("[" * 64 + "]" * 64, what="ok") is not None
+
+
+# --------------------------------------------------------------------------- killed writes
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temp_files_of_killed_writes_are_cleaned_and_live_ones_kept(tmp_path):
+    import time
+
+    from vprompt.utils import io as vio
+
+    host = vio._HOST
+    dead = tmp_path / f".pack.safetensors.vprompt-{host}-{_dead_pid()}-0a1b2c3d.tmp"
+    live = tmp_path / f".pack.safetensors.vprompt-{host}-{os.getpid()}-0a1b2c3e.tmp"
+    other_young = tmp_path / ".x.json.vprompt-elsewhere-12-0a1b2c3f.tmp"
+    other_old = tmp_path / ".y.json.vprompt-elsewhere-12-0a1b2c40.tmp"
+    legacy_old = tmp_path / ".z.json.ab_cd123.tmp"
+    legacy_young = tmp_path / ".w.json.ab_cd124.tmp"
+    unrelated = tmp_path / "notes.tmp"
+    for path in (dead, live, other_young, other_old, legacy_old, legacy_young, unrelated):
+        path.write_bytes(b"half")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in (other_old, legacy_old):
+        os.utime(path, (two_days_ago, two_days_ago))
+    removed = vio.clean_stale_temp_files(tmp_path)
+    assert sorted(removed) == sorted([dead, other_old, legacy_old])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        p.name for p in (live, other_young, legacy_young, unrelated)
+    }
+    assert vio.clean_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_a_write_names_its_writer(tmp_path):
+    from vprompt.utils import io as vio
+
+    with atomic_path(tmp_path / "result.json") as tmp:
+        assert vio._TEMP.match(tmp.name)
+        assert f"-{os.getpid()}-" in tmp.name
+        assert vio.clean_stale_temp_files(tmp_path) == []  # a live writer's file stays
+
+
+def test_a_full_disk_error_names_the_target_not_the_temp_file(tmp_path):
+    import errno
+
+    target = tmp_path / "result.json"
+    target.write_text("old")
+
+    def writer(tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError, match="No space left") as info:
+        atomic_write_with(target, writer)
+    assert info.value.filename == str(target)
+    assert target.read_text() == "old"  # nothing lost
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -234,7 +234,9 @@ def test_cli_train_with_a_preset(run_cli, tmp_path) -> None:
                       "--data", "folder:x", "--out", tmp_path / "y")  # fmt: skip
     assert unknown.returncode == 1
     assert "did you mean 'coop/few-shot-16ctx'" in unknown.stderr
-    neither = run_cli("train", "--model", "clip:tiny", "--data", "folder:x", "--out", tmp_path)
+    neither = run_cli(
+        "train", "--model", "clip:tiny", "--data", "folder:x", "--out", tmp_path / "z"
+    )
     assert neither.returncode == 1
     assert "give --method" in neither.stderr
 

@@ -298,3 +298,24 @@ def test_tables_list_each_dataset_once(protocol: str, data_root: Path, tmp_path:
     assert set(summary["table"]) >= {"dtd", "eurosat"}
     csv_rows = (tmp_path / "table.csv").read_text().splitlines()
     assert sum(line.startswith("DTD,") for line in csv_rows) == 1
+
+
+def test_a_job_folder_of_another_run_is_refused_or_rerun_with_overwrite(tmp_path: Path) -> None:
+    from vprompt.engine.protocol import RESULT_FILE, Job, _finished
+
+    job = Job("few-shot", "dtd", 2, 1)
+    mine, theirs = {"method": "coop", "config": {"n_ctx": 16}}, {"method": "coop", "config": {}}
+    folder = tmp_path / job.key
+    folder.mkdir(parents=True)
+    result = folder / RESULT_FILE
+    assert _finished(folder, job, mine) is None  # nothing there yet
+    result.write_text(json.dumps({"job": job.to_dict(), "identity": mine, "metrics": {}}))
+    assert _finished(folder, job, mine, overwrite=True) is not None  # this run's: kept
+    result.write_text(json.dumps({"job": job.to_dict(), "identity": theirs, "metrics": {}}))
+    with pytest.raises(ConfigError, match=r"different run.*--overwrite"):
+        _finished(folder, job, mine)
+    assert result.is_file()
+    assert _finished(folder, job, mine, overwrite=True) is None
+    assert not result.exists()  # the other run's result is gone; the job runs again
+    result.write_text("[1, 2]")  # valid JSON, not a record: run the job again
+    assert _finished(folder, job, mine) is None

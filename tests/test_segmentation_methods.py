@@ -117,7 +117,7 @@ def test_personalize_cli_reads_method_settings(run_cli, tmp_path: Path) -> None:
             "--weights", "none", "--device", "cpu", "--out", tmp_path / "o"]  # fmt: skip
     res = run_cli(*base, "--set", "steps=3", "--json")
     assert res.returncode == 0, res.stderr
-    res = run_cli(*base, "--set", "steps=0")
+    res = run_cli(*base[:-1], tmp_path / "bad", "--set", "steps=0")
     assert res.returncode == 1
     assert "steps" in res.stderr
     assert "Traceback" not in res.stderr

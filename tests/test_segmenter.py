@@ -155,6 +155,25 @@ def test_cache_hits_skip_the_encoder(tmp_path):
     assert seg3.encodes == 1
 
 
+def test_an_unwritable_disk_cache_keeps_going_in_memory(tmp_path, caplog):
+    in_the_way = tmp_path / "cache"
+    in_the_way.write_text("VPROMPT_CACHE points at a file")
+    cache = EmbeddingCache(disk_dir=in_the_way / "sam-embeddings")
+    one = {"embeddings": torch.ones(1, 4, 16, 16)}
+    with caplog.at_level("WARNING", logger="vprompt"):
+        cache.put("a", one)
+        cache.put("b", one)  # said once: the disk layer is off from then on
+    assert [r.getMessage() for r in caplog.records if "embedding cache" in r.getMessage()] == [
+        f"embedding cache {in_the_way / 'sam-embeddings'}: cannot write "
+        f"{in_the_way / 'sam-embeddings'}: Not a directory; going on without the disk copy"
+    ]
+    assert cache.disk_dir is None
+    got = cache.get("a", torch.device("cpu"))
+    assert got is not None
+    assert torch.equal(got["embeddings"], one["embeddings"])
+    assert in_the_way.read_text() == "VPROMPT_CACHE points at a file"
+
+
 def test_cache_memory_bound_evicts_least_recent():
     one = {"embeddings": torch.zeros(1, 4, 16, 16)}  # 4 KiB
     cache = EmbeddingCache(max_bytes=3 * 4096)

@@ -48,6 +48,19 @@ class DatasetError(VPromptError):
     """A dataset that is missing, incomplete or malformed."""
 
 
+class OutputError(VPromptError):
+    """An output folder or file that cannot be written, or that holds another run's files."""
+
+
+def describe_os_error(exc: OSError, action: str | None = None) -> str:
+    """One line for a failed file operation, naming the file: ``/a/b: No space left on
+    device``, or with ``action`` ``cannot write /a/b: No space left on device``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return f"{action or 'file operation failed'}: {reason}"
+    return f"{action + ' ' if action else ''}{exc.filename}: {reason}"
+
+
 def is_allocation_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed memory allocation: Python's MemoryError, or the
     RuntimeError PyTorch raises on CPU ("can't allocate memory") and CUDA ("out of memory")."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vprompt.errors import VPromptError
+from vprompt.errors import VPromptError, describe_os_error, is_allocation_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,7 +23,11 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def friendly_errors(fn: F) -> F:
-    """Turn vprompt's own errors into one ``vprompt: error: …`` line and exit code 1."""
+    """Turn vprompt's own errors, and failed file operations (a full or read-only disk) or
+    memory allocations, into one ``vprompt: error: …`` line and exit code 1.
+
+    ``VPROMPT_DEBUG=1`` lets file and memory errors through with their traceback.
+    """
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -32,8 +37,61 @@ def friendly_errors(fn: F) -> F:
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as exc:
+            if os.environ.get("VPROMPT_DEBUG"):
+                raise
+            _fail(describe_os_error(exc))
+        except (MemoryError, RuntimeError) as exc:
+            if os.environ.get("VPROMPT_DEBUG") or not is_allocation_failure(exc):
+                raise
+            _fail("out of memory (a smaller --batch-size, model or input may fit)")
 
     return run  # type: ignore[return-value]
+
+
+_NOT_OUTPUT_IDENTITY = frozenset({"out", "out_dir", "overwrite", "as_json", "device"})
+
+
+def output_folder(
+    command: str, *, param: str = "out", by_inputs: bool = True, pass_overwrite: bool = False
+) -> Callable[[F], F]:
+    """Add ``--overwrite``, check the ``--out`` folder before the command does any work and
+    claim it when the command first writes there (:mod:`vprompt.utils.outdir`).
+
+    Args:
+        param: The command's parameter holding the folder.
+        by_inputs: Only a run with the same arguments (inputs and settings; not --out,
+            --json or --device) may write into a folder this command already wrote; False
+            for commands whose own checks decide (training resumes only its own checkpoint).
+        pass_overwrite: Hand ``overwrite`` on to the command (which replaces a previous run).
+    """
+
+    def decorate(fn: F) -> F:
+        @wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            from vprompt.utils.outdir import output_folder_for
+
+            overwrite = bool(kwargs.pop("overwrite"))
+            identity = None
+            if by_inputs:
+                identity = {
+                    "args": {k: v for k, v in kwargs.items() if k not in _NOT_OUTPUT_IDENTITY}
+                }
+            if pass_overwrite:
+                kwargs["overwrite"] = overwrite
+            with output_folder_for(
+                kwargs[param], command=command, identity=identity, overwrite=overwrite
+            ):
+                return fn(*args, **kwargs)
+
+        option = click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Write into --out even if it holds another run's files (they are replaced).",
+        )
+        return option(run)  # type: ignore[return-value]
+
+    return decorate
 
 
 model_option = click.option(
@@ -122,3 +180,22 @@ def predict_options(fn: F) -> F:
 @click.version_option(package_name="vprompt")
 def main() -> None:
     """Adapt frozen vision and vision-language models to new tasks through prompts."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one ``vprompt: warning: …`` line on stderr (no source location)."""
+    if os.environ.get("VPROMPT_DEBUG"):
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+        return
+    click.echo(f"vprompt: warning: {message}", err=True)
+
+
+_PYTHON_SHOW_WARNING = warnings.showwarning

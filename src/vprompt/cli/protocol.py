@@ -14,6 +14,7 @@ from vprompt.cli.common import (
     friendly_errors,
     main,
     model_for,
+    output_folder,
     preset_option,
     weights_option,
 )
@@ -94,6 +95,7 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.option("--dry-run", is_flag=True, help="List the jobs (and which are done) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json's table data.")
 @friendly_errors
+@output_folder("protocol", param="out_dir", by_inputs=False, pass_overwrite=True)
 def protocol_cmd(
     protocol: str,
     method_name: str | None,
@@ -114,6 +116,7 @@ def protocol_cmd(
     device: str,
     dry_run: bool,
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Run a paper protocol: every (dataset x shots x seed) job, skipping finished ones.
 
@@ -156,6 +159,7 @@ def protocol_cmd(
         num_workers=workers,
         feature_cache=cache,
         preset=preset_name,
+        overwrite=overwrite,
     )
 
     def report(job: Any, record: dict[str, Any], skipped: bool) -> None:

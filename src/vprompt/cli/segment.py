@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vprompt.cli.common import device_option, friendly_errors, main, precision_option
+from vprompt.cli.common import device_option, friendly_errors, main, output_folder, precision_option
 from vprompt.segment.automatic import AutomaticMaskConfig
 from vprompt.utils import jsonio
 
@@ -145,6 +145,7 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print result.json on stdout.")
 @segmenter_options
 @friendly_errors
+@output_folder("segment")
 def segment_cmd(
     image: str,
     points: tuple[str, ...],
@@ -279,6 +280,7 @@ _AMG = AutomaticMaskConfig()  # the one home of the generator's defaults
 @click.option("--json", "as_json", is_flag=True, help="Print result.json on stdout.")
 @segmenter_options
 @friendly_errors
+@output_folder("segment-all")
 def segment_all_cmd(
     image: str,
     points_per_side: int,

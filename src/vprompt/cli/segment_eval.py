@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from vprompt.cli.common import friendly_errors, main
+from vprompt.cli.common import friendly_errors, main, output_folder
 from vprompt.cli.segment import build_segmenter, segmenter_options
 from vprompt.utils import jsonio
 
@@ -39,6 +39,7 @@ def _thresholds(text: str) -> tuple[float, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @segmenter_options
 @friendly_errors
+@output_folder("eval-clicks")
 def eval_clicks_cmd(
     data: str,
     max_clicks: int,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from vprompt.cli.common import friendly_errors, main
+from vprompt.cli.common import friendly_errors, main, output_folder
 from vprompt.cli.segment import mask_format_option, segmenter_options, segmenter_options_from
 from vprompt.segment.incontext import SEGMENTATION_METHODS
 from vprompt.utils import jsonio
@@ -76,6 +76,7 @@ def _load_mask(path: str, image: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per target on stdout.")
 @functools.partial(segmenter_options, default_model=None)
 @friendly_errors
+@output_folder("personalize")
 def personalize_cmd(
     targets: tuple[str, ...],
     refs: tuple[str, ...],
@@ -157,6 +158,7 @@ def _unique_stems(paths: tuple[str, ...]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @functools.partial(segmenter_options, default_model=None)
 @friendly_errors
+@output_folder("eval-oneshot")
 def eval_oneshot_cmd(
     data: str,
     method: str,

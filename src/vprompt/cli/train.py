@@ -11,6 +11,7 @@ from vprompt.cli.common import (
     friendly_errors,
     main,
     model_for,
+    output_folder,
     preset_option,
     weights_option,
 )
@@ -88,7 +89,7 @@ subsample_option = click.option(
     "--resume/--no-resume",
     default=True,
     show_default=True,
-    help="Continue from the run folder's last checkpoint.",
+    help="Continue this run from the run folder's last checkpoint (--no-resume: start it over).",
 )
 @click.option(
     "--workers",
@@ -101,6 +102,7 @@ subsample_option = click.option(
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the final test metrics as JSON.")
 @friendly_errors
+@output_folder("train", param="out_dir", by_inputs=False, pass_overwrite=True)
 def train_cmd(
     method_name: str | None,
     preset_name: str | None,
@@ -121,6 +123,7 @@ def train_cmd(
     no_feature_cache: bool,
     device: str,
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Learn a prompt for a frozen model on a dataset; writes the pack, metrics and plots to OUT."""
     from vprompt.engine.experiment import Experiment, run
@@ -157,6 +160,7 @@ def train_cmd(
         test_subset=test_subset,
         out_dir=out_dir,
         resume=resume,
+        overwrite=overwrite,
         num_workers=workers,
         feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
         device=device,

@@ -19,10 +19,11 @@ import os
 import random
 import re
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vprompt.data.feature_store import FORMAT_VERSION, CacheDtype, FeatureSpace
+from vprompt.data.feature_store import FORMAT_VERSION, CacheDtype, FeatureSpace, MemorySpace
+from vprompt.errors import describe_os_error
 from vprompt.utils import jsonio
 
 # Rows encoded between two index updates: bounds the work an interruption loses without
@@ -164,6 +166,10 @@ class FeatureCache:
         self.root = Path(root).expanduser()
         self.dtype: CacheDtype = dtype
         self.view_seed = int(view_seed)
+        self.unwritable: str | None = None
+        """Why the cache could not be written, once it could not (features are then kept in
+        memory for the rest of this object's life, and a warning said so)."""
+        self._memory: dict[Path, MemorySpace] = {}
 
     def space_dir(self, key: FeatureKey) -> Path:
         """The folder of ``key``'s space."""
@@ -250,37 +256,62 @@ class FeatureCache:
         device: str | torch.device,
         num_workers: int,
         progress: bool,
-    ) -> FeatureSpace:
+    ) -> FeatureSpace | MemorySpace:
         if describe_transform(transform) != key.preprocessing:
             raise ValueError(
                 "the transform does not match the feature key's preprocessing "
                 f"({describe_transform(transform)!r} vs {key.preprocessing!r})"
             )
         ids = self._identities(data, identities)
-        space = FeatureSpace(self.space_dir(key), key.to_dict(), self.dtype)
+        space = self._space(key)
         # A second pass only happens when the space was rebuilt while encoding (another
-        # process found it damaged, or the encoder's output size changed under the same key).
+        # process found it damaged, or the encoder's output size changed under the same key),
+        # or when the disk refused a write and the space moved to memory.
         for _ in range(3):
-            known = set(space.read().identities)
-            pending: dict[str, int] = {}
-            for index, ident in enumerate(ids):
-                if ident not in known and ident not in pending:
-                    pending[ident] = index
-            if not pending:
-                return space
-            self._encode_missing(
-                space,
-                data,
-                encode,
-                pending,
-                transform=transform,
-                key=key,
-                batch_size=batch_size,
-                device=torch.device(device),
-                num_workers=num_workers,
-                progress=progress,
-            )
+            try:
+                known = set(_disk(space.read)().identities)
+                pending: dict[str, int] = {}
+                for index, ident in enumerate(ids):
+                    if ident not in known and ident not in pending:
+                        pending[ident] = index
+                if not pending:
+                    return space
+                self._encode_missing(
+                    space,
+                    data,
+                    encode,
+                    pending,
+                    transform=transform,
+                    key=key,
+                    batch_size=batch_size,
+                    device=torch.device(device),
+                    num_workers=num_workers,
+                    progress=progress,
+                )
+            except _DiskRefused as refused:
+                self._give_up_disk(refused.error)
+                space = self._space(key)
+                if refused.rows is not None:  # what was encoded for the failed write
+                    space.append(*refused.rows)
         raise RuntimeError(f"feature cache {space.path}: rows keep disappearing while encoding")
+
+    def _space(self, key: FeatureKey) -> FeatureSpace | MemorySpace:
+        path = self.space_dir(key)
+        if self.unwritable is None:
+            return FeatureSpace(path, key.to_dict(), self.dtype)
+        if path not in self._memory:
+            self._memory[path] = MemorySpace(path, key.to_dict(), self.dtype)
+        return self._memory[path]
+
+    def _give_up_disk(self, exc: OSError) -> None:
+        """Keep features in memory from now on, saying why once."""
+        self.unwritable = describe_os_error(exc, "cannot write")
+        warnings.warn(
+            f"feature cache {self.root}: {self.unwritable}; going on without it (features are "
+            "computed and kept in memory for this run)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     @staticmethod
     def _identities(data: IdentifiedDataset, identities: Sequence[str] | None) -> list[str]:
@@ -291,7 +322,7 @@ class FeatureCache:
 
     def _encode_missing(
         self,
-        space: FeatureSpace,
+        space: FeatureSpace | MemorySpace,
         data: IdentifiedDataset,
         encode: Callable[[torch.Tensor], torch.Tensor],
         pending: dict[str, int],
@@ -332,12 +363,48 @@ class FeatureCache:
                 chunk_rows += len(pixels)
                 bar.update(len(pixels))
                 if chunk_rows >= _FLUSH_ROWS:
-                    space.append(names[done : done + chunk_rows], np.concatenate(chunks))
+                    _append(space, names[done : done + chunk_rows], np.concatenate(chunks))
                     done, chunks, chunk_rows = done + chunk_rows, [], 0
             if chunks:
-                space.append(names[done : done + chunk_rows], np.concatenate(chunks))
+                _append(space, names[done : done + chunk_rows], np.concatenate(chunks))
         finally:
             bar.close()
+
+
+class _DiskRefused(Exception):
+    """The cache's disk refused a read or write (read-only, full, not a folder).
+
+    Attributes:
+        rows: ``(identities, rows)`` of the write that failed (not to be encoded again).
+    """
+
+    def __init__(self, error: OSError, rows: tuple[list[str], np.ndarray] | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.rows = rows
+
+
+def _append(space: FeatureSpace | MemorySpace, names: list[str], rows: np.ndarray) -> None:
+    try:
+        space.append(names, rows)
+    except OSError as exc:
+        raise _DiskRefused(exc, (names, rows)) from exc
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _disk(operation: F) -> F:
+    """``operation`` with its OSError raised as :class:`_DiskRefused` (so a failing image
+    decoder is never taken for a failing cache)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(*args, **kwargs)
+        except OSError as exc:
+            raise _DiskRefused(exc) from exc
+
+    return cast(F, run)
 
 
 def identities_of(data: IdentifiedDataset) -> list[str]:

@@ -207,3 +207,30 @@ class FeatureSpace:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class MemorySpace:
+    """A space held in memory for one run: what a cache that cannot be written falls back to
+    (same reads and appends as :class:`FeatureSpace`, rows stored in the space's dtype)."""
+
+    def __init__(self, path: Path, key: Mapping[str, Any], dtype: CacheDtype) -> None:
+        self.path, self.key, self.dtype = path, dict(key), np.dtype(dtype)
+        self._rows: dict[str, np.ndarray] = {}
+        self._dim: int | None = None
+
+    def read(self) -> SpaceState:
+        return SpaceState(self._dim, list(self._rows))
+
+    def gather(self, identities: Sequence[str]) -> torch.Tensor:
+        if not identities:
+            return torch.empty(0, self._dim or 0)
+        rows = [self._rows[i] for i in identities]
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
+
+    def append(self, identities: Sequence[str], rows: np.ndarray) -> None:
+        dim = int(rows.shape[1])
+        if self._dim is not None and self._dim != dim:
+            self._rows.clear()
+        self._dim = dim
+        for ident, row in zip(identities, rows, strict=True):
+            self._rows.setdefault(ident, np.asarray(row, dtype=self.dtype).copy())

@@ -97,12 +97,17 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The checkpoint in ``out_dir``, or None when there is none."""
+    """The checkpoint in ``out_dir``, or None when there is none.
+
+    Raises:
+        ConfigError: A damaged or tampered checkpoint: unreadable, or a progress record with
+            missing fields, wrong types or values that contradict each other.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = out_dir / CHECKPOINT_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         with safe_open(str(path), "pt") as fh:
@@ -110,33 +115,98 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
         tensors = load_file(str(path), device="cpu")
         info = jsonio.loads(meta[_META_KEY], what="checkpoint metadata")
     except Exception as exc:  # safetensors' own error types, missing/garbled metadata
-        raise ConfigError(
-            f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); start over with "
-            "--no-resume (resume=False) or use a new out dir"
-        ) from None
+        raise ConfigError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{path}: damaged checkpoint: its progress record is not an object")
     if info.get("version") != _VERSION:
         raise ConfigError(f"{path}: checkpoint version {info.get('version')!r} is not supported")
+    try:
+        return _checkpoint(info, tensors)
+    except _Damaged as exc:
+        raise ConfigError(f"{path}: damaged checkpoint: {exc}") from None
+
+
+class _Damaged(Exception):
+    """What is wrong with a checkpoint's progress record."""
+
+
+def _field(info: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any = ...) -> Any:
+    if key not in info:
+        if default is ...:
+            raise _Damaged(f"no {key!r}")
+        return default
+    value = info[key]
+    if isinstance(value, bool) and bool not in kinds:
+        raise _Damaged(f"{key!r} is {value!r}")
+    if not isinstance(value, kinds):
+        raise _Damaged(
+            f"{key!r} is {value!r:.60}, expected {' or '.join(k.__name__ for k in kinds)}"
+        )
+    return value
+
+
+def _checkpoint(info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    """Parse and cross-check a progress record (every field, as :meth:`Checkpoint.progress`
+    writes it)."""
+    epochs = _field(info, "epochs_done", (int,))
+    steps = _field(info, "global_step", (int,))
+    if epochs < 0 or steps < 0:
+        raise _Damaged(f"negative progress (epochs_done {epochs}, global_step {steps})")
+    history = _field(info, "history", (list,))
+    if len(history) != epochs:
+        raise _Damaged(f"{len(history)} epochs of history for epochs_done {epochs}")
+    for i, record in enumerate(history):
+        if not isinstance(record, dict) or record.get("epoch") != i:
+            raise _Damaged(f"history entry {i} is not the record of epoch {i}")
+        for key in _HISTORY_NUMBERS:
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _Damaged(f"history entry {i} has {key} {value!r:.40}")
+    best_epoch = _field(info, "best_epoch", (int, type(None)))
+    best_metric = _field(info, "best_metric", (dict, type(None)))
+    if (best_epoch is None) != (best_metric is None):
+        raise _Damaged("best_epoch and best_metric must both be set or both be null")
+    if best_epoch is not None and not 0 <= best_epoch < epochs:
+        raise _Damaged(f"best_epoch {best_epoch} is not one of the {epochs} epochs run")
+    if best_metric is not None and not all(
+        isinstance(best_metric.get(k), int | float) and not isinstance(best_metric.get(k), bool)
+        for k in ("val_acc", "val_loss")
+    ):
+        raise _Damaged(f"best_metric {best_metric!r:.80} lacks numeric val_acc and val_loss")
+    selected = _field(info, "selected", (str,), "last")
+    if selected not in ("best-val", "last"):
+        raise _Damaged(f"selected is {selected!r}, expected best-val or last")
+    scalars = _field(info, "optimizer_scalars", (dict,), {})
+    if not all(isinstance(v, dict) for v in scalars.values()):
+        raise _Damaged("optimizer_scalars must map parameters to objects")
+    setup_done = _field(info, "setup_done", (bool,), True)  # older runs set up in epoch 0
 
     def strip(prefix: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
-    best = strip("best.")
+    prompt, best = strip("prompt."), strip("best.")
+    if (setup_done or epochs) and not prompt:
+        raise _Damaged("no prompt tensors after set-up")
+    if (best_epoch is not None) != bool(best):
+        raise _Damaged("best-epoch tensors and best_epoch disagree")
     return Checkpoint(
-        run=info["run"],
-        # Checkpoints from before the setup hook existed ran it inside their first epoch.
-        setup_done=bool(info.get("setup_done", True)),
-        epochs_done=int(info["epochs_done"]),
-        global_step=int(info["global_step"]),
-        best_epoch=info["best_epoch"],
-        best_metric=info["best_metric"],
-        history=list(info["history"]),
-        finished=bool(info["finished"]),
-        selected=str(info.get("selected", "last")),
-        prompt=strip("prompt."),
+        run=_field(info, "run", (dict,)),
+        setup_done=setup_done,
+        epochs_done=epochs,
+        global_step=steps,
+        best_epoch=best_epoch,
+        best_metric=best_metric,
+        history=list(history),
+        finished=_field(info, "finished", (bool,)),
+        selected=selected,
+        prompt=prompt,
         best_prompt=best or None,
         optimizer_tensors={k: v for k, v in tensors.items() if k.startswith("optim.")},
-        optimizer_scalars=dict(info.get("optimizer_scalars") or {}),
+        optimizer_scalars=dict(scalars),
     )
+
+
+_HISTORY_NUMBERS = ("train_loss", "train_acc", "lr", "seconds")
 
 
 def clear_checkpoint(out_dir: Path) -> None:
@@ -155,10 +225,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Path
     ]
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise ConfigError(
-            f"{out_dir} holds a checkpoint of a different run ({shown}); pass --no-resume "
-            "(resume=False) to start over there, or choose a new out dir"
-        )
+        raise ConfigError(f"{out_dir} holds a checkpoint of a different run ({shown})")
 
 
 def _plain(value: Any) -> Any:

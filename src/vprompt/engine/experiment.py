@@ -33,7 +33,7 @@ import torch
 from vprompt.data.dataset import ClassificationDataset, DataSplits
 from vprompt.data.feature_cache import FeatureCache
 from vprompt.engine.evaluate import EvalResult, evaluate
-from vprompt.engine.fit import FitResult, Selection, fit
+from vprompt.engine.fit import TEST_METRICS_FILE, FitResult, Selection, fit
 from vprompt.engine.runtime import seed_everything
 from vprompt.errors import ConfigError
 from vprompt.methods.base import PromptMethod
@@ -42,8 +42,6 @@ from vprompt.methods.presets import Preset, get_preset, resolve_method
 from vprompt.methods.registry import METHODS
 from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text
-
-TEST_METRICS_FILE = "test_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -150,6 +148,7 @@ def train_and_test(
     feature_cache: FeatureCache | None = None,
     num_workers: int = 0,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     eval_batch_size: int | None = None,
     desc: str = "test",
@@ -178,6 +177,7 @@ def train_and_test(
             device=device,
             seed=seed,
             resume=resume,
+            overwrite=overwrite,
             progress=progress,
             num_workers=num_workers,
             feature_cache=feature_cache,
@@ -236,6 +236,7 @@ def run(
     feature_cache: str | Path | None = None,
     num_workers: int = 0,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> RunReport:
     """One whole run from names: data, backbone, config, fit, test, ``test_metrics.json``.
@@ -254,6 +255,7 @@ def run(
             seeded from it before the method is built, so the same seed gives the same pack.
         train_subset / test_subset: Seeded random subsets of N images.
         feature_cache: Folder of the frozen-feature cache (None: no cache).
+        resume / overwrite: See :func:`~vprompt.engine.fit.fit`.
 
     Raises:
         ConfigError: Unknown settings, or a method that uses no training data (it has nothing
@@ -300,6 +302,7 @@ def run(
         feature_cache=cache,
         num_workers=num_workers,
         resume=resume,
+        overwrite=overwrite,
         progress=progress,
     )
     out = Path(out_dir)

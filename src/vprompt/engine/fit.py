@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from vprompt.data.dataset import ClassificationDataset
 from vprompt.data.feature_cache import FeatureCache
 from vprompt.engine.checkpoint import (
+    CHECKPOINT_FILE,
     Checkpoint,
     check_same_run,
     clear_checkpoint,
@@ -53,7 +54,7 @@ from vprompt.engine.runtime import (
     seed_everything,
 )
 from vprompt.engine.schedule import LRSchedule
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, PackError
 from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import OptimConfig, config_from_dict, config_to_dict
 from vprompt.utils import jsonio
@@ -64,6 +65,9 @@ PACK_FILE = "prompt.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CURVES_FILE = "learning_curves.png"
+TEST_METRICS_FILE = "test_metrics.json"
+RUN_FILES = (PACK_FILE, METRICS_FILE, CONFIG_FILE, CURVES_FILE)
+"""What a finished run leaves besides its checkpoint (and the method's visualizations)."""
 _VIS_IMAGES = 16
 _FINAL_EVAL_BATCH = 256  # evaluate()'s default: what packs of 0-epoch runs always reported
 _SETUP_BATCH = 256  # batch size of the hooks' data for methods without an optimizer
@@ -104,6 +108,7 @@ def fit(
     device: str | torch.device = "cpu",
     seed: int = 0,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     num_workers: int = 0,
     max_steps_per_epoch: int | None = None,
@@ -140,8 +145,10 @@ def fit(
         out_dir: Receives ``checkpoint.safetensors``/``.json`` (every epoch), ``metrics.jsonl``,
             ``config.json``, ``prompt.safetensors``, ``learning_curves.png`` and the method's
             visualizations.
-        resume: Continue after the last completed epoch of a checkpoint in ``out_dir`` (a
-            finished run returns at once); False discards it.
+        resume: Continue after the last completed epoch of this run's checkpoint in
+            ``out_dir`` (a finished run returns at once); False starts this run over.
+        overwrite: Replace whatever run ``out_dir`` holds (another run's checkpoint, a
+            damaged one, or run files without a checkpoint); without it they are refused.
         max_steps_per_epoch: Cap on iterations per epoch (quick runs, benchmarks).
         callbacks: Called with a :class:`FitEvent` after every step and every epoch; an
             exception (e.g. ``KeyboardInterrupt``) stops the run, leaving the last epoch
@@ -150,9 +157,10 @@ def fit(
             pixels. Using it (and its dtype and view seed) is part of the run's identity.
 
     Raises:
-        ConfigError: A checkpoint of a different run is in ``out_dir``, classes differ between
-            the data and the method, ``best-val`` without validation data, or a trainable
-            method with nothing to train.
+        ConfigError: ``out_dir`` holds a different run, a damaged checkpoint or a run's files
+            without its checkpoint (and ``overwrite`` is False), classes differ between the
+            data and the method, ``best-val`` without validation data, or a trainable method
+            with nothing to train.
         VPromptError: The loss became NaN or infinite.
     """
     out = Path(out_dir)
@@ -197,7 +205,14 @@ def fit(
         view_seed=feature_cache.view_seed if feature_cache is not None else 0,
     )
 
-    ckpt = _open_checkpoint(method, out, run, resume)
+    ckpt = _open_checkpoint(
+        method,
+        out,
+        run,
+        resume=resume,
+        overwrite=overwrite,
+        epochs=optim.epochs if optim is not None else None,
+    )
     if not ckpt.setup_done:
         _run_hook(dev, derived_seed(seed, "setup"), lambda: method.setup(data), method)
         ckpt.setup_done, ckpt.prompt = True, _prompt_state(method)
@@ -256,19 +271,54 @@ def fit(
 
 # ---------------------------------------------------------------------------- steps
 def _open_checkpoint(
-    method: PromptMethod, out: Path, run: dict[str, Any], resume: bool
+    method: PromptMethod,
+    out: Path,
+    run: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    epochs: int | None,
 ) -> Checkpoint:
-    """The run's checkpoint (its prompt loaded into ``method``), or a fresh one."""
-    if not resume:
+    """The run's checkpoint (its prompt loaded into ``method``), or a fresh one.
+
+    Only this run's own checkpoint is resumed (or, with ``resume=False``, started over), with
+    or without ``overwrite``; another run's, a damaged one, or run files without a checkpoint
+    are refused unless ``overwrite``, which removes them.
+    """
+    fresh = Checkpoint(run=json.loads(jsonio.dumps(run)))
+    try:
+        ckpt = load_checkpoint(out)
+        if ckpt is None:
+            leftovers = [name for name in RUN_FILES if (out / name).exists()]
+            if leftovers:
+                raise ConfigError(
+                    f"{out} holds a run's files ({', '.join(leftovers)}) but no checkpoint "
+                    "to tell which run"
+                )
+            return fresh
+        check_same_run(_with_defaults(ckpt.run, method), run, out)
+        if not resume:
+            clear_checkpoint(out)
+            return fresh
+        damaged = f"{out / CHECKPOINT_FILE}: damaged checkpoint"
+        if epochs is not None and ckpt.epochs_done > epochs:
+            raise ConfigError(f"{damaged}: {ckpt.epochs_done} epochs done of {epochs}")
+        if ckpt.prompt:
+            try:
+                method.load_prompt_state(ckpt.prompt)  # checks everything before copying
+            except PackError as exc:
+                raise ConfigError(f"{damaged}: {exc}") from None
+        return ckpt
+    except ConfigError as exc:
+        if not overwrite:
+            raise ConfigError(
+                f"{exc}; pass --overwrite (overwrite=True) to start over there, or choose a "
+                "new out dir"
+            ) from None
         clear_checkpoint(out)
-        return Checkpoint(run=json.loads(jsonio.dumps(run)))
-    ckpt = load_checkpoint(out)
-    if ckpt is None:
-        return Checkpoint(run=json.loads(jsonio.dumps(run)))
-    check_same_run(_with_defaults(ckpt.run, method), run, out)
-    if ckpt.prompt:
-        method.load_prompt_state(ckpt.prompt)
-    return ckpt
+        for name in (*RUN_FILES, TEST_METRICS_FILE):
+            (out / name).unlink(missing_ok=True)
+        return fresh
 
 
 def _run_hook(
@@ -315,7 +365,13 @@ def _train(
     schedule = LRSchedule.from_config(optim, steps_per_epoch=steps_per_epoch)
     optimizer = build_optimizer(method.trainable_parameters(), optim)
     if ckpt.optimizer_tensors or ckpt.optimizer_scalars:
-        load_optimizer_state(optimizer, ckpt.optimizer_tensors, ckpt.optimizer_scalars)
+        try:
+            load_optimizer_state(optimizer, ckpt.optimizer_tensors, ckpt.optimizer_scalars)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{out / CHECKPOINT_FILE}: damaged checkpoint: {exc}; pass --no-resume "
+                "(resume=False) to start this run over"
+            ) from None
     # Encode what the cache lacks now, so no epoch's timing includes it.
     if train_source is not None:
         train_source.prepare(

@@ -97,19 +97,47 @@ def load_optimizer_state(
     tensors: Mapping[str, torch.Tensor],
     scalars: Mapping[str, Mapping[str, Any]],
 ) -> None:
-    """Restore what :func:`optimizer_state` saved into an optimizer built the same way."""
+    """Restore what :func:`optimizer_state` saved into an optimizer built the same way.
+
+    Raises:
+        ConfigError: State that does not fit the optimizer (unknown parameter indices, tensors
+            of another shape, NaN or infinite values, scalars that are not numbers).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        index, name = key.removeprefix(_PREFIX).split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entry in scalars.items():
-        state.setdefault(int(index), {}).update(entry)
-    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
-    if any(i >= n_params for i in state):
-        raise ConfigError(
-            f"the checkpoint's optimizer state covers {max(state) + 1} parameters, "
-            f"the method has {n_params}"
+        index, name = _state_key(key, len(params))
+        if value.dim() > 0 and tuple(value.shape) != tuple(params[index].shape):
+            raise ConfigError(
+                f"optimizer state {key!r} has shape {tuple(value.shape)}, its parameter "
+                f"{tuple(params[index].shape)}"
+            )
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise ConfigError(f"optimizer state {key!r} holds NaN or infinite values")
+        state.setdefault(index, {})[name] = value
+    for raw, entry in scalars.items():
+        index, _ = _state_key(f"{_PREFIX}{raw}.scalars", len(params))
+        numbers = isinstance(entry, Mapping) and all(
+            isinstance(v, int | float | None) and not isinstance(v, bool) for v in entry.values()
         )
+        if not numbers:
+            raise ConfigError(f"optimizer scalars of parameter {raw!r} are not numbers: {entry!r}")
+        state.setdefault(index, {}).update(entry)
     full = optimizer.state_dict()
     full["state"] = state
-    optimizer.load_state_dict(full)
+    try:
+        optimizer.load_state_dict(full)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"the checkpoint's optimizer state does not fit: {exc}") from None
+
+
+def _state_key(key: str, n_params: int) -> tuple[int, str]:
+    """``optim.<index>.<name>`` → (index, name), the index within the optimizer's parameters."""
+    index, _, name = key.removeprefix(_PREFIX).partition(".")
+    if not (index.isascii() and index.isdigit()) or not name:
+        raise ConfigError(f"malformed optimizer state name {key!r}")
+    if int(index) >= n_params:
+        raise ConfigError(
+            f"the checkpoint's optimizer state names parameter {index}, the method has {n_params}"
+        )
+    return int(index), name

@@ -108,6 +108,8 @@ class ProtocolRun:
         preset: A published setting (``vprompt presets``) applied over the method's defaults
             before ``overrides``; its ``epochs_by_shots`` sets each job's epochs unless
             ``overrides`` set ``optim.epochs``.
+        overwrite: Rerun jobs whose folders hold another run's results or checkpoints
+            (otherwise refused); this run's own finished jobs are still skipped.
     """
 
     protocol: ProtocolName
@@ -124,6 +126,7 @@ class ProtocolRun:
     progress: bool = True
     eval_batch_size: int = 256
     preset: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         # Accept str paths (and ~) from Python callers.
@@ -281,6 +284,7 @@ class _Runner:
             progress=self.run.progress,
             eval_batch_size=self.run.eval_batch_size,
             desc=desc,
+            overwrite=self.run.overwrite,
         )
         if fitted is None or splits is None:
             return {"selected": None}, scores.accuracy
@@ -362,7 +366,7 @@ def run_protocol(
     bar = tqdm(jobs, desc=f"{run.protocol} jobs", unit="job", disable=not run.progress)
     for job in bar:
         folder = out / "jobs" / job.key
-        record = _finished(folder, job, identity)
+        record = _finished(folder, job, identity, overwrite=run.overwrite)
         skipped = record is not None
         if record is None:
             torch.manual_seed(job.seed)
@@ -389,7 +393,11 @@ def _check_folders(jobs: Sequence[Job], data_root: Path) -> None:
         SUITE.get(name).require_folder(data_root)
 
 
-def _finished(folder: Path, job: Job, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+def _finished(
+    folder: Path, job: Job, identity: Mapping[str, Any], *, overwrite: bool = False
+) -> dict[str, Any] | None:
+    """The job's result when this run finished it; None when it must run (no result, a torn
+    one, or another run's with ``overwrite``)."""
     path = folder / RESULT_FILE
     if not path.is_file():
         return None
@@ -397,10 +405,15 @@ def _finished(folder: Path, job: Job, identity: Mapping[str, Any]) -> dict[str, 
         record = jsonio.loads(path.read_bytes(), what=str(path))
     except (OSError, jsonio.JSONInputError):
         return None  # a torn or unreadable result: run the job again
+    if not isinstance(record, dict):
+        return None
     if record.get("identity") != identity or record.get("job") != job.to_dict():
+        if overwrite:
+            path.unlink(missing_ok=True)
+            return None
         raise ConfigError(
             f"{path} holds a result of a different run (method, config, model or job differ); "
-            "use another --out folder"
+            "use another --out folder, or pass --overwrite to rerun it there"
         )
     return dict(record)
 

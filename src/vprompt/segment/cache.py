@@ -8,6 +8,7 @@ safetensors files (never pickle) and survives restarts. Thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -21,7 +22,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, describe_os_error
 from vprompt.utils.io import atomic_write_with
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,15 @@ class EmbeddingCache:
         self._remember(key, stored)
         if self.disk_dir is not None:
             cpu = {k: v.to("cpu").contiguous() for k, v in stored.items()}
-            atomic_write_with(self._disk_path(key), lambda tmp: save_file(cpu, str(tmp)))
+            try:
+                atomic_write_with(self._disk_path(key), lambda tmp: save_file(cpu, str(tmp)))
+            except OSError as exc:  # read-only, full, not a folder: memory only from now on
+                log.warning(
+                    "embedding cache %s: %s; going on without the disk copy",
+                    self.disk_dir,
+                    describe_os_error(exc, "cannot write"),
+                )
+                self.disk_dir = None
 
     def clear(self) -> None:
         """Drop every in-memory entry (disk copies stay)."""
@@ -141,5 +150,6 @@ class EmbeddingCache:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             log.warning("embedding cache: %s is unreadable (%s); recomputing it", path, exc)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
