@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -149,6 +150,36 @@ def test_segment_cli_bad_input_is_one_clear_line(run_cli, photos_dir: Path, tmp_
     res = run_cli("segment", bad, *TINY, "--point", "1,1", "--out", tmp_path / "o")
     assert res.returncode == 1
     assert "not a recognised image" in res.stderr
+
+
+def test_segment_refuses_degenerate_images_and_logits_files_in_one_line(
+    run_cli, photos_dir: Path, tmp_path: Path
+):
+    """A 5000 x 1 strip has no short side left in SAM's frame; --prev-logits must be one
+    .npy array whose header matches the file (a .npz or a header claiming 10^12 values is
+    refused before anything is read)."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (5000, 1), (120, 40, 20)).save(strip)
+    image = photos_dir / "chelsea.png"
+    np.savez(tmp_path / "logits.npz", logits=np.zeros((1, 64, 64), np.float32))
+    huge = tmp_path / "huge.npy"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (1, 10**6, 10**6)}
+    )
+    huge.write_bytes(header.getvalue() + bytes(64))
+    cases = [
+        ((strip, "--point", "10,0"), "image of 5000 x 1 pixels is too elongated"),
+        ((image, "--point", "9,9", "--prev-logits", tmp_path / "logits.npz"), "a .npz archive"),
+        ((image, "--point", "9,9", "--prev-logits", huge), "claims shape (1, 1000000, 1000000)"),
+    ]
+    for args, message in cases:
+        res = run_cli("segment", *args, *TINY, "--out", tmp_path / "o")
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        assert message in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def _ref_pair(tmp_path: Path) -> tuple[Path, Path, Path]:

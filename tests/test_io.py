@@ -170,3 +170,64 @@ def test_a_full_disk_error_names_the_target_not_the_temp_file(tmp_path):
     assert info.value.filename == str(target)
     assert target.read_text() == "old"  # nothing lost
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+# --------------------------------------------------------------------------- .npy from users
+
+
+def _npy_with_header(path: Path, shape: tuple[int, ...], payload: bytes = b"") -> Path:
+    """A .npy file whose header claims ``shape`` (float32) over ``payload``."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    path.write_bytes(buf.getvalue() + payload)
+    return path
+
+
+def test_read_npy_reads_what_np_save_writes(tmp_path):
+    import numpy as np
+
+    from vprompt.utils.npy import read_npy
+
+    for array in (
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
+        np.zeros((0, 5)),
+    ):
+        np.save(tmp_path / "a.npy", array)
+        got = read_npy(tmp_path / "a.npy")
+        assert got.dtype == array.dtype
+        np.testing.assert_array_equal(got, array)
+
+
+def test_read_npy_refuses_what_it_cannot_trust_before_allocating(tmp_path):
+    import numpy as np
+
+    from vprompt.utils.npy import ArrayFileError, read_npy
+
+    np.savez(tmp_path / "a.npz", x=np.zeros(3))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "str.npy", np.array(["a", "b"]))
+    huge = _npy_with_header(tmp_path / "huge.npy", (10**6, 10**6), b"\x00" * 64)
+    short = _npy_with_header(tmp_path / "short.npy", (4, 4), b"\x00" * 60)
+    (tmp_path / "text.npy").write_text("1 2 3")
+    np.save(tmp_path / "big.npy", np.zeros((64, 64), np.float32))
+    cases = {
+        tmp_path / "a.npz": "a .npz archive",
+        tmp_path / "obj.npy": "holds object values",
+        tmp_path / "str.npy": "expected numbers",
+        huge: r"claims shape \(1000000, 1000000\) \(4000000000000 bytes\) but the file holds 64",
+        short: "holds 60 bytes",
+        tmp_path / "text.npy": "not a .npy file",
+        tmp_path / "missing.npy": "no such file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ArrayFileError, match=message) as info:
+            read_npy(path)
+        assert str(info.value).startswith(str(path))
+    with pytest.raises(ArrayFileError, match="over the limit of 1000"):
+        read_npy(tmp_path / "big.npy", max_bytes=1000)

@@ -345,6 +345,20 @@ def test_bad_uploads(client: TestClient, photo_png: bytes) -> None:
     error(client.post("/api/images", content=parts, headers=ctype), 413, "too_large")
 
 
+def test_an_image_too_elongated_for_the_model_is_a_bad_image(client: TestClient) -> None:
+    """SAM resizes the long side to its frame: a 5000 x 1 strip keeps no short side."""
+    for size in ((5000, 1), (1, 5000)):
+        r = client.post(
+            "/api/images",
+            files={"file": ("strip.png", encode(Image.new("RGB", size)), "image/png")},
+        )
+        msg = error(r, 400, "bad_image")
+        assert msg.startswith("strip.png: image of")
+        assert "too elongated" in msg
+    ok = encode(Image.new("RGB", (512, 1)))  # 256 x 0.5 rounds up to one row: fine
+    assert upload(client, ok)["width"] == 512
+
+
 def test_huge_json_is_refused(client: TestClient, image_id: str) -> None:
     huge = json.dumps({"objects": [{"points": [[1, 1, 1]] * 200_000}]}).encode()
     assert len(huge) > 1024 * KIB

@@ -96,7 +96,13 @@ class SamBackbone(nn.Module):
         return self._fingerprint
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images → B x 3 x S x S pixels, exactly as the model's processor prepares them."""
+        """RGB images → B x 3 x S x S pixels, exactly as the model's processor prepares them.
+
+        Raises:
+            PromptError: An image the frame cannot hold (too elongated for SAM's resize).
+        """
+        for im in images:
+            self.frame.resized_size(*im.size)
         out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         return out["pixel_values"].to(self.device)
 

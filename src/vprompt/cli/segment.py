@@ -169,12 +169,12 @@ def segment_cmd(
     vprompt segment photo.jpg --object "point=50,60|point=90,80,0" --object "box=1,2,3,4" \\
         --out out/
     """
-    import numpy as np
 
     from vprompt.cli.segment_args import objects_from_cli
     from vprompt.errors import PromptError
     from vprompt.prompts.spatial import MaskLogits, ObjectPrompt, PromptSet
     from vprompt.segment.export import write_image_results
+    from vprompt.utils.npy import ArrayFileError, read_npy
 
     segmenter = build_segmenter(**seg_opts)
     pil = segmenter.open_image(image)
@@ -189,9 +189,9 @@ def segment_cmd(
     )
     if prev_logits:
         try:
-            previous = np.load(prev_logits, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise PromptError(f"--prev-logits {prev_logits}: not a .npy array ({exc})") from None
+            previous = read_npy(prev_logits)
+        except ArrayFileError as exc:
+            raise PromptError(f"--prev-logits {exc}") from None
         if previous.ndim != 3 or previous.shape[0] != len(object_prompts):
             raise PromptError(
                 f"--prev-logits {prev_logits}: expected N x L x L for the {len(object_prompts)} "

@@ -117,10 +117,23 @@ class ResizeLongestSide:
         return self.target * 1.0 / max(h, w)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """The resized image's ``(w', h')``, rounded half up as transformers does."""
+        """The resized image's ``(w', h')``, rounded half up as transformers does.
+
+        Raises:
+            PromptError: The short side would round to 0 pixels (an image more than
+                ``2 * target`` times longer than wide, e.g. 1 x 5000 for SAM): SAM's processor
+                cannot resize it.
+        """
         w, h = _check_size((width, height))
         scale = self.target * 1.0 / max(h, w)
-        return int(w * scale + 0.5), int(h * scale + 0.5)
+        new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+        if min(new_w, new_h) == 0:
+            raise PromptError(
+                f"image of {w} x {h} pixels is too elongated for this model: its short side "
+                f"would be 0 pixels once the long side is {self.target} (sides may differ up "
+                f"to {2 * self.target}:1); crop or pad it"
+            )
+        return new_w, new_h
 
     def _ratios(self, image_size: tuple[int, int]) -> tuple[float, float, int, int]:
         w, h = _check_size(image_size)

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, PromptError
 from vprompt.segment.automatic import AutomaticMaskConfig
 from vprompt.serve.classify import predict_image
 from vprompt.serve.errors import ApiError
@@ -81,6 +81,10 @@ def build_router(service: Service) -> APIRouter:
         """Store an image (multipart field ``file``) and embed it once."""
         data = await _read_upload(file, settings.max_upload_bytes)
         rgb = await in_thread(lambda: decode_upload(data, max_pixels=settings.max_pixels))
+        try:
+            service.check_image(rgb)
+        except PromptError as exc:
+            raise ApiError(400, "bad_image", f"{file.filename or 'upload'}: {exc}") from None
         key = await service.runner.run(service.embed, rgb)
         record = store.add(rgb, key)
         return _info(record.image_id, record.size)

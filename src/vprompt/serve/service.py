@@ -70,6 +70,11 @@ class Service:
             "packs": sorted(self.classifiers.packs),
         }
 
+    def check_image(self, image: Image.Image) -> None:
+        """Raise PromptError for an image the segmenter cannot take (too elongated for its
+        resize), before it is queued for the model."""
+        self.segmenter.backbone.frame.resized_size(*image.size)
+
     # ------------------------------------------------------------- model calls (under the lock)
 
     def embed(self, image: Image.Image) -> str:
