@@ -146,10 +146,77 @@ def test_image_change_recomputes_only_that_image(tiny_clip, train_copy, tmp_path
     assert torch.equal(after[:7], before[:7])
     assert torch.equal(after[8:], before[8:])
     torch.testing.assert_close(after, _direct(method, data), rtol=1e-5, atol=1e-6)
-    # Only the modification time changes: a new identity too.
+    # Only the modification time changes: the same pixels, served from the cache.
     os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 2 * 10**9))
     _features(cache, data, method, encode)
-    assert encode.images == 34
+    assert encode.images == 33
+
+
+def test_a_rewrite_with_the_same_size_and_mtime_is_not_served_stale(
+    tiny_clip, train_copy, tmp_path
+):
+    """Tools that restore the modification time (cp -p, rsync -t, a rewrite within the
+    clock's resolution) leave path, size and mtime equal: the key is the content."""
+    data = train_copy
+    path = data.samples[3][0]
+    # Stored (uncompressed) PNGs: the size depends on the image size alone.
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(path, compress_level=0)
+    method = _probe(tiny_clip)
+    cache = FeatureCache(tmp_path / "cache")
+    encode = Counting(method.encode_images)
+    before = _features(cache, data, method, encode)
+    old = path.stat()
+    Image.new("RGB", (30, 30), (10, 10, 200)).save(path, compress_level=0)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    after = _features(cache, data, method, encode)
+    assert encode.images == 33
+    assert not torch.equal(after[3], before[3])
+    torch.testing.assert_close(after, _direct(method, data), rtol=1e-5, atol=1e-6)
+
+
+def test_identity_follows_the_bytes_not_the_path(tiny_clip, folders, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(folders[0], moved)
+    a, b = ImageFolder(folders[0]), ImageFolder(moved)
+    assert [a.identity(i) for i in range(len(a))] == [b.identity(i) for i in range(len(b))]
+    method = _probe(tiny_clip)
+    cache = FeatureCache(tmp_path / "cache")
+    encode = Counting(method.encode_images)
+    _features(cache, a, method, encode)
+    _features(cache, b, method, encode)  # a moved dataset is not encoded again
+    assert encode.images == 32
+
+
+def test_non_finite_cached_rows_are_rebuilt_and_never_written(tiny_clip, folders, tmp_path):
+    from vprompt.errors import WeightsError
+
+    data = ImageFolder(folders[0])
+    method = _probe(tiny_clip)
+    cache = FeatureCache(tmp_path / "cache")
+    good = _features(cache, data, method, method.encode_images)
+    [space] = [p for p in (tmp_path / "cache").glob("*/*") if p.is_dir()]
+    table = np.memmap(space / DATA_FILE, dtype=np.float32, mode="r+")
+    table[5] = np.nan  # a damaged byte range
+    table.flush()
+    del table
+    encode = Counting(method.encode_images)
+    with pytest.warns(RuntimeWarning, match="hold NaN or infinite values; rebuilding"):
+        again = _features(cache, data, method, encode)
+    assert torch.equal(again, good)
+    assert encode.images == 32
+
+    def overflowing(pixels):
+        out = method.encode_images(pixels)
+        out[1] = float("inf")
+        return out
+
+    fresh = FeatureCache(tmp_path / "other")
+    with pytest.raises(WeightsError, match="gave NaN or infinite features for image 1 of"):
+        _features(fresh, data, method, overflowing)
+    assert not list((tmp_path / "other").rglob(DATA_FILE))
 
 
 def test_float16_storage(tiny_clip, folders, tmp_path):
@@ -341,8 +408,10 @@ def test_a_failing_encoder_is_not_taken_for_a_failing_cache(tiny_clip, folders, 
 def test_identities_of_datasets(folders, tmp_path):
     data = ImageFolder(folders[0])
     assert has_identity(data)
-    assert data.identity(3).startswith("file:")
-    assert str(data.samples[3][0].name) in data.identity(3)
+    import hashlib
+
+    digest = hashlib.blake2b(data.samples[3][0].read_bytes(), digest_size=16).hexdigest()
+    assert data.identity(3) == f"content:{digest}"
     sub = Subset(data, [4, 1])
     assert has_identity(sub)
     assert sub.identity(1) == data.identity(1)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vprompt.data.feature_store import FORMAT_VERSION, CacheDtype, FeatureSpace, MemorySpace
-from vprompt.errors import describe_os_error
+from vprompt.errors import WeightsError, describe_os_error
 from vprompt.utils import jsonio
 
 # Rows encoded between two index updates: bounds the work an interruption loses without
@@ -205,18 +205,30 @@ class FeatureCache:
                 something other than B x D.
         """
         ids = self._identities(data, identities)
-        space = self._ensure(
-            data,
-            encode,
-            transform=transform,
-            key=key,
-            identities=ids,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            progress=progress,
+        args: dict[str, Any] = {
+            "transform": transform,
+            "key": key,
+            "identities": ids,
+            "batch_size": batch_size,
+            "device": device,
+            "num_workers": num_workers,
+            "progress": progress,
+        }
+        space = self._ensure(data, encode, **args)
+        rows = space.gather(ids)
+        if bool(torch.isfinite(rows).all()):
+            return rows
+        # Stored rows the encoder never wrote (the writer refuses non-finite ones): the file
+        # was damaged. Rebuild the space once.
+        warnings.warn(
+            f"feature cache {space.path}: cached features hold NaN or infinite values; "
+            "rebuilding it",
+            RuntimeWarning,
+            stacklevel=2,
         )
-        return space.gather(ids)
+        if isinstance(space, FeatureSpace):
+            space.clear()
+        return self._ensure(data, encode, **args).gather(ids)
 
     def ensure(
         self,
@@ -358,6 +370,14 @@ class FeatureCache:
                     raise ValueError(
                         f"encode returned shape {tuple(feats.shape)} for {len(pixels)} images; "
                         "expected B x D"
+                    )
+                finite = torch.isfinite(feats).all(dim=1)
+                if not bool(finite.all()):
+                    row = done + chunk_rows + int((~finite).nonzero()[0, 0])
+                    raise WeightsError(
+                        f"{key.backbone} ({key.weights}) gave NaN or infinite features for "
+                        f"image {indices[row]} of the dataset ({names[row]}); they were not "
+                        "cached (broken weights, or a precision that overflows)"
                     )
                 chunks.append(feats.detach().float().cpu().numpy())
                 chunk_rows += len(pixels)

@@ -187,6 +187,11 @@ class FeatureSpace:
             "dim": dim,
         }
 
+    def clear(self) -> None:
+        """Empty the space (its rows are re-encoded when next asked for)."""
+        with self._locked():
+            self._reset()
+
     def _reset(self) -> None:
         for name in (INDEX_FILE, META_FILE, DATA_FILE):
             with contextlib.suppress(FileNotFoundError):

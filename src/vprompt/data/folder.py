@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from vprompt.data.dataset import DataSplits
+from vprompt.data.identity import content_identity
 from vprompt.data.images import IMAGE_EXTENSIONS, load_image
 from vprompt.data.items import check_text
 from vprompt.errors import DatasetError
@@ -67,13 +68,12 @@ class ImageFolder:
         return load_image(path), label
 
     def identity(self, index: int) -> str:
-        """A key that changes when the image file changes (for feature caches)."""
+        """A digest of the image file's bytes (for feature caches)."""
         path = self.samples[index][0]
         try:
-            st = path.stat()
+            return content_identity(path)
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
-        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def load_folder(root: str | os.PathLike[str]) -> DataSplits:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from vprompt.data.identity import content_identity
 from vprompt.data.images import ImageReader, load_image
 from vprompt.errors import DatasetError
 
@@ -148,12 +149,11 @@ class ItemDataset:
         return load_image(self.root / item.path, reader=self.reader), item.label
 
     def identity(self, index: int) -> str:
-        """A key that changes when the image file changes (for feature caches)."""
+        """A digest of the image file's bytes and the reader (for feature caches)."""
         path = self.root / self.items[index].path
+        # The reader changes the pixels (rotation, alpha), so it is part of the identity.
+        reader = "" if self.reader == "exif" else self.reader
         try:
-            st = path.stat()
+            return content_identity(path, reader=reader)
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
-        # The reader changes the pixels (rotation, alpha), so it is part of the identity.
-        reader = "" if self.reader == "exif" else f":{self.reader}"
-        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}{reader}"
