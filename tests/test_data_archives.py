@@ -94,6 +94,44 @@ def test_links_inside_are_kept(tmp_path):
     assert (dest / "images" / "b.jpg").read_bytes() == (dest / "images" / "a.jpg").read_bytes()
 
 
+@pytest.mark.parametrize(
+    ("link_type", "target", "refused"),
+    [
+        (tarfile.SYMTYPE, "../..", True),  # the archive root: DATA_ROOT once jpg/ is moved
+        (tarfile.SYMTYPE, "../labels.mat", True),  # a file that is not extracted
+        (tarfile.LNKTYPE, "oxford/labels.mat", True),
+        (tarfile.SYMTYPE, "a.jpg", False),
+        (tarfile.SYMTYPE, "../jpg/a.jpg", False),
+    ],
+)
+def test_links_must_stay_inside_the_folder_that_is_taken(tmp_path, link_type, target, refused):
+    """data prepare extracts one folder of an archive and moves it into the dataset folder: a
+    link that only stays inside the archive would point out of the dataset once moved."""
+    path = tmp_path / "flowers.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in (("oxford/labels.mat", b"labels"), ("oxford/jpg/a.jpg", jpeg(3))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("oxford/jpg/link")
+        link.type = link_type
+        link.linkname = target
+        tf.addfile(link)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    if refused:
+        with pytest.raises(DatasetError, match=r"points outside the folder oxford/jpg/"):
+            extract(path, dest, take=("oxford/jpg",))
+        assert not (dest / "oxford" / "jpg" / "link").exists()
+        whole = tmp_path / "whole"
+        whole.mkdir()
+        extract(path, whole)  # the whole archive taken: the same link stays inside it
+        assert (whole / "oxford" / "jpg" / "link").is_symlink() == (link_type == tarfile.SYMTYPE)
+    else:
+        extract(path, dest, take=("oxford/jpg",))
+        assert (dest / "oxford" / "jpg" / "link").read_bytes() == jpeg(3)
+
+
 @pytest.mark.parametrize("dev_type", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
 @pytest.mark.parametrize("python_filter", [True, False], ids=["data-filter", "own-checks"])
 def test_device_files_are_refused(tmp_path, monkeypatch, dev_type, python_filter):

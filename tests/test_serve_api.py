@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +87,7 @@ def client(pack_path: Path):
         max_json_bytes=1024 * KIB,
         max_pixels=1_000_000,
     )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://localhost") as c:
         yield c
 
 
@@ -96,7 +97,7 @@ def small_client():
     settings = ServeSettings(
         model="sam:tiny", weights="none", device="cpu", max_images=1, request_timeout_s=0.3
     )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://localhost") as c:
         yield c
 
 
@@ -494,7 +495,9 @@ def test_busy_and_internal_errors(small_client: TestClient, photo_png: bytes) ->
             release.set()
             assert first.result().status_code == 200
         service.segment = broken
-        with TestClient(small_client.app, raise_server_exceptions=False) as c:
+        with TestClient(
+            small_client.app, raise_server_exceptions=False, base_url="http://localhost"
+        ) as c:
             r = segment(c, image, box)
         assert "secret" not in error(r, 500, "internal")
         assert "/secret" not in r.text
@@ -531,6 +534,7 @@ def test_cli_serves_health(tmp_path: Path) -> None:
     env["VPROMPT_CACHE"] = str(tmp_path)
     cmd = [sys.executable, "-m", "vprompt", "serve", "--model", "sam:tiny", "--weights", "none"]
     cmd += ["--device", "cpu", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--allowed-host", "labeller.lab"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -545,7 +549,186 @@ def test_cli_serves_health(tmp_path: Path) -> None:
         assert body is not None, proc.stderr.read() if proc.poll() is not None else "no answer"
         assert body["status"] == "ok"
         assert body["images"] == 0
+        url = f"http://127.0.0.1:{port}/api/health"
+        served = urllib.request.Request(url, headers={"Host": "labeller.lab:80"})
+        with urllib.request.urlopen(served, timeout=5) as r:
+            assert r.status == 200
+        foreign = urllib.request.Request(url, headers={"Host": "attacker.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(foreign, timeout=5)
+        assert refused.value.code == 400
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/" in out
+
+
+# ---------------------------------------------------------------------------- hardening
+
+
+def test_only_the_served_host_names_are_answered(client: TestClient, photo_png: bytes) -> None:
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own Host header."""
+    for host in ("attacker.example", "attacker.example:8000", "", "127.0.0.2"):
+        r = client.get("/api/health", headers={"host": host})
+        msg = error(r, 400, "bad_host")
+        assert "--allowed-host" in msg
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+        assert client.get("/api/health", headers={"host": host}).status_code == 200
+    settings = ServeSettings(model="sam:tiny", weights="none", device="cpu",
+                             allowed_hosts=("localhost", "vprompt.lab"))  # fmt: skip
+    with TestClient(create_app(settings), base_url="http://vprompt.lab") as c:
+        assert c.get("/api/health").status_code == 200
+    with TestClient(create_app(settings), base_url="http://other.lab") as c:
+        error(c.get("/api/health"), 400, "bad_host")
+
+
+def test_cross_origin_writes_are_refused(client: TestClient, photo_png: bytes) -> None:
+    files = {"file": ("p.png", photo_png, "image/png")}
+    for headers in (
+        {"origin": "http://attacker.example"},
+        {"origin": "http://localhost:9999"},  # another port is another origin
+        {"origin": "null"},
+        {"sec-fetch-site": "cross-site"},
+    ):
+        r = client.post("/api/images", files=files, headers=headers)
+        assert "another web origin" in error(r, 403, "cross_origin")
+    assert client.post(
+        "/api/images", files=files, headers={"origin": "http://localhost"}
+    ).is_success
+    assert client.post("/api/images", files=files).is_success  # no Origin: not a browser
+    r = client.get("/api/health", headers={"origin": "http://attacker.example"})
+    assert r.status_code == 200  # reading is what the Host check guards
+
+
+def test_default_allowed_hosts_follow_the_bound_address() -> None:
+    import socket
+
+    from vprompt.serve.security import default_allowed_hosts, host_name
+
+    assert set(default_allowed_hosts("127.0.0.1")) == {"localhost", "127.0.0.1", "::1"}
+    assert "192.168.1.7" in default_allowed_hosts("192.168.1.7")
+    wildcard = default_allowed_hosts("0.0.0.0")
+    assert socket.gethostname().lower() in wildcard
+    assert "0.0.0.0" not in wildcard
+    assert host_name("[::1]:8000") == "::1"
+    assert host_name("LocalHost:80") == "localhost"
+
+
+def test_sixteen_bit_images_are_converted_band_by_band() -> None:
+    """A 16-bit scan becomes 8 bits without a float64 copy of the whole image (an upload of a
+    36-megapixel 16-bit PNG used to cost 8 bytes per pixel more than its pixels)."""
+    import tracemalloc
+
+    from vprompt.data.images import to_rgb
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (2000, 2000), dtype=np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode == "I;16"
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    expected = np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+    assert np.array_equal(np.asarray(rgb)[..., 0], expected)
+    assert peak < 24 * 2**20, peak  # float64 copies alone would be 64 MiB
+
+
+def test_concurrent_decodes_are_bounded(photo_png: bytes, monkeypatch) -> None:
+    from vprompt.serve import routes
+
+    settings = ServeSettings(model="sam:tiny", weights="none", device="cpu",
+                             max_concurrent_decodes=2)  # fmt: skip
+    active, peak, lock = [0], [0], threading.Lock()
+    real = routes.decode_upload
+
+    def slow(data, **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real(data, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(routes, "decode_upload", slow)
+    files = {"file": ("a.png", photo_png, "image/png")}
+    with (
+        TestClient(create_app(settings), base_url="http://localhost") as c,
+        ThreadPoolExecutor(max_workers=6) as pool,
+    ):
+        codes = list(pool.map(lambda _: c.post("/api/images", files=files).status_code, range(6)))
+    assert codes == [201] * 6
+    assert peak[0] == 2
+
+
+def test_automatic_work_is_bounded_per_request(client: TestClient, image_id: str) -> None:
+    from vprompt.segment.automatic import AutomaticMaskConfig
+
+    assert AutomaticMaskConfig(points_per_side=32).work() == (1024, 1)
+    assert AutomaticMaskConfig(points_per_side=32, crop_n_layers=1).work() == (5120, 5)
+    heavy = {"points_per_side": 128, "crop_n_layers": 3}
+    started = time.perf_counter()
+    msg = error(client.post(f"/api/images/{image_id}/automatic", json=heavy), 422, "too_much_work")
+    assert time.perf_counter() - started < 5  # refused before any model work
+    assert "1392640 point prompts over 85 crop(s)" in msg
+    assert "allows 4096 prompts and 5 crops" in msg
+
+
+def test_automatic_work_stops_when_the_client_goes_away(client: TestClient, image_id: str) -> None:
+    """An ASGI client that disconnects right after its request: the generator stops at its
+    next batch and the model is free again at once."""
+    import anyio
+
+    app = client.app
+    service = app.state.service  # type: ignore[attr-defined]
+    batches = []
+    real_decode = service.segmenter.decode
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(1)
+        time.sleep(0.05)
+        return real_decode(*args, **kwargs)
+
+    body = json.dumps({"points_per_side": 64, "pred_iou_thresh": 0}).encode()
+    scope = {
+        "type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": f"/api/images/{image_id}/automatic", "raw_path": b"", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("localhost", 80),
+        "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip
+    sent = []
+
+    async def scenario() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        hang_up = time.perf_counter() + 0.3  # the client leaves while the masks are computed
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            if time.perf_counter() < hang_up:
+                await anyio.sleep(60)  # nothing to receive yet (a poll cancels this wait)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    service.segmenter.decode = counting
+    try:
+        started = time.perf_counter()
+        anyio.run(scenario)
+        elapsed = time.perf_counter() - started
+    finally:
+        service.segmenter.decode = real_decode
+    assert len(batches) < 64  # 64 x 64 points in batches of 64 would be 64 batches
+    assert elapsed < 3.0
+    assert sent[0]["status"] == 499
+    assert service.runner._thread_lock.acquire(timeout=1)  # the model is free
+    service.runner._thread_lock.release()

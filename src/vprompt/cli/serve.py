@@ -92,6 +92,21 @@ def _is_loopback(host: str) -> bool:
     help="Seconds a request may wait for the model before answering 503 busy.",
 )
 @click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another host name clients reach the server by (repeatable; '*' allows any). "
+    "Default: the loopback names and --host (for 0.0.0.0, this machine's names).",
+)
+@click.option(
+    "--max-automatic-prompts",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Point prompts one /automatic request may cost (points_per_side² over its crops).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -114,6 +129,8 @@ def serve_cmd(
     max_images: int,
     image_ttl: float,
     timeout: float,
+    allowed_hosts: tuple[str, ...],
+    max_automatic_prompts: int,
     log_level: str,
 ) -> None:
     """Serve the segmentation / classification API and the web page.
@@ -127,6 +144,7 @@ def serve_cmd(
         import uvicorn
 
         from vprompt.serve import ServeSettings, create_app, parse_pack_specs
+        from vprompt.serve.security import default_allowed_hosts
     except ImportError as exc:
         raise click.ClickException(
             f"vprompt serve needs the serve extra ({exc.name} is missing): "
@@ -147,6 +165,8 @@ def serve_cmd(
         max_images=max_images,
         image_ttl_s=image_ttl,
         request_timeout_s=timeout,
+        allowed_hosts=(*default_allowed_hosts(host), *allowed_hosts),
+        max_automatic_prompts=max_automatic_prompts,
     )
     click.echo(f"vprompt: loading {model} …", err=True)
     app = create_app(settings)

@@ -80,18 +80,31 @@ def safe_parts(name: str, archive: Path) -> tuple[str, ...]:
     return parts
 
 
-def _link_stays_inside(member_parts: Sequence[str], target: str, *, symlink: bool) -> bool:
+def _link_stays_inside(
+    member_parts: Sequence[str], target: str, *, symlink: bool, within: Sequence[str] = ()
+) -> bool:
+    """Whether a link member resolves inside the folder ``within`` of the archive (the folder
+    being extracted, which ``data prepare`` then moves elsewhere: a link that only stays
+    inside the archive could point out of it once moved)."""
     text = target.replace("\\", "/")
     if text.startswith("/") or _DRIVE.match(text):
         return False
     # A symlink resolves from its own folder; a hard link names a member from the archive root.
     base = posixpath.join(*member_parts[:-1]) if symlink and len(member_parts) > 1 else ""
     joined = posixpath.normpath(posixpath.join(base, text)) if (base or text) else "."
-    return joined != ".." and not joined.startswith("../")
+    if joined == ".." or joined.startswith("../"):
+        return False
+    parts = tuple(p for p in joined.split("/") if p not in ("", "."))
+    return parts[: len(within)] == tuple(within)
 
 
 def _selected(parts: Sequence[str], prefixes: Sequence[tuple[str, ...]]) -> bool:
     return any(tuple(parts[: len(p)]) == p for p in prefixes)
+
+
+def _taken_folder(parts: Sequence[str], prefixes: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The longest of ``prefixes`` that ``parts`` lies under (what gets moved as one)."""
+    return max((p for p in prefixes if tuple(parts[: len(p)]) == p), key=len)
 
 
 def _progress(items: Iterable[Any], desc: str) -> Iterator[Any]:
@@ -109,9 +122,15 @@ def _extract_tar(archive: Path, dest: Path, prefixes: Sequence[tuple[str, ...]])
             if not parts or not _selected(parts, prefixes):
                 continue
             if member.issym() or member.islnk():
-                if not _link_stays_inside(parts, member.linkname, symlink=member.issym()):
+                within = _taken_folder(parts, prefixes)
+                if not _link_stays_inside(
+                    parts, member.linkname, symlink=member.issym(), within=within
+                ):
+                    where = f"the folder {'/'.join(within)}/" if within else "the archive"
                     raise _unsafe(
-                        archive, member.name, f"link to {member.linkname!r} points outside"
+                        archive,
+                        member.name,
+                        f"link to {member.linkname!r} points outside {where}",
                     )
             elif not (member.isfile() or member.isdir()):
                 raise _unsafe(archive, member.name, "device, FIFO or other special file")

@@ -6,9 +6,10 @@ import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vprompt.errors import ImageLoadError
@@ -72,14 +73,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode == "F" and arr.size and float(np.nanmax(arr)) <= 1.0:
-            arr = arr * 255.0
-        elif mode.startswith("I;16") or (mode == "I" and arr.size and float(arr.max()) > 255):
-            # 16-bit full range → 8-bit; I;16 always, so a dark image does not turn white.
-            arr = arr / 257.0
-        arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
@@ -89,6 +83,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+_ROWS = 256  # rows converted at a time: intermediates stay small for 36-megapixel scans
+
+
+def _to_uint8(arr: NDArray[Any], mode: str) -> NDArray[np.uint8]:
+    """One-channel 16-bit, 32-bit integer or float pixels → 8 bits, a band of rows at a time
+    (never a float64 copy of the whole image): 16-bit full range ``round(v / 257)`` (always for
+    ``I;16``, so a dark image does not turn white; for ``I`` when it exceeds 255), floats in
+    ``[0, 1]`` times 255, everything clipped to ``[0, 255]`` with NaN as 0."""
+    out = np.empty(arr.shape, dtype=np.uint8)
+    if not arr.size:
+        return out
+    if mode == "F":
+        scale = 255.0 if float(np.nanmax(arr)) <= 1.0 else 1.0
+    elif mode.startswith("I;16") or float(arr.max()) > 255:
+        scale = 1.0 / 257.0
+    else:
+        scale = 1.0
+    for start in range(0, arr.shape[0], _ROWS):
+        band = arr[start : start + _ROWS].astype(np.float64) * scale
+        np.nan_to_num(band, copy=False, nan=0.0)
+        out[start : start + _ROWS] = np.clip(np.rint(band), 0, 255)
+    return out
 
 
 def load_image(

@@ -32,6 +32,7 @@ NMS itself uses SAM's inclusive boxes, so what survives matches the reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Protocol
@@ -141,6 +142,13 @@ class AutomaticMaskConfig:
                 f"{self.points_per_side} // crop_n_points_downscale_factor "
                 f"{self.crop_n_points_downscale_factor}**{self.crop_n_layers} is 0"
             )
+
+    def work(self) -> tuple[int, int]:
+        """``(point prompts, crops)`` one image costs: layer ``i`` has ``4**i`` crops, each
+        decoding ``points_per_layer()[i] ** 2`` points (and encoding its crop once)."""
+        per_side = self.points_per_layer()
+        prompts = sum(4**i * n * n for i, n in enumerate(per_side))
+        return prompts, sum(4**i for i in range(len(per_side)))
 
     def points_per_layer(self) -> list[int]:
         """Grid side for each crop layer (layer 0 is the whole image)."""
@@ -312,6 +320,10 @@ class _Candidates:
         return out
 
 
+class GenerationStopped(Exception):
+    """:meth:`AutomaticMaskGenerator.generate` stopped because ``should_stop`` said so."""
+
+
 class AutomaticMaskGenerator:
     """Find every object in an image with a grid of single-point prompts (SAM's "everything").
 
@@ -333,19 +345,30 @@ class AutomaticMaskGenerator:
                 f"can rescore stability; other segmenters report it at {STABILITY_OFFSET}"
             )
         self.grids = [point_grid(n) for n in self.config.points_per_layer()]
+        self._should_stop: Callable[[], bool] | None = None
 
     @torch.inference_mode()
     def generate(
-        self, image: Image.Image | str | Path, *, progress: bool = False
+        self,
+        image: Image.Image | str | Path,
+        *,
+        progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[MaskRecord]:
         """Masks for everything in ``image``, in SAM's order (the NMS ranking).
 
         Args:
             image: A PIL image or an image file.
             progress: Show a progress bar over decoded batches.
+            should_stop: Asked before every crop and every batch; True stops the work (a
+                server whose client went away).
+
+        Raises:
+            GenerationStopped: ``should_stop`` said so.
         """
         rgb = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
         cfg = self.config
+        self._should_stop = should_stop
         crops = crop_boxes(rgb.size, cfg.crop_n_layers, cfg.crop_overlap_ratio)
         batches = sum(-(-len(self.grids[c.layer]) // cfg.points_per_batch) for c in crops)
         with tqdm(total=batches, desc="automatic masks", unit="batch", disable=not progress) as bar:
@@ -358,15 +381,21 @@ class AutomaticMaskGenerator:
             found = self._clean_small_regions(found, rgb.size)
         return [self._record(found, i, rgb.size) for i in range(len(found))]
 
+    def _check_stop(self) -> None:
+        if self._should_stop is not None and self._should_stop():
+            raise GenerationStopped("automatic mask generation was stopped")
+
     def _process_crop(self, rgb: Image.Image, crop: Crop, bar: tqdm) -> _Candidates:
         x0, y0, x1, y1 = crop.box
         full = crop.box == (0, 0, *rgb.size)
         piece = rgb if full else rgb.crop(crop.box)
+        self._check_stop()
         emb = self.segmenter.embed_image(piece)
         points = self.grids[crop.layer] * np.array([[x1 - x0, y1 - y0]], dtype=np.float64)
         parts = []
         step = self.config.points_per_batch
         for start in range(0, len(points), step):
+            self._check_stop()
             parts.append(self._process_batch(emb, points[start : start + step], crop, rgb.size))
             bar.update(1)
         found = _Candidates.concat(parts)

@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from vprompt.serve.errors import ApiError, install_error_handlers
 from vprompt.serve.limits import BodyLimitMiddleware
 from vprompt.serve.routes import build_router
+from vprompt.serve.security import HostOriginMiddleware
 from vprompt.serve.service import Service
 from vprompt.serve.settings import ServeSettings
 
@@ -58,6 +59,8 @@ def create_app(settings: ServeSettings | None = None, *, service: Service | None
         max_upload_bytes=service.settings.max_upload_bytes,
         max_json_bytes=service.settings.max_json_bytes,
     )
+    # Added last, so it runs first: a request for another host is refused before anything.
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=service.settings.allowed_hosts)
     app.include_router(build_router(service))
 
     @app.get("/", include_in_schema=False)

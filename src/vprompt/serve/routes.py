@@ -7,15 +7,19 @@ loop stays responsive.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from typing import Any
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+import anyio
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
 from vprompt.errors import ConfigError, PromptError
-from vprompt.segment.automatic import AutomaticMaskConfig
+from vprompt.segment.automatic import AutomaticMaskConfig, GenerationStopped
 from vprompt.serve.classify import predict_image
 from vprompt.serve.errors import ApiError
-from vprompt.serve.runner import in_thread
+from vprompt.serve.runner import ThreadSlots, in_thread
 from vprompt.serve.schemas import (
     AutomaticRequest,
     AutomaticResponse,
@@ -31,6 +35,7 @@ from vprompt.serve.segment_ops import automatic_objects, prompt_set, segmented_o
 from vprompt.serve.service import Service
 from vprompt.serve.uploads import decode_upload
 
+_DISCONNECT_POLL_S = 0.2
 _E = {"model": ErrorResponse}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: _E,
@@ -56,6 +61,10 @@ def build_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/api", responses=ERRORS)
     settings = service.settings
     store = service.store
+    decodes = ThreadSlots(settings.max_concurrent_decodes)
+
+    async def decode(data: bytes) -> Any:
+        return await decodes.run(lambda: decode_upload(data, max_pixels=settings.max_pixels))
 
     def _info(image_id: str, size: tuple[int, int]) -> dict[str, Any]:
         return {"image_id": image_id, "width": size[0], "height": size[1]}
@@ -80,7 +89,7 @@ def build_router(service: Service) -> APIRouter:
     async def upload_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
         """Store an image (multipart field ``file``) and embed it once."""
         data = await _read_upload(file, settings.max_upload_bytes)
-        rgb = await in_thread(lambda: decode_upload(data, max_pixels=settings.max_pixels))
+        rgb = await decode(data)
         try:
             service.check_image(rgb)
         except PromptError as exc:
@@ -116,8 +125,11 @@ def build_router(service: Service) -> APIRouter:
         return {**_info(image_id, record.size), "objects": objects}
 
     @router.post("/images/{image_id}/automatic", response_model=AutomaticResponse)
-    async def automatic(image_id: str, body: AutomaticRequest | None = None) -> dict[str, Any]:
-        """Every object in the image (SAM's automatic mask generator)."""
+    async def automatic(
+        image_id: str, request: Request, body: AutomaticRequest | None = None
+    ) -> dict[str, Any]:
+        """Every object in the image (SAM's automatic mask generator), within the server's
+        work limits; the work stops when the client goes away."""
         body = body or AutomaticRequest()
         record = store.get(image_id)
         try:
@@ -131,7 +143,31 @@ def build_router(service: Service) -> APIRouter:
             )
         except ConfigError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from None
-        records = await service.runner.run(service.automatic, record, config)
+        prompts, crops = config.work()
+        if prompts > settings.max_automatic_prompts or crops > settings.max_automatic_crops:
+            raise ApiError(
+                422,
+                "too_much_work",
+                f"points_per_side={config.points_per_side} with crop_n_layers="
+                f"{config.crop_n_layers} asks for {prompts} point prompts over {crops} crop(s); "
+                f"this server allows {settings.max_automatic_prompts} prompts and "
+                f"{settings.max_automatic_crops} crops per request",
+            )
+        gone = threading.Event()
+
+        async def watch() -> None:
+            with contextlib.suppress(Exception):  # a broken receive channel ends the watch
+                while not await request.is_disconnected():
+                    await anyio.sleep(_DISCONNECT_POLL_S)
+                gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            records = await service.runner.run(service.automatic, record, config, gone.is_set)
+        except GenerationStopped:
+            raise ApiError(499, "client_closed", "the client went away; work stopped") from None
+        finally:
+            watcher.cancel()
         objects = await in_thread(automatic_objects, records, body.format)
         return {**_info(image_id, record.size), "objects": objects}
 
@@ -156,7 +192,7 @@ def build_router(service: Service) -> APIRouter:
             names = classifiers.class_list(classes or "")
             source = "zero-shot"
         data = await _read_upload(file, settings.max_upload_bytes)
-        rgb = await in_thread(lambda: decode_upload(data, max_pixels=settings.max_pixels))
+        rgb = await decode(data)
 
         def run() -> list[Any]:
             chosen = method if pack is not None else classifiers.zeroshot(names)

@@ -73,3 +73,19 @@ class ModelRunner:
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """CPU work that needs no model (decoding, encoding masks) off the event loop."""
     return await anyio.to_thread.run_sync(fn, *args)
+
+
+class ThreadSlots:
+    """At most ``slots`` calls of CPU work at once in worker threads (the others wait), so
+    concurrent uploads cannot all hold decoded pixels at the same time."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        if self._limiter is None or self._loop is not loop:  # one limiter per event loop
+            self._limiter, self._loop = anyio.CapacityLimiter(self.slots), loop
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)

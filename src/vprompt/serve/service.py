@@ -6,6 +6,8 @@ one call at a time; the routes (:mod:`vprompt.serve.routes`) only parse, validat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from PIL import Image
 
 from vprompt.prompts.spatial import PromptSet
@@ -102,6 +104,12 @@ class Service:
             best_only=True,
         )
 
-    def automatic(self, record: StoredImage, config: AutomaticMaskConfig) -> list[MaskRecord]:
-        """SAM's automatic masks for the stored image."""
-        return AutomaticMaskGenerator(self.segmenter, config=config).generate(record.image)
+    def automatic(
+        self,
+        record: StoredImage,
+        config: AutomaticMaskConfig,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[MaskRecord]:
+        """SAM's automatic masks for the stored image (stopped early when ``should_stop``)."""
+        generator = AutomaticMaskGenerator(self.segmenter, config=config)
+        return generator.generate(record.image, should_stop=should_stop)

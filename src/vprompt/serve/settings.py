@@ -12,6 +12,8 @@ from typing import Literal
 from vprompt.errors import ConfigError
 
 MiB = 2**20
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+"""The host names a server on this machine's loopback interface is reached by."""
 PACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -53,6 +55,11 @@ class ServeSettings:
         max_objects: Objects in one segment request.
         max_classes: Class names in one zero-shot classify request.
         zeroshot_cache: Zero-shot class lists whose text embeddings are kept.
+        allowed_hosts: Host names clients may reach the server by (the ``Host`` header);
+            ``*`` allows any (:mod:`vprompt.serve.security`).
+        max_concurrent_decodes: Uploads decoded at once (each holds its decoded pixels).
+        max_automatic_prompts: Point prompts one ``/automatic`` request may cost (all crops).
+        max_automatic_crops: Image crops one ``/automatic`` request may encode.
     """
 
     model: str = "sam:vit-base"
@@ -74,6 +81,10 @@ class ServeSettings:
     max_objects: int = 32
     max_classes: int = 1000
     zeroshot_cache: int = 16
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    max_concurrent_decodes: int = 2
+    max_automatic_prompts: int = 4096
+    max_automatic_crops: int = 5
 
     def __post_init__(self) -> None:
         for name in (
@@ -87,8 +98,17 @@ class ServeSettings:
             "max_objects",
             "max_classes",
             "zeroshot_cache",
+            "max_concurrent_decodes",
+            "max_automatic_prompts",
+            "max_automatic_crops",
         ):
             _positive_int(name, getattr(self, name))
+        hosts = tuple(self.allowed_hosts)
+        if not hosts or not all(isinstance(h, str) and h.strip() for h in hosts):
+            raise ConfigError(
+                f"serve setting allowed_hosts: expected host names, got {self.allowed_hosts!r}"
+            )
+        object.__setattr__(self, "allowed_hosts", hosts)
         _positive_float("image_ttl_s", self.image_ttl_s)
         _positive_float("request_timeout_s", self.request_timeout_s)
         if self.logits_per_image < self.max_objects:
