@@ -484,3 +484,18 @@ def test_device_errors_are_config_errors(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         resolve_device("cuda:0")
+
+
+def test_predict_never_downloads_what_a_shared_pack_names(run_cli, zeroshot_run, photos, work):
+    from vprompt.engine.pack import BackboneRef, load_pack, save_pack
+
+    _, source = zeroshot_run
+    pack = load_pack(source)
+    pack.backbone = BackboneRef("torchvision:mobilenet_v2", "IMAGENET1K_V1", "0" * 16)
+    shared = save_pack(pack, work / "shared.safetensors")
+    empty = work / "empty-torch-home"
+    res = run_cli("predict", "--pack", shared, photos[0], env={"TORCH_HOME": str(empty)})
+    assert res.stdout == ""
+    (line,) = assert_clean_error(res, contains=(str(shared), "--allow-download"))
+    assert "never downloads what a pack names" in line
+    assert not list(empty.rglob("*.pth"))

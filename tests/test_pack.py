@@ -662,3 +662,89 @@ def test_successful_overwrite_replaces_pack_and_leaves_no_temp_files(
 def test_save_creates_missing_folders(classifier, tmp_path):
     path = save_pack(classifier, tmp_path / "a" / "b" / "zs.safetensors")
     assert load_pack(path).classnames == CLASSES
+
+
+# --------------------------------------------------------------------------- weights a pack names
+
+
+def _pack_naming(classifier, tmp_path: Path, name: str, weights: str) -> Path:
+    """A pack of ``classifier``'s tensors that names other weights (as a shared file may)."""
+    from vprompt.engine.pack import pack_method
+
+    pack = pack_method(classifier)
+    pack.backbone = BackboneRef(name, weights, "0" * 16)
+    return save_pack(pack, tmp_path / "shared.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "fetch"),
+    [
+        ("torchvision:mobilenet_v2", "IMAGENET1K_V1", "download.pytorch.org"),
+        ("torchvision:resnet18", "hf-hub:someone/weights", "someone/weights"),
+    ],
+    ids=["torch-hub-url", "hf-hub"],
+)
+def test_a_pack_never_downloads_the_weights_it_names(
+    classifier, tmp_path, monkeypatch, name, weights, fetch
+):
+    import urllib.request
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached here
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = (urllib.request.urlopen, hub.HF_HUB_OFFLINE)
+    path = _pack_naming(classifier, tmp_path, name, weights)
+    with pytest.raises(PackError) as info:
+        build_from_pack(load_pack(path))
+    text = str(info.value)
+    assert text.startswith(f"{path}: the pack names {name} weights {weights!r}")
+    assert "not on this machine" in text
+    assert fetch in text
+    assert f"--weights {weights}" in text
+    assert "--allow-download" in text
+    assert not list((tmp_path / "torch").rglob("*.pth"))  # nothing was fetched
+    assert (urllib.request.urlopen, hub.HF_HUB_OFFLINE) == before  # switched back
+
+
+def test_weights_the_user_names_or_allows_load_as_usual(classifier, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from vprompt.engine import pack as pack_module
+
+    seen: list[tuple[str, bool]] = []
+
+    def fake_load(name, weights, *, device):  # records whether downloads were off
+        seen.append((weights, hub.HF_HUB_OFFLINE))
+        raise PackError("stop here")
+
+    monkeypatch.setattr(pack_module, "load_backbone", fake_load)
+    path = _pack_naming(classifier, tmp_path, "clip:ViT-B-16", "openai")
+    for kwargs in ({}, {"weights": "openai"}, {"allow_download": True}):
+        with pytest.raises(PackError):
+            build_from_pack(load_pack(path), **kwargs)
+    assert seen == [("openai", True), ("openai", False), ("openai", False)]
+    seen.clear()
+    folder = tmp_path / "my-weights"
+    folder.mkdir()
+    for local in ("none", str(folder)):  # nothing to download: loaded as they are
+        with pytest.raises(PackError):
+            build_from_pack(load_pack(_pack_naming(classifier, tmp_path, "clip:tiny", local)))
+    assert seen == [("none", False), (str(folder), False)]
+
+
+@pytest.mark.real
+def test_weights_already_on_this_machine_load_without_asking(tmp_path):
+    """The ImageNet MobileNetV2 weights in the torch cache (scripts/install-assets.sh) load
+    for a pack that names them, with downloads off."""
+    from vprompt.backbones import load_backbone
+    from vprompt.methods.registry import METHODS
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    if not cached.is_file():
+        pytest.skip(f"ImageNet MobileNetV2 weights not in {cached.parent}")
+    backbone = load_backbone("torchvision:mobilenet_v2", "IMAGENET1K_V1")
+    probe = METHODS.get("linear-probe")(backbone, ["a", "b"])
+    path = save_pack(probe, tmp_path / "probe.safetensors")
+    rebuilt = build_from_pack(load_pack(path))
+    assert rebuilt.backbone.fingerprint() == backbone.fingerprint()

@@ -15,6 +15,7 @@ from vprompt.cli.common import (
     images_argument,
     main,
     model_option,
+    pack_weights_options,
     predict_options,
     weights_option,
 )
@@ -176,7 +177,7 @@ def zeroshot_cmd(
     help="Prompt pack (.safetensors).",
 )
 @images_argument
-@weights_option
+@pack_weights_options
 @click.option(
     "--classes",
     default=None,
@@ -189,6 +190,7 @@ def predict_cmd(
     pack_path: str,
     images: tuple[str, ...],
     weights: str | None,
+    allow_download: bool,
     classes: str | None,
     device: str,
     top_k: int,
@@ -203,7 +205,9 @@ def predict_cmd(
     pack = load_pack(pack_path)
     if classes is not None:
         check_classnames(pack, load_class_list(classes))
-    classifier = build_from_pack(pack, weights=weights, device=device)
+    classifier = build_from_pack(
+        pack, weights=weights, device=device, allow_download=allow_download
+    )
     _predict_and_report(
         classifier,
         images,
@@ -260,12 +264,17 @@ def inspect_cmd(pack_path: str, as_json: bool) -> None:
     type=click.IntRange(min=1),
     help="Nearest vocabulary tokens per context vector.",
 )
-@weights_option
+@pack_weights_options
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every vector.")
 @friendly_errors
 def interpret_cmd(
-    pack_path: str, top_k: int, weights: str | None, device: str, as_json: bool
+    pack_path: str,
+    top_k: int,
+    weights: str | None,
+    allow_download: bool,
+    device: str,
+    as_json: bool,
 ) -> None:
     """Show the vocabulary words nearest to each learned context vector of a pack.
 
@@ -284,7 +293,7 @@ def interpret_cmd(
             f"it holds {', '.join(sorted(pack.tensors))}); interpret reads packs of "
             "coop-style methods"
         )
-    method = build_from_pack(pack, weights=weights, device=device)
+    method = build_from_pack(pack, weights=weights, device=device, allow_download=allow_download)
     found = nearest_words(method.backbone, ctx, top_k)
     groups = pack.classnames if ctx.dim() == 3 and ctx.shape[0] == len(pack.classnames) else None
     if as_json:

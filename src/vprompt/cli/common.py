@@ -107,6 +107,24 @@ weights_option = click.option(
     help="Weight tag, hf-hub:ORG/REPO, local file or folder, or 'none' (random init). "
     "Default: the model's default tag.",
 )
+
+
+def pack_weights_options(fn: F) -> F:
+    """``--weights`` and ``--allow-download`` for commands that open a prompt pack."""
+    fn = click.option(
+        "--allow-download",
+        is_flag=True,
+        help="Download the weights the pack names when they are not on this machine "
+        "(never done otherwise).",
+    )(fn)
+    return click.option(
+        "--weights",
+        default=None,
+        help="Weights for the pack's model (a tag, hf-hub:ORG/REPO, local file or folder). "
+        "Default: the weights the pack names, from this machine only.",
+    )(fn)
+
+
 preset_option = click.option(
     "--preset",
     "preset_name",

@@ -92,6 +92,13 @@ def _is_loopback(host: str) -> bool:
     help="Seconds a request may wait for the model before answering 503 busy.",
 )
 @click.option(
+    "--allow-download",
+    "allow_download",
+    is_flag=True,
+    help="Let --pack files download the weights they name when those are not on this "
+    "machine (never done otherwise).",
+)
+@click.option(
     "--allowed-host",
     "allowed_hosts",
     multiple=True,
@@ -129,6 +136,7 @@ def serve_cmd(
     max_images: int,
     image_ttl: float,
     timeout: float,
+    allow_download: bool,
     allowed_hosts: tuple[str, ...],
     max_automatic_prompts: int,
     log_level: str,
@@ -167,6 +175,7 @@ def serve_cmd(
         request_timeout_s=timeout,
         allowed_hosts=(*default_allowed_hosts(host), *allowed_hosts),
         max_automatic_prompts=max_automatic_prompts,
+        allow_pack_downloads=allow_download,
     )
     click.echo(f"vprompt: loading {model} …", err=True)
     app = create_app(settings)

@@ -12,6 +12,7 @@ from vprompt.cli.common import (
     main,
     model_for,
     output_folder,
+    pack_weights_options,
     preset_option,
     weights_option,
 )
@@ -185,7 +186,7 @@ def train_cmd(
 @click.option(
     "--subset", default=None, type=click.IntRange(min=1), help="Seeded random subset of N images."
 )
-@weights_option
+@pack_weights_options
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
 @feature_cache_options
 @device_option
@@ -199,6 +200,7 @@ def eval_cmd(
     split: str,
     subset: int | None,
     weights: str | None,
+    allow_download: bool,
     workers: int,
     feature_cache: str | None,
     no_feature_cache: bool,
@@ -226,7 +228,7 @@ def eval_cmd(
         raise DatasetError(f"{data_spec} has no {split} split")
     check_classnames(pack, data.classnames)
     dev = resolve_device(device)
-    method = build_from_pack(pack, weights=weights, device=dev)
+    method = build_from_pack(pack, weights=weights, device=dev, allow_download=allow_download)
     cache_dir = feature_cache_dir(feature_cache, no_feature_cache)
     scores = evaluate(
         method,

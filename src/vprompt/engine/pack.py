@@ -8,10 +8,13 @@ handing it to safetensors and never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import io
+import logging
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,6 +305,49 @@ def _metadata_fields(path: Path, info: dict[str, Any]) -> dict[str, Any]:
 _JSON_KIND: dict[type, str] = {dict: "JSON object", list: "JSON list", str: "string"}
 
 
+def _pack_backbone(
+    pack: PromptPack,
+    weights: str | None,
+    device: str | torch.device | None,
+    allow_download: bool,
+) -> FrozenModel:
+    """The pack's backbone. A weight source the pack names that is neither ``none`` nor a
+    path on this machine (a tag, a hub repo) loads only from this machine's caches."""
+    from vprompt.backbones.downloads import no_downloads
+
+    where = pack.source or "prompt pack"
+    name, named = pack.backbone.name, pack.backbone.weights
+    local = named == "none" or Path(named).expanduser().exists()
+    if weights is not None or allow_download or local:
+        try:
+            return load_backbone(name, weights or named, device=device)
+        except VPromptError as exc:
+            raise PackError(f"{where}: cannot load the pack's backbone: {exc}") from exc
+    try:
+        # Quiet: loaders announce the download they are about to try (and log its failure).
+        with no_downloads(), _quiet():
+            return load_backbone(name, named, device=device)
+    except Exception as exc:  # the hub's offline errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PackError(
+            f"{where}: the pack names {name} weights {named!r}, which are not on this machine "
+            f"({first[:200]}); vprompt never downloads what a pack names: pass --weights "
+            f"{named} (or a local copy) or --allow-download to fetch them"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Within: nothing reaches stdout, stderr or the log (below CRITICAL)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def check_classnames(pack: PromptPack, classnames: Sequence[str]) -> None:
     """Refuse a class list that differs from the pack's (order matters for label indices)."""
     given = list(classnames)
@@ -329,24 +375,26 @@ def build_from_pack(
     backbone: FrozenModel | None = None,
     weights: str | None = None,
     device: str | torch.device | None = "cpu",
+    allow_download: bool = False,
 ) -> PromptMethod:
     """Rebuild the method a pack came from, on its frozen backbone.
 
     Args:
         backbone: An already-built backbone to reuse; otherwise one is loaded by the pack's name
             and ``weights`` (default: the pack's weight source).
-        weights: Another source for the same weights (e.g. a local copy of a hub tag).
+        weights: The weights to use (e.g. a local copy of a hub tag, or the pack's own tag to
+            let it download): named by the caller, they load as any weights do.
+        allow_download: Let the pack's own weight source download when it is not on this
+            machine. Without it (and without ``weights``) a pack names weights but never
+            fetches them: only files and caches already here are read.
 
     Raises:
-        PackError: The backbone's name, weights fingerprint or preprocessing differ from the pack's.
+        PackError: The pack's weights are not on this machine (and neither ``weights`` nor
+            ``allow_download`` was given), or the backbone's name, weights fingerprint or
+            preprocessing differ from the pack's.
     """
     if backbone is None:
-        try:
-            backbone = load_backbone(
-                pack.backbone.name, weights or pack.backbone.weights, device=device
-            )
-        except VPromptError as exc:
-            raise PackError(f"cannot load the pack's backbone: {exc}") from exc
+        backbone = _pack_backbone(pack, weights, device, allow_download)
     if backbone.name != pack.backbone.name:
         raise PackError(f"pack was made for backbone {pack.backbone.name!r}, got {backbone.name!r}")
     fp = backbone.fingerprint()

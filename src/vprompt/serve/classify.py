@@ -35,6 +35,7 @@ class Classifiers:
         device: Where the models run.
         max_classes: Class names in one zero-shot request.
         zeroshot_cache: Class lists whose zero-shot classifiers are kept.
+        allow_downloads: Let packs download the weights they name (off: local only).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class Classifiers:
         device: str,
         max_classes: int,
         zeroshot_cache: int,
+        allow_downloads: bool = False,
     ) -> None:
         self.max_classes = max_classes
         self.zeroshot_cache = zeroshot_cache
@@ -64,7 +66,9 @@ class Classifiers:
             try:
                 pack = load_pack(path)
                 shared = backbones.get((pack.backbone.name, pack.backbone.fingerprint))
-                method = build_from_pack(pack, backbone=shared, device=device)
+                method = build_from_pack(
+                    pack, backbone=shared, device=device, allow_download=allow_downloads
+                )
             except PackError as exc:
                 raise PackError(f"--pack {name}: {exc}") from None
             method.eval()

@@ -50,6 +50,7 @@ class Service:
             device=settings.device,
             max_classes=settings.max_classes,
             zeroshot_cache=settings.zeroshot_cache,
+            allow_downloads=settings.allow_pack_downloads,
         )
         self.store = ImageStore(
             max_images=settings.max_images,

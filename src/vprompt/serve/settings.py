@@ -60,6 +60,8 @@ class ServeSettings:
         max_concurrent_decodes: Uploads decoded at once (each holds its decoded pixels).
         max_automatic_prompts: Point prompts one ``/automatic`` request may cost (all crops).
         max_automatic_crops: Image crops one ``/automatic`` request may encode.
+        allow_pack_downloads: Let packs download the weights they name when those are not
+            on this machine (off: a pack's weights load from local files and caches only).
     """
 
     model: str = "sam:vit-base"
@@ -85,6 +87,7 @@ class ServeSettings:
     max_concurrent_decodes: int = 2
     max_automatic_prompts: int = 4096
     max_automatic_crops: int = 5
+    allow_pack_downloads: bool = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -1,0 +1,57 @@
+"""Loading weights from this machine only, with every download refused.
+
+A shared prompt pack names the weights it was made with (``openai``, ``hf-hub:ORG/REPO``, a
+torchvision tag …). Opening a pack must not fetch what a stranger's file names: vprompt loads
+a pack's weights under :func:`no_downloads` unless the user named the weights themselves or
+allowed the download. Within it the Hugging Face hub runs in offline mode (only its local
+cache answers) and ``urlopen`` (torch.hub's and open_clip's downloads) refuses every URL, so
+weights already on this machine load as usual and anything else fails before a byte is
+fetched.
+
+The switch is process-wide while it is on (model loading is not thread-safe anyway): do not
+load weights from other threads meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from vprompt.errors import WeightsError
+
+_lock = threading.Lock()
+
+
+class DownloadRefused(WeightsError):
+    """A download was attempted while downloads were off."""
+
+
+@contextlib.contextmanager
+def no_downloads() -> Iterator[list[str]]:
+    """Within: weights load only from this machine (files, the hub and torch caches).
+
+    Yields:
+        The URLs whose download was refused (filled as they are attempted).
+    """
+    import huggingface_hub.constants as hub
+    import torch.hub
+
+    refused: list[str] = []
+
+    def refuse(url: Any, *args: Any, **kwargs: Any) -> Any:
+        text = getattr(url, "full_url", url)
+        refused.append(str(text))
+        raise DownloadRefused(f"download of {text} refused (downloads are off)")
+
+    with _lock:
+        saved = (hub.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen)
+        hub.HF_HUB_OFFLINE = True
+        urllib.request.urlopen = refuse
+        torch.hub.urlopen = refuse
+        try:
+            yield refused
+        finally:
+            hub.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen = saved
