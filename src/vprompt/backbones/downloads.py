@@ -55,3 +55,31 @@ def no_downloads() -> Iterator[list[str]]:
             yield refused
         finally:
             hub.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen = saved
+
+
+_OFFLINE_WORDS = (
+    "offline",
+    "local cache",
+    "disk cache",
+    "cached files",
+    "couldn't connect",
+    "outgoing traffic has been disabled",
+)
+
+
+def needed_a_download(exc: BaseException) -> bool:
+    """Whether a load that failed under :func:`no_downloads` failed for want of a download:
+    a refused URL, or the hub's offline answer, anywhere in the exception's chain (loaders
+    wrap them in their own errors)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: BaseException | None = exc
+    hops = 0
+    while seen is not None and hops < 20:
+        if isinstance(seen, DownloadRefused | LocalEntryNotFoundError | OfflineModeIsEnabled):
+            return True
+        if any(word in str(seen).lower() for word in _OFFLINE_WORDS):
+            return True
+        seen, hops = seen.__cause__ or seen.__context__, hops + 1
+    return False
+

@@ -313,7 +313,7 @@ def _pack_backbone(
 ) -> FrozenModel:
     """The pack's backbone. A weight source the pack names that is neither ``none`` nor a
     path on this machine (a tag, a hub repo) loads only from this machine's caches."""
-    from vprompt.backbones.downloads import no_downloads
+    from vprompt.backbones.downloads import needed_a_download, no_downloads
 
     where = pack.source or "prompt pack"
     name, named = pack.backbone.name, pack.backbone.weights
@@ -328,10 +328,15 @@ def _pack_backbone(
         with no_downloads(), _quiet():
             return load_backbone(name, named, device=device)
     except Exception as exc:  # the hub's offline errors come in many types
+        if not needed_a_download(exc):
+            if isinstance(exc, VPromptError):
+                raise PackError(f"{where}: cannot load the pack's backbone: {exc}") from exc
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first if len(first) <= 240 else first[:239] + "…"
         raise PackError(
             f"{where}: the pack names {name} weights {named!r}, which are not on this machine "
-            f"({first[:200]}); vprompt never downloads what a pack names: pass --weights "
+            f"({first}); vprompt never downloads what a pack names: pass --weights "
             f"{named} (or a local copy) or --allow-download to fetch them"
         ) from None
 
