@@ -82,4 +82,3 @@ def needed_a_download(exc: BaseException) -> bool:
             return True
         seen, hops = seen.__cause__ or seen.__context__, hops + 1
     return False
-
