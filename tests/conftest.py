@@ -27,6 +27,14 @@ def tiny_clip():
 
 
 @pytest.fixture(scope="session")
+def vit_b16():
+    """A random-init ``clip:ViT-B-16`` (the papers' backbone, deterministic weights)."""
+    from vprompt import load_backbone
+
+    return load_backbone("clip:ViT-B-16", "none")
+
+
+@pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real photos shipped with scikit-image, written as PNG files."""
     import skimage.data
@@ -35,6 +43,25 @@ def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("astronaut", "chelsea", "coffee", "rocket"):
         Image.fromarray(getattr(skimage.data, name)()).save(out / f"{name}.png")
     return out
+
+
+FOLDER_CLASSES = ("red_thing", "green_thing", "blue_thing")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``folder:`` dataset (train 4 / val 2 / test 2 images per class) of three colours."""
+    root = tmp_path_factory.mktemp("tiny-folder")
+    gen = np.random.default_rng(7)
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for channel, name in enumerate(FOLDER_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = gen.integers(0, 90, (36, 36, 3), dtype=np.uint8)
+                img[..., channel] = gen.integers(160, 255, (36, 36), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
 
 
 @pytest.fixture

@@ -208,11 +208,6 @@ def test_coca_text_tower_refuses_the_seam(tiny_clip: ClipBackbone) -> None:
 # ------------------------------------------------------------------- ViT-B-16 parity
 
 
-@pytest.fixture(scope="module")
-def vit_b16() -> ClipBackbone:
-    return load_backbone("clip:ViT-B-16", "none")
-
-
 @pytest.mark.slow
 def test_vit_b16_seam_equals_open_clip_exactly(vit_b16: ClipBackbone) -> None:
     assert (vit_b16.embed_dim, vit_b16.text_width, vit_b16.context_length) == (512, 512, 77)
@@ -562,3 +557,96 @@ def test_shared_prefix_refuses_a_pooled_token_inside_the_prefix(tiny_clip: ClipB
         tiny_clip.encode_text_shared_prefix(
             torch.zeros(4, width), torch.zeros(2, 3, width), torch.tensor([5, 2])
         )
+
+
+# ---------------------------------------------------------------------------- deep prompts
+def _deep_case(backbone: ClipBackbone, depth: int, n_text: int, n_vision: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(n_text, backbone.text_width, generator=gen) * 0.3
+    text_deep = [
+        torch.randn(n_text, backbone.text_width, generator=gen) * 0.3 for _ in range(depth - 1)
+    ]
+    vision = [
+        torch.randn(n_vision, backbone.vision_width, generator=gen) * 0.3 for _ in range(depth)
+    ]
+    return ctx, text_deep, vision
+
+
+def _check_deep_seam(backbone: ClipBackbone, depth: int, images: torch.Tensor) -> None:
+    """Deep prompts through vprompt's seam (shared prefix and whole prompts) equal the
+    reference towers written from the papers, features and gradients."""
+    import vl_reference as ref
+    from vprompt.methods.text_context import PromptAssembler, encode_prompts
+
+    classes = ["cat", "golden retriever", "x y z", "rocket"]
+    ctx, text_deep, vision = _deep_case(backbone, depth, n_text=2, n_vision=3)
+    assembler = PromptAssembler(backbone, classes, n_ctx=2, prompt_prefix="a photo of a")
+    outs = {}
+    for path in ("shared", "whole", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (ctx, *text_deep, *vision)]
+        c, deep, vis = leaves[0], leaves[1:depth], leaves[depth:]
+        if path == "reference":
+            text = ref.text_features(
+                backbone.model, backbone._tokenizer, classes, c, deep, "a photo of a"
+            )
+            image = ref.image_features(backbone.model, images, vis)
+        else:
+            text = encode_prompts(backbone, assembler, c, share_prefix=path == "shared", deep=deep)
+            image = F.normalize(backbone.encode_image_prompted(images, vis), dim=-1)
+        logits = backbone.logit_scale * image @ text.T
+        logits.log_softmax(-1)[:, 0].sum().backward()
+        outs[path] = (text.detach(), image.detach(), [t.grad for t in leaves])
+    want_text, want_image, want_grads = outs["reference"]
+    assert not torch.allclose(want_text[0], want_text[1], atol=1e-3)
+    for path in ("shared", "whole"):
+        text, image, grads = outs[path]
+        torch.testing.assert_close(text, want_text, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(image, want_image, atol=2e-5, rtol=1e-5)
+        for got, want in zip(grads, want_grads, strict=True):
+            assert want is not None
+            assert float(want.abs().max()) > 0
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-3)
+
+
+def test_deep_prompts_equal_the_reference_towers(tiny_clip: ClipBackbone) -> None:
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for depth in (1, 2):
+        _check_deep_seam(tiny_clip, depth, images)
+
+
+@pytest.mark.slow
+def test_deep_prompts_equal_the_reference_towers_vit_b16(
+    vit_b16: ClipBackbone, photos_dir: Path
+) -> None:
+    images = torch.stack(
+        [vit_b16.transform(Image.open(photos_dir / f"{n}.png")) for n in ("chelsea", "coffee")]
+    )
+    _check_deep_seam(vit_b16, 9, images)
+
+
+def test_no_vision_prompts_is_open_clips_forward_bit_for_bit(tiny_clip: ClipBackbone) -> None:
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = tiny_clip.model.encode_image(images)
+        assert torch.equal(tiny_clip.encode_image_prompted(images, []), want)
+        # And the prompted path is not that forward in disguise.
+        prompt = [torch.randn(2, tiny_clip.vision_width)]
+        assert not torch.allclose(tiny_clip.encode_image_prompted(images, prompt), want)
+
+
+def test_deep_prompts_that_do_not_fit_are_refused(tiny_clip: ClipBackbone) -> None:
+    width, vwidth = tiny_clip.text_width, tiny_clip.vision_width
+    tokens = tiny_clip.tokenize(["a photo of a cat."])
+    emb, eot = tiny_clip.embed_tokens(tokens), tiny_clip.eot_index(tokens)
+    with pytest.raises(ValueError, match="2 deep prompt layers for a tower of 2 blocks"):
+        tiny_clip.encode_text_embeddings(emb, eot, deep=[torch.zeros(2, width)] * 2)
+    with pytest.raises(ValueError, match="inside the shared prefix"):
+        tiny_clip.encode_text_shared_prefix(
+            emb[0, :2], emb[:, 2:8], eot, deep=[torch.zeros(2, width)]
+        )
+    images = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="3 vision prompt layers for a tower of 2 blocks"):
+        tiny_clip.encode_image_prompted(images, [torch.zeros(2, vwidth)] * 3)
+    with pytest.raises(ValueError, match="same n"):
+        tiny_clip.encode_image_prompted(images, [torch.zeros(2, vwidth), torch.zeros(3, vwidth)])

@@ -58,6 +58,7 @@ class AdditivePrompt(PromptMethod):
             "class_embeddings", encode_class_prompts(backbone, prompts), persistent=False
         )
         self.hook_calls: list[tuple[int, int]] = []
+        self.after_calls: list[int] = []
 
     @classmethod
     def examples(cls) -> list[MethodExample]:
@@ -77,6 +78,13 @@ class AdditivePrompt(PromptMethod):
 
     def before_epoch(self, epoch: int, data: MethodData) -> None:
         self.hook_calls.append((epoch, sum(len(labels) for _, labels in data.train())))
+
+    def after_epoch(self, epoch: int, data: MethodData) -> None:
+        # Changes the prompt, so a checkpoint written before this hook would resume differently.
+        assert not self.training
+        self.after_calls.append(epoch)
+        with torch.no_grad():
+            self.prompt.mul_(0.9)
 
     def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.prompt.detach()
@@ -169,6 +177,7 @@ def test_fit_learns_and_keeps_backbone_frozen(baseline, tiny_clip, data):
     assert method.prompt.grad is not None
     # The hook saw the whole training set (no augmentation, no cap) before every epoch.
     assert method.hook_calls == [(e, len(data[0])) for e in range(EPOCHS)]
+    assert method.after_calls == list(range(EPOCHS))
 
 
 def test_metrics_jsonl_one_line_per_epoch(baseline):
@@ -239,6 +248,7 @@ def test_resume_after_interrupt_is_bit_identical(optimizer, baseline, make_metho
     resumed = make_method(**kw)
     result = fit(resumed, train, val=val, out_dir=out, progress=False)
     assert resumed.hook_calls == [(1, 64), (2, 64)]  # epoch 0 was not rerun
+    assert resumed.after_calls == [1, 2]
     assert torch.equal(resumed.prompt.detach(), reference.prompt.detach())
     volatile = {"seconds", "images_per_s"}
     strip = [{k: v for k, v in h.items() if k not in volatile} for h in result.history]

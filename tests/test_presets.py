@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vprompt.engine.experiment import Experiment
 from vprompt.errors import ConfigError, UnknownNameError
 from vprompt.methods.config import config_to_dict
 from vprompt.methods.presets import (
@@ -72,6 +73,14 @@ def test_preset_contract(name: str) -> None:
         assert epochs >= config.optim.warmup_epochs
     if preset.model is not None:
         assert preset.model.startswith("clip:")
+    from vprompt.data.suite.base import SUITE
+
+    for dataset, values in preset.by_dataset.items():
+        assert dataset in SUITE, f"{name}: by_dataset names unknown dataset {dataset!r}"
+        on_it, notes = Experiment(preset.method, preset=name).config(dataset=dataset)
+        for key, value in _leaves(dict(values)):
+            assert _get(config_to_dict(on_it), key) == value, (dataset, key)
+        assert any(dataset in note for note in notes)
 
 
 def test_published_coop_settings() -> None:
@@ -124,6 +133,7 @@ def test_partial_sections_keep_the_methods_other_defaults() -> None:
         ("method: coop\nconfig: {}\nnote: ''\nsource: y\n", "'note' must be a non-empty"),
         ("method: vpt\nconfig: {}\nnote: x\nsource: y\n", "differs from its folder"),
         ("method: coop\nconfig: {}\nnote: x\nsource: y\nepochs_by_shots: {1: 0}\n", "epochs"),
+        ("method: coop\nconfig: {}\nnote: x\nsource: y\nby_dataset: {dtd: 3}\n", "by_dataset"),
         ("- a\n- b\n", "expected a mapping"),
         ("method: [unclosed\n", "not valid YAML"),
         ("method: !!python/object:os.system {}\n", "not valid YAML"),  # safe_load only

@@ -8,6 +8,7 @@ from vprompt.backbones.clip import CLIP_FAMILY, ClipBackbone
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import (
     Backbone,
+    DeepPromptBackbone,
     ImageTextBackbone,
     NotAViTError,
     PromptableSegmenter,
@@ -42,6 +43,7 @@ __all__ = [
     "BackboneFamily",
     "ClassifierBackbone",
     "ClipBackbone",
+    "DeepPromptBackbone",
     "ImageTextBackbone",
     "NotAViTError",
     "Preprocess",

@@ -24,7 +24,12 @@ from vprompt.backbones.registry import (
     BackboneFamily,
     unknown_weights_error,
 )
-from vprompt.backbones.text_prefix import encode_shared_prefix, prefix_sharing_problem
+from vprompt.backbones.text_prefix import (
+    check_deep,
+    encode_shared_prefix,
+    prefix_sharing_problem,
+    replace_tokens,
+)
 from vprompt.errors import WeightsError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -114,6 +119,30 @@ class ClipBackbone(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
+    def encode_image_prompted(
+        self, images: torch.Tensor, prompts: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Image features with deep vision prompts (IVLP / MaPLe / PromptSRC).
+
+        ``prompts[0]`` (n x D) is appended after the patch tokens, before the tower's pre-norm
+        (``ln_pre``), as the reference towers append it; ``prompts[k]`` replaces the last n
+        tokens entering block ``k``. The prompt tokens are dropped after the last block, so
+        the tower's own pooling sees only its own tokens. With no prompts this is
+        :meth:`encode_image`.
+
+        Args:
+            images: B x 3 x H x W preprocessed pixels.
+            prompts: J tensors of n x D (J ≤ the number of blocks), shared by every image.
+
+        Returns:
+            B x E image features (not normalized).
+        """
+        if not prompts:
+            return self.encode_image(images)
+        return clip_vision.prompted_features(
+            self.model.visual, self._require_vit(), images, prompts
+        )
+
     # ------------------------------------------------------------------ vision tokens (VPT)
     @property
     def num_prefix_tokens(self) -> int:
@@ -195,16 +224,25 @@ class ClipBackbone(nn.Module):
         return str(decode([int(token_id)])).strip()
 
     def encode_text_embeddings(
-        self, embeddings: torch.Tensor, eot_index: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        eot_index: torch.Tensor,
+        deep: Sequence[torch.Tensor] = (),
+        deep_start: int = 1,
     ) -> torch.Tensor:
-        """Text features from token embeddings (the CoOp seam).
+        """Text features from token embeddings (the CoOp seam; deep prompts for IVLP/MaPLe).
 
         Args:
             embeddings: T x L x W token embeddings, L ≤ context length (positions are added here).
             eot_index: T positions of the pooled token.
+            deep: Deep text prompts: ``deep[k]`` (n x W, the same for every prompt) replaces
+                the hidden states at positions ``deep_start … deep_start + n - 1`` entering
+                block ``k + 1`` (the prompt positions of block 0 are in ``embeddings``).
+            deep_start: The first replaced position (1: right after the start token).
 
         Returns:
-            T x D text features, equal to open_clip's ``encode_text`` for the same tokens.
+            T x D text features, equal to open_clip's ``encode_text`` for the same tokens when
+            ``deep`` is empty.
         """
         self._require_seam()
         t = self._text
@@ -221,7 +259,10 @@ class ClipBackbone(nn.Module):
             )
             pad = pad[:, None, :].expand(-1, n, -1).repeat_interleave(t.heads, 0)
             mask = pad if mask is None else mask[None] + pad
-        x = t.transformer(x, attn_mask=mask)
+        if deep:
+            x = self._deep_text_blocks(x, mask, deep, deep_start)
+        else:
+            x = t.transformer(x, attn_mask=mask)
         x = t.ln_final(x)
         pool = self._pool_type
         if pool in ("argmax", "eos"):
@@ -235,6 +276,28 @@ class ClipBackbone(nn.Module):
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return x
 
+    def _deep_text_blocks(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        deep: Sequence[torch.Tensor],
+        start: int,
+    ) -> torch.Tensor:
+        """open_clip's ``Transformer.forward`` with deep prompts swapped in before blocks
+        1 … len(deep)."""
+        transformer = self._text.transformer
+        blocks = transformer.resblocks
+        check_deep(deep, len(blocks), start, x.shape[1], "the prompt")
+        batch_first = getattr(transformer, "batch_first", True)
+        for i, block in enumerate(blocks):
+            if 1 <= i <= len(deep):
+                x = replace_tokens(x, deep[i - 1], start)
+            if batch_first:
+                x = block(x, attn_mask=mask)
+            else:
+                x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        return x
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._seam_problem is not None:
             return self.model.encode_text(tokens)
@@ -243,6 +306,13 @@ class ClipBackbone(nn.Module):
             # Causal tower: tokens after the pooled one cannot change its feature.
             tokens = tokens[:, : int(eot.max()) + 1]
         return self.encode_text_embeddings(self.embed_tokens(tokens), eot)
+
+    @property
+    def text_layers(self) -> int:
+        """Blocks of the text tower (0 when the token seam is unavailable)."""
+        if self._seam_problem is not None:
+            return 0
+        return len(self._text.transformer.resblocks)
 
     @property
     def truncatable(self) -> bool:
@@ -265,6 +335,8 @@ class ClipBackbone(nn.Module):
         suffix: torch.Tensor,
         eot_index: torch.Tensor,
         group: torch.Tensor | None = None,
+        deep: Sequence[torch.Tensor] = (),
+        deep_start: int = 1,
     ) -> torch.Tensor:
         """Text features of T prompts that start with the same P token embeddings.
 
@@ -273,6 +345,10 @@ class ClipBackbone(nn.Module):
             suffix: T x S x W token embeddings after the prefix.
             eot_index: T positions of the pooled token in the whole prompt (≥ P).
             group: With G prefixes, which one each of the T prompts starts with.
+            deep: Deep text prompts as in :meth:`encode_text_embeddings`; they must lie inside
+                the prefix (deep prompts are the same for every class, so the prefix stays
+                shared).
+            deep_start: The first replaced position.
 
         Returns:
             T x D features, equal to :meth:`encode_text_embeddings` of the whole prompts.
@@ -283,7 +359,14 @@ class ClipBackbone(nn.Module):
                 f"{self._prefix_problem or 'its text tower is not causal'}"
             )
         return encode_shared_prefix(
-            self._text, prefix, suffix, eot_index, pool_type=self._pool_type, group=group
+            self._text,
+            prefix,
+            suffix,
+            eot_index,
+            pool_type=self._pool_type,
+            group=group,
+            deep=deep,
+            deep_start=deep_start,
         )
 
     @property

@@ -9,6 +9,7 @@ Shapes: B images, P prefix tokens, N patch tokens, D width, E joint embedding si
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -53,6 +54,40 @@ def vision_tokens(visual: Any, layout: VisionLayout, pixels: torch.Tensor) -> to
     x = x + visual.positional_embedding.to(x.dtype)
     x = visual.patch_dropout(x)
     return visual.ln_pre(x)
+
+
+def pre_norm(visual: Any, layout: VisionLayout) -> nn.Module:
+    """The norm applied to the tokens that enter the first block (``ln_pre`` / ``norm_pre``)."""
+    if layout == "timm-trunk-vit":
+        return visual.trunk.norm_pre
+    return visual.ln_pre
+
+
+def prompted_features(
+    visual: Any, layout: VisionLayout, pixels: torch.Tensor, prompts: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """B x E image features with deep prompts appended after the tower's tokens.
+
+    ``prompts[0]`` (n x D) joins the sequence before the pre-norm (the norm is per token, so
+    normalising it separately is the same); ``prompts[k]`` replaces the last n tokens entering
+    block ``k``; the n prompt tokens are dropped before pooling.
+    """
+    tower = blocks(visual, layout)
+    if len(prompts) > len(tower):
+        raise ValueError(f"{len(prompts)} vision prompt layers for a tower of {len(tower)} blocks")
+    n = prompts[0].shape[0]
+    if any(p.dim() != 2 or p.shape[0] != n for p in prompts):
+        raise ValueError("every layer's vision prompts must be n x D with the same n")
+    x = vision_tokens(visual, layout, pixels)
+    b = x.shape[0]
+    first = pre_norm(visual, layout)(prompts[0].to(x.dtype))
+    x = torch.cat([x, first.unsqueeze(0).expand(b, -1, -1)], dim=1)
+    for i, block in enumerate(tower):
+        if 1 <= i < len(prompts):
+            deep = prompts[i].to(x.dtype).unsqueeze(0).expand(b, -1, -1)
+            x = torch.cat([x[:, :-n], deep], dim=1)
+        x = block(x)
+    return pool_tokens(visual, layout, x[:, :-n])
 
 
 def blocks(visual: Any, layout: VisionLayout) -> nn.ModuleList | nn.Sequential:

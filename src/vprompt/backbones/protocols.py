@@ -120,6 +120,44 @@ class ImageTextBackbone(Backbone, Protocol):
 
 
 @runtime_checkable
+class DeepPromptBackbone(ImageTextBackbone, Protocol):
+    """A CLIP-like dual encoder whose two towers take deep prompts (IVLP, MaPLe, PromptSRC …).
+
+    Shapes: B images, T texts, L tokens, n prompt tokens, W text width, D vision width.
+    """
+
+    text_width: int
+
+    @property
+    def text_layers(self) -> int:
+        """Blocks of the text tower."""
+        ...
+
+    @property
+    def vision_width(self) -> int:
+        """D, the vision tower's token width."""
+        ...
+
+    def encode_text_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        eot_index: torch.Tensor,
+        deep: Sequence[torch.Tensor] = (),
+        deep_start: int = 1,
+    ) -> torch.Tensor:
+        """T x L x W token embeddings + T pooled positions → T x E text features; ``deep[k]``
+        (n x W) replaces positions ``deep_start …`` entering text block ``k + 1``."""
+        ...
+
+    def encode_image_prompted(
+        self, images: torch.Tensor, prompts: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """B x 3 x H x W → B x E image features; ``prompts[0]`` (n x D) is appended to the
+        tokens entering block 0, ``prompts[k]`` replaces them before block ``k``."""
+        ...
+
+
+@runtime_checkable
 class TokenBackbone(Protocol):
     """A ViT vision tower opened up token by token: the seam visual prompt tuning (VPT) uses.
 

@@ -17,6 +17,7 @@ cross-attention) with a causal mask and no padding mask is handled;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,31 @@ def prefix_sharing_problem(tower: Any) -> str | None:
         if attn.bias_k is not None or attn.add_zero_attn or attn.dropout:
             return "its text attention adds bias tokens, zero attention or dropout"
     return None
+
+
+def check_deep(
+    deep: Sequence[torch.Tensor], blocks: int, start: int, length: int, where: str
+) -> None:
+    """Refuse deep prompts for more blocks than the tower has after its first, or reaching
+    past ``length`` tokens (``where`` names them)."""
+    if len(deep) > blocks - 1:
+        raise ValueError(
+            f"{len(deep)} deep prompt layers for a tower of {blocks} blocks (at most {blocks - 1})"
+        )
+    for tokens in deep:
+        if tokens.dim() != 2 or start + tokens.shape[0] > length:
+            raise ValueError(
+                f"deep prompts of shape {tuple(tokens.shape)} must be n x W and lie inside "
+                f"{where} ({length} tokens from position {start})"
+            )
+
+
+def replace_tokens(x: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """N x L x W hidden states with positions ``start … start + n - 1`` replaced by the
+    n x W ``tokens`` (the same for every row)."""
+    n = tokens.shape[0]
+    new = tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], new, x[:, start + n :]], dim=1)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -103,6 +129,8 @@ def encode_shared_prefix(
     *,
     pool_type: str,
     group: torch.Tensor | None = None,
+    deep: Sequence[torch.Tensor] = (),
+    deep_start: int = 1,
 ) -> torch.Tensor:
     """Pooled, projected text features of T prompts ``[prefix, suffix[t]]``.
 
@@ -118,6 +146,10 @@ def encode_shared_prefix(
         pool_type: ``argmax`` or ``eos`` (pool the EOT token).
         group: T indices into the G prefixes (e.g. CoCoOp: one context per image, C classes
             each); required exactly when ``prefix`` is G x P x W.
+        deep: Deep prompts (IVLP / MaPLe): ``deep[k]`` (n x W) replaces the hidden states at
+            positions ``deep_start … deep_start + n - 1`` entering block ``k + 1``. They must
+            lie inside the prefix (the same for every prompt, so still computed once).
+        deep_start: The first replaced position (1: right after the start token).
 
     Returns:
         T x D features, equal to running the T whole prompts.
@@ -136,7 +168,10 @@ def encode_shared_prefix(
         x_pre = x_pre.unsqueeze(0)
     x_suf = suffix.to(cast) + pos[p:]
     mask = tower.attn_mask[: p + s, : p + s]
-    for block in tower.transformer.resblocks:
+    check_deep(deep, len(tower.transformer.resblocks), deep_start, p, "the shared prefix")
+    for i, block in enumerate(tower.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x_pre = replace_tokens(x_pre, deep[i - 1], deep_start)
         x_pre, x_suf = _block_step(block, x_pre, x_suf, mask, group)
     rows = torch.arange(x_suf.shape[0], device=x_suf.device)
     x = tower.ln_final(x_suf[rows, eot_index - p])

@@ -3,7 +3,9 @@
 A method's config for a run is built in this order (:meth:`Experiment.config`):
 
 1. the method's own defaults (the paper's);
-2. the preset, if any (``vprompt presets``), merged key by key;
+2. the preset, if any (``vprompt presets``), merged key by key, then its ``by_dataset``
+   overrides for the run's benchmark dataset (where the reference's setting differs per
+   dataset);
 3. the preset's epochs for the run's shots (``epochs_by_shots``), unless ``--set`` gives
    ``optim.epochs``;
 4. the dataset's template in the method's declared ``template_field`` (runs on a benchmark
@@ -111,6 +113,11 @@ class Experiment:
         preset = self.preset_spec
         if preset is not None:
             config = apply_config_mapping(config, preset.config, what=f"preset {preset.name}")
+            own = preset.by_dataset.get(dataset, {}) if dataset else {}
+            if own:
+                where = f"preset {preset.name} on {dataset}"
+                config = apply_config_mapping(config, own, what=where)
+                notes.append(f"{where}: {jsonio.dumps(own, sort_keys=True)}")
             epochs = None if "optim.epochs" in self.user_keys else preset.epochs_for(shots)
             if epochs is not None:
                 config = with_epochs(config, epochs)

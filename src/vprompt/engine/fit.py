@@ -404,6 +404,12 @@ def _train(
                 else None
             ),
         )
+        _run_hook(
+            device,
+            derived_seed(seed, f"after-epoch-{epoch}"),
+            partial(method.after_epoch, epoch, data),
+            method,
+        )
         record["val_acc"] = record["val_loss"] = None
         if select == "best-val":
             result = validate(progress)

@@ -9,6 +9,9 @@ Lifecycle, as :func:`vprompt.engine.fit` drives it::
     before_epoch(epoch, data)              before every epoch, in eval mode
     forward / forward_features             every step, in train mode → MethodOutput
     backward(loss, output, labels)         instead of loss.backward(), if declared
+    after_epoch(epoch, data)               after every epoch's steps, in eval mode, before
+                                           validation and the checkpoint (e.g. averaging
+                                           the prompt over epochs)
     finish(data)                           once, after the kept epoch is restored: calibration
                                            on validation data (e.g. a hyper-parameter search)
     prompt_state / load_prompt_state       what packs and checkpoints hold
@@ -305,6 +308,12 @@ class PromptMethod(nn.Module):
     def before_epoch(self, epoch: int, data: MethodData) -> None:
         """Before every training epoch, in eval mode (default: nothing). A run with
         ``optim.epochs == 0`` calls it once with ``epoch=0``."""
+        return None
+
+    def after_epoch(self, epoch: int, data: MethodData) -> None:
+        """After every training epoch's steps, in eval mode, before validation and before the
+        epoch's checkpoint is written (default: nothing). What it changes in the prompt state
+        is what that epoch's checkpoint, validation and a resumed run see."""
         return None
 
     def finish(self, data: MethodData) -> None:

@@ -11,6 +11,8 @@ A preset is ``src/vprompt/configs/<method>/<setting>.yaml`` and is named ``<meth
     config:                       # nested overrides of the method's default config
       n_ctx: 16
       optim: {epochs: 200, batch_size: 32}
+    by_dataset:                   # optional: overrides for runs on one benchmark dataset,
+      dtd: {gpa_mean: 45}         # where the reference's config sets them per dataset
 
 The ``config`` mapping is merged key by key over the method's own defaults (a partial ``optim``
 section keeps the method's other optimizer defaults), then ``--set`` overrides go on top.
@@ -31,7 +33,7 @@ from vprompt.utils.registry import close_matches
 
 _PACKAGE_DIR = "configs"
 _REQUIRED = ("method", "source", "note", "config")
-_OPTIONAL = ("model", "epochs_by_shots")
+_OPTIONAL = ("model", "epochs_by_shots", "by_dataset")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Preset:
         model: The backbone the paper reports with this setting, if it names one.
         epochs_by_shots: Shots per class → training epochs, where the reference trains
             longer with more shots (see :meth:`epochs_for`); empty when epochs are fixed.
+        by_dataset: Benchmark dataset → nested overrides applied after ``config`` on runs on
+            that dataset, where the reference's setting differs per dataset.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Preset:
     note: str
     model: str | None = None
     epochs_by_shots: Mapping[int, int] = field(default_factory=dict)
+    by_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def epochs_for(self, shots: int | None) -> int | None:
         """Epochs for ``shots`` per class: the entry of the largest listed shot count not above
@@ -82,6 +87,7 @@ class Preset:
             "note": self.note,
             "config": _plain(self.config),
             "epochs_by_shots": {str(k): v for k, v in sorted(self.epochs_by_shots.items())},
+            "by_dataset": _plain(self.by_dataset),
         }
 
 
@@ -122,6 +128,11 @@ def _parse(name: str, text: str) -> Preset:
         isinstance(k, int) and isinstance(v, int) and k >= 1 and v >= 1 for k, v in epochs.items()
     ):
         raise ConfigError(f"{where}: 'epochs_by_shots' must map shots >= 1 to epochs >= 1")
+    by_dataset = data.get("by_dataset") or {}
+    if not isinstance(by_dataset, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in by_dataset.items()
+    ):
+        raise ConfigError(f"{where}: 'by_dataset' must map dataset names to config mappings")
     return Preset(
         name=name,
         method=data["method"],
@@ -130,6 +141,7 @@ def _parse(name: str, text: str) -> Preset:
         note=" ".join(data["note"].split()),
         model=model,
         epochs_by_shots=dict(sorted(epochs.items())),
+        by_dataset=dict(sorted(by_dataset.items())),
     )
 
 

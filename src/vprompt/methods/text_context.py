@@ -218,6 +218,7 @@ def encode_prompts(
     chunk: int | None = None,
     checkpointed: bool = False,
     share_prefix: bool = True,
+    deep: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """C x D unit-norm text features for a shared or class-specific context.
 
@@ -229,7 +230,11 @@ def encode_prompts(
             prompt starts with (SOS and the context before the class name) once per call
             instead of once per class (:mod:`vprompt.backbones.text_prefix`; same features up
             to float rounding).
+        deep: Deep text prompts (IVLP, MaPLe): ``deep[k]`` (M x W) replaces the context
+            positions entering text block ``k + 1`` (class name at the end only).
     """
+    if deep and assembler.position != "end":
+        raise ConfigError("deep text prompts need the class name at the end of the prompt")
     total = assembler.num_classes
     step = chunk or total
     prefix_len = assembler.shared_prefix_len
@@ -250,8 +255,10 @@ def encode_prompts(
             eot = assembler.eot_positions(sel)
             if shared:
                 return backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
-                    emb[0, :prefix_len], emb[:, prefix_len:], eot
+                    emb[0, :prefix_len], emb[:, prefix_len:], eot, deep=deep
                 )
+            if deep:
+                return backbone.encode_text_embeddings(emb, eot, deep=deep)  # type: ignore[call-arg]
             return backbone.encode_text_embeddings(emb, eot)
 
         if checkpointed and torch.is_grad_enabled():
