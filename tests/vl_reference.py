@@ -45,9 +45,11 @@ def text_features(
     ctx: torch.Tensor,
     deep: Sequence[torch.Tensor],
     prompt_prefix: str,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """C x E unit text features: ``[SOS] ctx <prefix tokens after M> NAME . [EOT]`` over all
-    77 positions, ``deep[k]`` replacing positions 1 … M entering block k + 1."""
+    """C x E text features (unit with ``normalize``) of ``[SOS] ctx <prefix tokens after M>
+    NAME . [EOT]`` over all 77 positions, ``deep[k]`` replacing positions 1 … M entering
+    block k + 1."""
     m = ctx.shape[0]
     names = [n.replace("_", " ") for n in classnames]
     tokens = tokenizer([f"{prompt_prefix} {n}." for n in names])
@@ -61,12 +63,15 @@ def text_features(
         x = _block(block, x, model.attn_mask)
     x = model.ln_final(x.permute(1, 0, 2))
     x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
-    return F.normalize(x, dim=-1)
+    return F.normalize(x, dim=-1) if normalize else x
 
 
-def image_features(model, images: torch.Tensor, prompts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """B x E unit image features of a ViT tower with prompts appended after the patch tokens
-    before ``ln_pre`` and replaced before blocks 1 … J - 1 (``VisionTransformer_MaPLe``)."""
+def image_features(
+    model, images: torch.Tensor, prompts: Sequence[torch.Tensor], normalize: bool = True
+) -> torch.Tensor:
+    """B x E image features (unit with ``normalize``) of a ViT tower with prompts appended
+    after the patch tokens before ``ln_pre`` and replaced before blocks 1 … J - 1
+    (``VisionTransformer_MaPLe``)."""
     v = model.visual
     x = v.conv1(images)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
@@ -82,7 +87,7 @@ def image_features(model, images: torch.Tensor, prompts: Sequence[torch.Tensor])
             x = torch.cat([x[: x.shape[0] - n], layer], dim=0)
         x = _block(block, x, None)
     x = v.ln_post(x.permute(1, 0, 2)[:, 0]) @ v.proj
-    return F.normalize(x, dim=-1)
+    return F.normalize(x, dim=-1) if normalize else x
 
 
 def logits(model, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

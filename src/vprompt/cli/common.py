@@ -133,6 +133,23 @@ preset_option = click.option(
     help="A published setting (see `vprompt presets`), applied before --set; it names the "
     "method, so --method may be left out.",
 )
+descriptions_option = click.option(
+    "--descriptions",
+    default=None,
+    metavar="FILE",
+    help="Class descriptions for methods that read them (coprompt): a CuPL-style JSON file "
+    "mapping each class name to a list of sentences. In a protocol, {dataset} in the path "
+    "stands for each dataset's name.",
+)
+
+
+def with_descriptions(overrides: tuple[str, ...], path: str | None) -> tuple[str, ...]:
+    """``overrides`` plus ``descriptions=PATH`` (absolute) when ``--descriptions`` was given."""
+    if not path:
+        return overrides
+    return (*overrides, f"descriptions={Path(path).expanduser().absolute()}")
+
+
 device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … or auto."
 )

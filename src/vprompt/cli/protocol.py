@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from vprompt.cli.common import (
+    descriptions_option,
     device_option,
     feature_cache_dir,
     feature_cache_options,
@@ -17,6 +18,7 @@ from vprompt.cli.common import (
     output_folder,
     preset_option,
     weights_option,
+    with_descriptions,
 )
 from vprompt.utils import jsonio
 
@@ -82,6 +84,7 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
+@descriptions_option
 @click.option(
     "--select",
     default="last",
@@ -109,6 +112,7 @@ def protocol_cmd(
     seeds: str,
     out_dir: str,
     overrides: tuple[str, ...],
+    descriptions: str | None,
     select: str,
     feature_cache: str | None,
     no_feature_cache: bool,
@@ -128,6 +132,7 @@ def protocol_cmd(
     from vprompt.methods.presets import get_preset, resolve_method
 
     preset = get_preset(preset_name) if preset_name else None
+    overrides = with_descriptions(overrides, descriptions)
     method_name = resolve_method(preset, method_name)
     model = model_for(model, preset)
     jobs = plan_jobs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from vprompt.cli.common import (
+    descriptions_option,
     device_option,
     feature_cache_dir,
     feature_cache_options,
@@ -15,6 +16,7 @@ from vprompt.cli.common import (
     pack_weights_options,
     preset_option,
     weights_option,
+    with_descriptions,
 )
 from vprompt.utils import jsonio
 
@@ -73,6 +75,7 @@ subsample_option = click.option(
     metavar="KEY=VALUE",
     help="Config override, e.g. optim.lr=0.1 (repeatable).",
 )
+@descriptions_option
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--train-subset",
@@ -115,6 +118,7 @@ def train_cmd(
     subsample: str,
     out_dir: str,
     overrides: tuple[str, ...],
+    descriptions: str | None,
     seed: int,
     train_subset: int | None,
     test_subset: int | None,
@@ -131,6 +135,7 @@ def train_cmd(
     from vprompt.methods.presets import get_preset
 
     preset = get_preset(preset_name) if preset_name else None
+    overrides = with_descriptions(overrides, descriptions)
     experiment = Experiment(method_name, preset_name, overrides)
     model = model_for(model, preset)
     cls = experiment.method_class

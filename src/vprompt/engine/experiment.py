@@ -25,6 +25,7 @@ calls); the protocol runner builds each job with :class:`Experiment` and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,12 @@ class Experiment:
         fill = target is not None and target not in self.user_keys and target not in settings
         if template is not None and fill:
             config = cls.with_templates(config, (template,))
-        return apply_overrides(config, self.overrides), notes
+        config = apply_overrides(config, self.overrides)
+        found = getattr(config, "descriptions", None)
+        if dataset and isinstance(found, str) and "{dataset}" in found:
+            # One class-description file per benchmark dataset (``--descriptions DIR/{dataset}``).
+            config = dataclasses.replace(config, descriptions=found.replace("{dataset}", dataset))
+        return config, notes
 
     def build(
         self,

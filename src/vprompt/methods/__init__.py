@@ -9,6 +9,7 @@ from vprompt.methods import (  # noqa: F401
     baselines,
     cocoop,
     coop,
+    coprompt,
     ivlp,
     kgcoop,
     maple,

@@ -219,6 +219,7 @@ def encode_prompts(
     checkpointed: bool = False,
     share_prefix: bool = True,
     deep: Sequence[torch.Tensor] = (),
+    normalize: bool = True,
 ) -> torch.Tensor:
     """C x D unit-norm text features for a shared or class-specific context.
 
@@ -232,6 +233,7 @@ def encode_prompts(
             to float rounding).
         deep: Deep text prompts (IVLP, MaPLe): ``deep[k]`` (M x W) replaces the context
             positions entering text block ``k + 1`` (class name at the end only).
+        normalize: False returns the features before L2 normalisation (for adapters).
     """
     if deep and assembler.position != "end":
         raise ConfigError("deep text prompts need the class name at the end of the prompt")
@@ -266,7 +268,8 @@ def encode_prompts(
         else:
             out = run(part_ctx)
         feats.append(out.float())
-    return F.normalize(torch.cat(feats), dim=-1)
+    joined = torch.cat(feats)
+    return F.normalize(joined, dim=-1) if normalize else joined
 
 
 def learned_context(

@@ -214,14 +214,25 @@ class DeepVLPromptMethod(PromptMethod):
     def text_features_from(self, prompts: VLPrompts) -> torch.Tensor:
         """C x E unit-norm class text features of ``prompts`` (every step while training)."""
         chunk = getattr(self.config, "class_chunk", None)
-        return encode_prompts(
+        raw = encode_prompts(
             self.clip,
             self.assembler,
             prompts.ctx,
             chunk=chunk,
             checkpointed=chunk is not None,
             deep=prompts.text_deep,
+            normalize=False,
         )
+        return F.normalize(self.adapt_text(raw), dim=-1)
+
+    def adapt_text(self, features: torch.Tensor) -> torch.Tensor:
+        """C x E text features before normalisation → what is normalised (default: as is;
+        CoPrompt adds its residual adapter here)."""
+        return features
+
+    def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
+        """B x E image features before normalisation → what is normalised (default: as is)."""
+        return features
 
     def text_features(self) -> torch.Tensor:
         """C x E unit-norm class text features of the current prompts; outside training they
@@ -235,7 +246,8 @@ class DeepVLPromptMethod(PromptMethod):
 
     def image_features_from(self, images: torch.Tensor, prompts: VLPrompts) -> torch.Tensor:
         """B x E unit-norm prompted image features."""
-        return F.normalize(self.clip.encode_image_prompted(images, prompts.vision).float(), dim=-1)
+        raw = self.clip.encode_image_prompted(images, prompts.vision).float()
+        return F.normalize(self.adapt_image(raw), dim=-1)
 
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """B x C scaled cosines between unit image and class text features."""
