@@ -76,6 +76,14 @@ subsample_option = click.option(
     help="Config override, e.g. optim.lr=0.1 (repeatable).",
 )
 @descriptions_option
+@click.option(
+    "--unlabeled",
+    "unlabeled",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A folder of unlabelled training images (all images under it) for methods that "
+    "learn without labels (promptkd); --data still gives the classes and the test split.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--train-subset",
@@ -119,6 +127,7 @@ def train_cmd(
     out_dir: str,
     overrides: tuple[str, ...],
     descriptions: str | None,
+    unlabeled: str | None,
     seed: int,
     train_subset: int | None,
     test_subset: int | None,
@@ -170,6 +179,7 @@ def train_cmd(
         num_workers=workers,
         feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
         device=device,
+        unlabeled=unlabeled,
     )
     if as_json:
         click.echo(jsonio.dumps(report.summary, ensure_ascii=False))

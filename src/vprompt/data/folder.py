@@ -76,6 +76,50 @@ class ImageFolder:
             raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
 
 
+UNLABELED = -1
+"""The label of an image without one (training data of methods that learn without labels)."""
+
+
+class UnlabeledImages:
+    """Every image under a folder (recursively, sorted), each labelled :data:`UNLABELED`.
+
+    Args:
+        root: The folder.
+        classnames: The classes of the task the images serve (the method's), for the engine's
+            class check; the images carry no label among them.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], classnames: list[str]) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: not a folder of unlabelled images")
+        self.classnames = list(classnames)
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not self.files:
+            raise DatasetError(
+                f"{self.root}: holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+
+    def all_labels(self) -> list[int]:
+        return [UNLABELED] * len(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return load_image(self.files[index]), UNLABELED
+
+    def identity(self, index: int) -> str:
+        """A digest of the image file's bytes (for feature caches)."""
+        path = self.files[index]
+        try:
+            return content_identity(path)
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
+
+
 def load_folder(root: str | os.PathLike[str]) -> DataSplits:
     """``ROOT/train``, ``ROOT/test`` and optional ``ROOT/val`` image folders."""
     base = Path(root)

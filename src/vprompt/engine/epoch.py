@@ -70,6 +70,8 @@ def train_one_epoch(
     # fills .grad on its parameters in backward(loss, output, labels).
     custom_backward = method.capabilities.custom_backward
     num_classes = len(method.classnames)
+    # Methods that learn without labels take unlabelled images (label -1) and no cross-entropy.
+    supervised = method.capabilities.uses_labels
     method.train()
     step = start_step
     loss_sum, correct, seen, lr = 0.0, 0, 0, schedule(step)
@@ -111,7 +113,8 @@ def train_one_epoch(
         for index, (inputs, labels) in enumerate(loader):
             if index >= steps_per_epoch:
                 break
-            check_labels(labels, num_classes, "training")  # before the copy: no device sync
+            # Checked before the copy: no device sync.
+            check_labels(labels, num_classes, "training", unlabeled_ok=not supervised)
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lr = schedule(step)
@@ -119,9 +122,12 @@ def train_one_epoch(
             with autocast_for(device):
                 out = forward(inputs)
             logits = out.logits.float()  # B x C
-            loss = F.cross_entropy(logits, labels)
-            for term in out.aux_loss.values():
-                loss = loss + term.float()
+            if supervised:
+                loss = F.cross_entropy(logits, labels)
+                for term in out.aux_loss.values():
+                    loss = loss + term.float()
+            else:
+                loss = sum((t.float() for t in out.aux_loss.values()), logits.new_zeros(()))
             optimizer.zero_grad(set_to_none=True)
             if custom_backward:
                 method.backward(loss, out, labels)
@@ -130,6 +136,7 @@ def train_one_epoch(
             if optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()
+            # Unlabelled images (-1) never count as hits; train_acc is then a lower bound.
             hits = (logits.detach().argmax(dim=1) == labels).sum()
             pending.append((step, len(labels), lr, loss.detach().float(), hits))
             step += 1

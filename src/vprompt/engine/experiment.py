@@ -251,6 +251,7 @@ def run(
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    unlabeled: str | Path | None = None,
 ) -> RunReport:
     """One whole run from names: data, backbone, config, fit, test, ``test_metrics.json``.
 
@@ -269,6 +270,9 @@ def run(
         train_subset / test_subset: Seeded random subsets of N images.
         feature_cache: Folder of the frozen-feature cache (None: no cache).
         resume / overwrite: See :func:`~vprompt.engine.fit.fit`.
+        unlabeled: A folder of unlabelled training images (every image under it) that
+            replaces the training split, for methods that learn without labels; ``data``
+            still gives the classes, the validation and the test split.
 
     Raises:
         ConfigError: Unknown settings, or a method that uses no training data (it has nothing
@@ -297,7 +301,17 @@ def run(
     splits: DataSplits = load_data(
         data, data_root=data_root, shots=shots, seed=seed, subsample=subsample
     )
-    train = random_subset(splits.train, train_subset, seed)
+    train_data: ClassificationDataset = splits.train
+    if unlabeled is not None:
+        if cls.capabilities.uses_labels:
+            raise ConfigError(
+                f"{experiment.method} learns from labels; unlabelled training images are for "
+                "methods that learn without them (e.g. promptkd)"
+            )
+        from vprompt.data.folder import UnlabeledImages
+
+        train_data = UnlabeledImages(unlabeled, splits.classnames)
+    train = random_subset(train_data, train_subset, seed)
     test = random_subset(splits.test, test_subset, seed + 1)
     dev = resolve_device(device)
     backbone = load_backbone(chosen, weights, device=dev)
@@ -326,6 +340,7 @@ def run(
         "model": chosen,
         "weights": backbone.weights,
         "data": data,
+        "unlabeled": str(unlabeled) if unlabeled is not None else None,
         "shots": shots,
         "subsample": subsample,
         "seed": seed,

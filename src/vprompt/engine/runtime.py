@@ -101,9 +101,13 @@ def iterate_batches(
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    """Refuse labels that are not indices into the class list."""
-    bad = labels[(labels < 0) | (labels >= num_classes)]
+def check_labels(
+    labels: torch.Tensor, num_classes: int, what: str, *, unlabeled_ok: bool = False
+) -> None:
+    """Refuse labels that are not indices into the class list (-1, unlabelled, is allowed
+    with ``unlabeled_ok``)."""
+    low = -1 if unlabeled_ok else 0
+    bad = labels[(labels < low) | (labels >= num_classes)]
     if bad.numel():
         raise ConfigError(
             f"the {what} data has label {int(bad[0])}, outside 0..{num_classes - 1} "

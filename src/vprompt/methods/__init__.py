@@ -14,6 +14,7 @@ from vprompt.methods import (  # noqa: F401
     kgcoop,
     maple,
     prograd,
+    promptkd,
     promptsrc,
     tip_adapter,
     visual_prompt,

@@ -66,6 +66,11 @@ class Capabilities:
             ``loss.backward()``.
         is_prompt_method: False only for reference baselines that train a copy of the
             backbone (full fine-tuning): their packs hold model weights, not a prompt.
+        uses_labels: False for methods that learn without labels (distillation from a
+            teacher): the engine adds no cross-entropy (the loss is the ``aux_loss`` terms),
+            training images may be unlabelled (label -1, ``vprompt train --unlabeled DIR``),
+            and base-to-novel trains on the images of every class, unlabelled (the
+            transductive protocol such methods report).
     """
 
     inputs: InputKind = "images"
@@ -75,6 +80,7 @@ class Capabilities:
     template_field: TemplateField | None = None
     custom_backward: bool = False
     is_prompt_method: bool = True
+    uses_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.inputs not in ("images", "image-features"):
@@ -90,6 +96,8 @@ class Capabilities:
             raise TypeError("a method that trains uses training data (uses_training_data=True)")
         if self.custom_backward and not self.trains:
             raise TypeError("custom_backward needs trains=True")
+        if not self.uses_labels and not self.trains:
+            raise TypeError("uses_labels=False describes how a method trains: needs trains=True")
 
 
 @dataclass(frozen=True)
