@@ -132,7 +132,11 @@ def test_method_contract(name: str, example: MethodExample, tmp_path) -> None:
         forward = method.forward_features if caps.inputs == "image-features" else method
         out = forward(inputs)
         assert out.logits.shape == (len(labels), len(CLASSES))
-        loss = F.cross_entropy(out.logits.float(), labels)
+        if caps.uses_labels:
+            loss = F.cross_entropy(out.logits.float(), labels)
+        else:  # learns without labels: its own terms are the whole loss, as in the engine
+            assert out.aux_loss, f"{name} learns without labels but returns no loss term"
+            loss = out.logits.new_zeros(())
         for term in out.aux_loss.values():
             loss = loss + term
         if caps.custom_backward:
@@ -314,5 +318,7 @@ def test_capabilities_refuse_contradictions() -> None:
         Capabilities(trains=True, uses_training_data=False)
     with pytest.raises(TypeError, match="custom_backward needs trains"):
         Capabilities(trains=False, custom_backward=True)
+    with pytest.raises(TypeError, match="uses_labels=False describes how a method trains"):
+        Capabilities(trains=False, uses_labels=False)
     with pytest.raises(TypeError, match="inputs"):
         Capabilities(inputs="pixels")  # type: ignore[arg-type]
