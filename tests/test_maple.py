@@ -133,3 +133,33 @@ def test_train_and_predict_through_the_cli(tiny_folder, run_cli, tmp_path) -> No
     pred = run_cli("predict", "--pack", out / "prompt.safetensors", image, "--json")
     assert pred.returncode == 0, pred.stderr
     assert len(json.loads(pred.stdout)["predictions"]) == 3
+
+
+def test_cross_dataset_protocol_with_the_preset(run_cli, tmp_path) -> None:
+    from vprompt.data.suite.synthetic import write_fake_dataset
+
+    root = tmp_path / "suite"
+    write_fake_dataset("imagenet", root, num_classes=3, images_per_class=(2, 1, 1))
+    write_fake_dataset("dtd", root, num_classes=2, images_per_class=(2, 1, 2))
+    res = run_cli("protocol", "cross-dataset", "--preset", "maple/cross-dataset", "--model",
+                  "clip:tiny", "--weights", "none", "--data-root", root, "--datasets", "dtd",
+                  "--shots", "2", "--seeds", "1", "--set", "depth=2", "--set", "optim.epochs=1",
+                  "--out", tmp_path / "xd", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    table = (tmp_path / "xd" / "table.md").read_text()
+    assert "| Method | Source | DTD | Average |" in table  # laid out like the papers' table
+    record = json.loads(
+        (tmp_path / "xd" / "jobs" / "imagenet" / "shots_2" / "seed_1" / "result.json").read_text()
+    )
+    assert set(record["metrics"]["targets"]) == {"dtd"}
+    pack = load_pack(
+        tmp_path
+        / "xd"
+        / "jobs"
+        / "imagenet"
+        / "shots_2"
+        / "seed_1"
+        / "train"
+        / "prompt.safetensors"
+    )
+    assert (pack.config["depth"], pack.config["optim"]["lr"]) == (2, 0.0026)  # preset + --set
