@@ -6,6 +6,7 @@ and its module's name in the registration import below (``docs/adding-a-method.m
 
 # Registration: every method module, imported once.
 from vprompt.methods import (  # noqa: F401
+    atprompt,
     baselines,
     cocoop,
     coop,
