@@ -6,6 +6,7 @@ import json
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,6 +228,17 @@ def test_train_and_eval_on_a_benchmark_dataset(data_root: Path, tmp_path: Path, 
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(report["test_accuracy"])
 
 
+def _dotted(config: Any, prefix: str = "") -> tuple[str, ...]:
+    """Nested config overrides as ``--set`` items (``optim.batch_size=4``)."""
+    items: tuple[str, ...] = ()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items += _dotted(value, f"{prefix}{key}.")
+        else:
+            items += (f"{prefix}{key}={json.dumps(value)}",)
+    return items
+
+
 @pytest.mark.parametrize("method", METHODS.names())
 def test_few_shot_protocol_runs_every_registered_method(
     method: str, data_root: Path, tmp_path: Path
@@ -234,10 +246,12 @@ def test_few_shot_protocol_runs_every_registered_method(
     """Contract: any registered method yields a paper-style few-shot table on a CLIP backbone."""
     from vprompt.engine.protocol import ProtocolRun, run_protocol
 
-    overrides: tuple[str, ...] = ()
     cls = METHODS.get(method)
+    # The method's first tiny example (e.g. prompt depths that fit clip:tiny), then one epoch.
+    examples = [e for e in cls.examples() if e.backbone == "clip:tiny"]
+    overrides = _dotted(examples[0].config) if examples else ()
     if cls.capabilities.trains and cls.Config().optim.epochs > 0:
-        overrides = ("optim.epochs=1", "optim.warmup_epochs=0", "optim.batch_size=8")
+        overrides += ("optim.epochs=1", "optim.warmup_epochs=0", "optim.batch_size=8")
     run = ProtocolRun(
         protocol="few-shot",
         method=method,

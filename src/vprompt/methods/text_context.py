@@ -255,9 +255,13 @@ def encode_prompts(
         def run(c: torch.Tensor, sel: slice = sel) -> torch.Tensor:
             emb = assembler(c, sel)
             eot = assembler.eot_positions(sel)
-            if shared:
+            if shared and deep:
                 return backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
                     emb[0, :prefix_len], emb[:, prefix_len:], eot, deep=deep
+                )
+            if shared:
+                return backbone.encode_text_shared_prefix(  # type: ignore[attr-defined]
+                    emb[0, :prefix_len], emb[:, prefix_len:], eot
                 )
             if deep:
                 return backbone.encode_text_embeddings(emb, eot, deep=deep)  # type: ignore[call-arg]
