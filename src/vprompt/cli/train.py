@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Any
+
 import click
 
 from vprompt.cli.common import (
@@ -191,7 +195,24 @@ def train_cmd(
 
 
 @main.command("eval")
-@click.option("--pack", "pack_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--pack",
+    "pack_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The prompt pack to evaluate (with --method: the pack the method starts from).",
+)
+@click.option(
+    "--method",
+    "method_name",
+    default=None,
+    help="Evaluate a method that learns nothing beforehand (zeroshot, test-time methods such "
+    "as tpt), built on --model or on --pack's model and context.",
+)
+@click.option("--model", default=None, help="Backbone as FAMILY:ARCH for --method without --pack.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override of --method."
+)
 @click.option("--data", "data_spec", required=True, help=_DATA_HELP)
 @data_root_option
 @subsample_option
@@ -208,7 +229,10 @@ def train_cmd(
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def eval_cmd(
-    pack_path: str,
+    pack_path: str | None,
+    method_name: str | None,
+    model: str | None,
+    overrides: tuple[str, ...],
     data_spec: str,
     data_root: str | None,
     subsample: str,
@@ -231,7 +255,8 @@ def eval_cmd(
     from vprompt.engine.pack import build_from_pack, check_classnames, load_pack
     from vprompt.errors import DatasetError
 
-    pack = load_pack(pack_path)
+    if pack_path is None and method_name is None:
+        raise click.UsageError("give --pack, or --method with --model (or with --pack)")
     splits = load_data(
         data_spec,
         data_root=data_root,
@@ -241,9 +266,17 @@ def eval_cmd(
     data = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
     if data is None:
         raise DatasetError(f"{data_spec} has no {split} split")
-    check_classnames(pack, data.classnames)
     dev = resolve_device(device)
-    method = build_from_pack(pack, weights=weights, device=dev, allow_download=allow_download)
+    if method_name is None:
+        assert pack_path is not None
+        pack = load_pack(pack_path)
+        check_classnames(pack, data.classnames)
+        method = build_from_pack(pack, weights=weights, device=dev, allow_download=allow_download)
+    else:
+        method = _method_for_eval(
+            method_name, overrides, pack_path, model, weights, allow_download, dev, data_spec,
+            data.classnames,
+        )  # fmt: skip
     cache_dir = feature_cache_dir(feature_cache, no_feature_cache)
     scores = evaluate(
         method,
@@ -254,6 +287,7 @@ def eval_cmd(
     )
     report = {
         "pack": pack_path,
+        "method": method.name,
         "data": data_spec,
         "split": split,
         "images": scores.n,
@@ -265,3 +299,52 @@ def eval_cmd(
         click.echo(jsonio.dumps(report, ensure_ascii=False))
     else:
         click.echo(f"{split} accuracy: {100 * scores.accuracy:.1f}% on {scores.n} images")
+
+
+def _method_for_eval(
+    method_name: str,
+    overrides: tuple[str, ...],
+    pack_path: str | None,
+    model: str | None,
+    weights: str | None,
+    allow_download: bool,
+    device: Any,
+    data_spec: str,
+    classnames: list[str],
+) -> Any:
+    """``--method``: a method that learns nothing beforehand, on ``--model`` or on the pack's
+    backbone with the pack as its ``init_pack``, for the data's classes (and, on a benchmark
+    dataset, its reference settings and template)."""
+    from pathlib import Path
+
+    from vprompt.backbones import load_backbone
+    from vprompt.engine.experiment import Experiment, benchmark_dataset
+    from vprompt.engine.pack import build_from_pack, load_pack
+
+    experiment = Experiment(method_name, None, overrides)
+    cls = experiment.method_class
+    if cls.capabilities.uses_training_data:
+        raise click.UsageError(
+            f"{method_name} learns from training data: train it (vprompt train) and evaluate "
+            "its pack with --pack alone"
+        )
+    if pack_path is not None:
+        if "init_pack" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            raise click.UsageError(f"{method_name} does not start from a pack; drop --pack")
+        base = build_from_pack(
+            load_pack(pack_path), weights=weights, device=device, allow_download=allow_download
+        )
+        backbone = base.backbone
+        start = json.dumps(str(Path(pack_path).expanduser().absolute()))
+        experiment = Experiment(method_name, None, (*overrides, f"init_pack={start}"))
+    elif model is None:
+        raise click.UsageError(f"--method {method_name} needs --model (or --pack)")
+    else:
+        backbone = load_backbone(model, weights, device=device)
+    suite = benchmark_dataset(data_spec)
+    return experiment.build(
+        backbone,
+        classnames,
+        dataset=suite.name if suite else None,
+        template=suite.template if suite else None,
+    ).to(device)

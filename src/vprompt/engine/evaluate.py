@@ -80,6 +80,8 @@ def evaluate(
         return evaluate_table(
             method, source.table(), batch_size=batch_size, device=dev, progress=progress, desc=desc
         )
+    if method.max_eval_batch is not None:  # e.g. test-time methods: many views per image
+        batch_size = max(1, min(batch_size, method.max_eval_batch))
     batches = iterate_batches(
         data,
         method.input_transform(False),

@@ -18,6 +18,7 @@ from vprompt.methods import (  # noqa: F401
     promptkd,
     promptsrc,
     tip_adapter,
+    tpt,
     visual_prompt,
     vpt,
     zeroshot,

@@ -219,6 +219,9 @@ class PromptMethod(nn.Module):
     training features); loading a pack or checkpoint resizes them instead of refusing."""
     state_hint: ClassVar[str] = ""
     """Appended to shape errors when a pack does not fit, e.g. which settings must match."""
+    max_eval_batch: ClassVar[int | None] = None
+    """Most images per evaluation batch (None: the caller's); test-time methods whose inputs
+    are many views per image (TPT) set a small one."""
     feature_kind: str
     """``image-features`` methods: what ``encode_images`` extracts; part of the feature-cache
     key, so two methods share cached features only when they extract the same thing."""
