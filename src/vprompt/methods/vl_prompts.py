@@ -24,7 +24,6 @@ github.com/muzairkhattak/PromptSRC (``trainers/promptsrc.py``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -157,24 +156,6 @@ class VLPrompts(NamedTuple):
     vision: list[torch.Tensor]
 
 
-@dataclass(frozen=True)
-class TextSide:
-    """What a deep VL method's text prompts are built from (see :func:`vl_context_init`)."""
-
-    init: ContextInit
-    assembler: PromptAssembler
-
-
-def build_text_side(
-    backbone: DeepPromptBackbone, classnames: Sequence[str], start: ContextInit
-) -> TextSide:
-    """The class prompts ``[SOS] <context> <rest of the init phrase> NAME . [EOT]``."""
-    assembler = PromptAssembler(
-        backbone, classnames, n_ctx=start.n_ctx, prompt_prefix=start.prompt_prefix
-    )
-    return TextSide(start, assembler)
-
-
 class DeepVLPromptMethod(PromptMethod):
     """The shared body of IVLP, MaPLe, PromptSRC …: prompted image and text features and the
     CLIP logits between them. A subclass builds its parameters after ``super().__init__``
@@ -197,7 +178,10 @@ class DeepVLPromptMethod(PromptMethod):
         """Create ``ctx`` (M x W) and the class prompt assembler."""
         start = vl_context_init(self.clip, n_ctx=n_ctx, init=ctx_init, std=std)
         self.ctx = nn.Parameter(start.vectors)
-        self.assembler = build_text_side(self.clip, self.classnames, start).assembler
+        # The class prompts: [SOS] <context> <rest of the init phrase> NAME . [EOT]
+        self.assembler = PromptAssembler(
+            self.clip, self.classnames, n_ctx=start.n_ctx, prompt_prefix=start.prompt_prefix
+        )
 
     @property
     def clip(self) -> DeepPromptBackbone:
