@@ -318,7 +318,7 @@ def test_capabilities_refuse_contradictions() -> None:
         Capabilities(trains=True, uses_training_data=False)
     with pytest.raises(TypeError, match="custom_backward needs trains"):
         Capabilities(trains=False, custom_backward=True)
-    with pytest.raises(TypeError, match="uses_labels=False describes how a method trains"):
-        Capabilities(trains=False, uses_labels=False)
+    with pytest.raises(TypeError, match="uses_labels=False describes a method's training data"):
+        Capabilities(trains=False, uses_training_data=False, uses_labels=False)
     with pytest.raises(TypeError, match="inputs"):
         Capabilities(inputs="pixels")  # type: ignore[arg-type]

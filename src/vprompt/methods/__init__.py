@@ -17,6 +17,7 @@ from vprompt.methods import (  # noqa: F401
     prograd,
     promptkd,
     promptsrc,
+    tfup,
     tip_adapter,
     tpt,
     visual_prompt,

@@ -67,10 +67,10 @@ class Capabilities:
         is_prompt_method: False only for reference baselines that train a copy of the
             backbone (full fine-tuning): their packs hold model weights, not a prompt.
         uses_labels: False for methods that learn without labels (distillation from a
-            teacher): the engine adds no cross-entropy (the loss is the ``aux_loss`` terms),
-            training images may be unlabelled (label -1, ``vprompt train --unlabeled DIR``),
-            and base-to-novel trains on the images of every class, unlabelled (the
-            transductive protocol such methods report).
+            teacher, pseudo-labels): the engine adds no cross-entropy (the loss is the
+            ``aux_loss`` terms), training images may be unlabelled (label -1, ``vprompt train
+            --unlabeled DIR``), and base-to-novel trains on the images of every class,
+            unlabelled (the transductive protocol such methods report).
     """
 
     inputs: InputKind = "images"
@@ -96,8 +96,10 @@ class Capabilities:
             raise TypeError("a method that trains uses training data (uses_training_data=True)")
         if self.custom_backward and not self.trains:
             raise TypeError("custom_backward needs trains=True")
-        if not self.uses_labels and not self.trains:
-            raise TypeError("uses_labels=False describes how a method trains: needs trains=True")
+        if not self.uses_labels and not self.uses_training_data:
+            raise TypeError(
+                "uses_labels=False describes a method's training data: needs uses_training_data"
+            )
 
 
 @dataclass(frozen=True)
