@@ -11,6 +11,7 @@ from vprompt.methods import (  # noqa: F401
     cocoop,
     coop,
     coprompt,
+    dam_vp,
     ivlp,
     kgcoop,
     maple,
