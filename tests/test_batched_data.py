@@ -261,3 +261,18 @@ def test_arrays_too_big_for_the_device_are_cut_on_the_host(monkeypatch):
     for (x, y), (x2, y2) in zip(resident, per_batch, strict=True):
         assert torch.equal(x, x2)
         assert torch.equal(y, y2)
+
+
+def test_read_only_arrays_batch_without_a_warning():
+    """Datasets hand out read-only arrays (Fashion-MNIST's decompressed file): no PyTorch
+    "not writable" warning on every run, and the array is never written."""
+    import warnings
+
+    pixels = _grey(6)
+    pixels.flags.writeable = False
+    data = ArrayData(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = list(make_loader(data, ResizeToTensor(16), batch_size=4, device=CPU))
+    assert sum(len(y) for _, y in batches) == 6
+    assert not pixels.flags.writeable

@@ -13,6 +13,7 @@ the batched resize once).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -131,7 +132,12 @@ class ArrayBatches:
     ) -> None:
         if len(pixels) != len(labels):
             raise DatasetError(f"{len(pixels)} images but {len(labels)} labels")
-        self.pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+        array = np.ascontiguousarray(pixels)
+        with warnings.catch_warnings():
+            # Datasets hand out read-only arrays (a decompressed file); batches are only read
+            # from them, so sharing the memory is safe and PyTorch's warning would be noise.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.pixels = torch.from_numpy(array)
         self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
         self.transform = transform
         self.batch_size = int(batch_size)
