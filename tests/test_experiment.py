@@ -120,3 +120,24 @@ def test_protocol_records_a_user_template_over_the_dataset_one(tmp_path: Path) -
         packs[label] = load_pack(job / "prompt.safetensors").config["template"]
     # KgCoOp's own template for DTD (its reference_settings) unless the user sets one.
     assert packs == {"dataset": "a photo of a {}, a type of texture.", "mine": "an image of {}."}
+
+
+def test_fewer_epochs_than_the_default_warmup_scale_it_with_a_note() -> None:
+    """VPT warms up for 10 of its 100 epochs: --set optim.epochs=2 keeps that share (0.2)
+    and says so, instead of refusing a setting the user never made."""
+    config, notes = Experiment("vpt", overrides=("optim.epochs=2",)).config()
+    assert (config.optim.epochs, config.optim.warmup_epochs) == (2, 0.2)
+    assert any("scaled to 0.2" in note for note in notes)
+    kept, notes = Experiment("vpt", overrides=("optim.epochs=50",)).config()
+    assert kept.optim.warmup_epochs == 10
+    assert not notes
+    with pytest.raises(ConfigError, match="warmup_epochs must be in"):  # chosen, so refused
+        Experiment("vpt", overrides=("optim.epochs=2", "optim.warmup_epochs=5")).config()
+
+
+def test_the_cli_prints_the_scaled_warmup(tiny_folder, run_cli, tmp_path) -> None:
+    res = run_cli("train", "--method", "vpt", "--model", "timm:tiny-vit", "--weights", "none",
+                  "--data", f"folder:{tiny_folder}", "--out", tmp_path / "vpt",
+                  "--set", "optim.epochs=1", "--set", "num_tokens=2")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "optim.warmup_epochs 10 does not fit optim.epochs=1: scaled to 0.1" in res.stderr

@@ -127,7 +127,7 @@ class Experiment:
         fill = target is not None and target not in self.user_keys and target not in settings
         if template is not None and fill:
             config = cls.with_templates(config, (template,))
-        config = apply_overrides(config, self.overrides)
+        config = apply_overrides(config, self.overrides, notes)
         found = getattr(config, "descriptions", None)
         if dataset and isinstance(found, str) and "{dataset}" in found:
             # One class-description file per benchmark dataset (``--descriptions DIR/{dataset}``).

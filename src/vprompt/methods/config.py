@@ -105,8 +105,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
-def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+def apply_overrides(config: Any, overrides: Sequence[str], notes: list[str] | None = None) -> Any:
     """Apply ``key=value`` / ``section.key=value`` strings (values parsed as YAML scalars).
+
+    Setting ``optim.epochs`` below the config's warm-up (and not ``optim.warmup_epochs``)
+    scales the warm-up to the same share of the run, with a line in ``notes``.
 
     Raises:
         ConfigError: Malformed items, unknown keys, or values the config rejects.
@@ -114,6 +117,8 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     import yaml
 
     data = config_to_dict(config)
+    before = data.get("optim", {}).get("epochs") if isinstance(data.get("optim"), dict) else None
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. optim.lr=0.1)")
@@ -133,7 +138,31 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
                 f"--set {item!r}: unknown key {key!r}; known: {', '.join(sorted(_flat_keys(data)))}"
             )
         node[parts[-1]] = value
+    if "optim.epochs" in keys and "optim.warmup_epochs" not in keys:
+        _share_warmup(data, before, notes)
     return config_from_dict(type(config), data)
+
+
+def _share_warmup(data: dict[str, Any], before: Any, notes: list[str] | None) -> None:
+    """Scale ``optim.warmup_epochs`` that no longer fits the (new) ``optim.epochs``."""
+    optim = data.get("optim")
+    if not isinstance(optim, dict):
+        return
+    epochs, warmup = optim.get("epochs"), optim.get("warmup_epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        return
+    if not isinstance(warmup, int | float) or isinstance(warmup, bool):
+        return
+    if not isinstance(before, int) or before <= 0:
+        return
+    if warmup > epochs:
+        scaled = float(warmup) * float(epochs) / float(before)
+        optim["warmup_epochs"] = scaled
+        if notes is not None:
+            notes.append(
+                f"optim.warmup_epochs {warmup:g} does not fit optim.epochs={epochs}: scaled to "
+                f"{scaled:g}, the same share of the run (set optim.warmup_epochs to choose)"
+            )
 
 
 def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
