@@ -115,6 +115,20 @@ def test_rle_against_pycocotools() -> None:
         assert frm["counts"].decode() == encode_rle_compressed(m)["counts"]
 
 
+def test_rle_of_a_noisy_full_hd_mask_equals_pycocotools() -> None:
+    """A million runs, long runs (large deltas, several 5-bit chunks) and blocks of the
+    vectorised encoder's size: byte for byte pycocotools' string, and back."""
+    mask_util = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(7)
+    noisy = rng.random((1080, 1920)) < 0.5
+    noisy[:, :600] = False  # runs of 648,000 pixels between the noise
+    noisy[:, 1500:1700] = True
+    ref = mask_util.encode(np.asfortranarray(noisy.astype(np.uint8)))
+    ours = encode_rle_compressed(noisy)
+    assert ours["counts"] == ref["counts"].decode()
+    assert np.array_equal(decode_rle(ours), noisy)
+
+
 @pytest.mark.parametrize(
     ("rle", "match"),
     [

@@ -78,18 +78,31 @@ def encode_rle(mask: Any) -> dict[str, Any]:
     return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": counts.tolist()}
 
 
+_CHUNKS = 13  # 5-bit chunks of an int64 (65 bits)
+_BLOCK = 1 << 16  # counts encoded per vectorised block (bounds memory to ~7 MB)
+
+
 def _compress(counts: Sequence[int]) -> str:
-    chars = []
-    for i, count in enumerate(counts):
-        x = int(count) - int(counts[i - 2]) if i > 2 else int(count)
-        while True:
-            chunk = x & 0x1F
-            x >>= 5  # arithmetic shift: negative numbers end at -1 with the sign bit set
-            done = x == -1 if chunk & 0x10 else x == 0
-            chars.append(chr(chunk + 48 if done else (chunk | 0x20) + 48))
-            if done:
-                break
-    return "".join(chars)
+    """pycocotools' counts string: each count (from the 4th on, its difference to the count two
+    before) in 5-bit chunks, low first, 0x20 on every chunk but the last, + 48. Vectorised: a
+    noisy 1080p mask has a million runs."""
+    values = np.asarray(counts, dtype=np.int64)
+    if values.size == 0:
+        return ""
+    deltas = values.copy()
+    deltas[3:] -= values[1:-2]
+    shifts = 5 * np.arange(_CHUNKS, dtype=np.int64)
+    parts = []
+    for start in range(0, deltas.size, _BLOCK):
+        x = deltas[start : start + _BLOCK, None]
+        chunks = (x >> shifts) & 0x1F  # N x K
+        rest = x >> (shifts + 5)  # what is left after each chunk (arithmetic shift)
+        done = np.where(chunks & 0x10, rest == -1, rest == 0)
+        last = done.argmax(axis=1)  # the first chunk after which nothing is left
+        k = np.arange(_CHUNKS)[None, :]
+        codes = np.where(k == last[:, None], chunks, chunks | 0x20) + 48
+        parts.append(codes[k <= last[:, None]].astype(np.uint8).tobytes())
+    return b"".join(parts).decode("ascii")
 
 
 def _decompress(text: str) -> list[int]:
