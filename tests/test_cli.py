@@ -198,6 +198,10 @@ def test_zeroshot_vit_b_16_random_weights(run_cli, photos_dir, photos):
         "cpu",
     )
     assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [  # said once, in vprompt's one-line form
+        "vprompt: warning: clip:ViT-B-16 has random weights (--weights none): its predictions "
+        "are random; use it to check a pipeline, not to measure one"
+    ]
     assert "Traceback" not in res.stderr
     check_prediction_lines(res.json_lines(), photos, top_k=2)
 
@@ -499,3 +503,21 @@ def test_predict_never_downloads_what_a_shared_pack_names(run_cli, zeroshot_run,
     (line,) = assert_clean_error(res, contains=(str(shared), "--allow-download"))
     assert "never downloads what a pack names" in line
     assert not list(empty.rglob("*.pth"))
+
+
+def test_random_weights_warning_is_a_warning_class() -> None:
+    import warnings
+
+    from vprompt import load_backbone
+    from vprompt.backbones import registry
+
+    registry._WARNED_RANDOM.discard("torchvision:mobilenet_v2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_backbone("torchvision:mobilenet_v2", "none")
+        load_backbone("torchvision:mobilenet_v2", "none")  # once per model and process
+        load_backbone("torchvision:tiny", "none")  # test models are random by definition
+    said = [w for w in caught if issubclass(w.category, registry.RandomWeightsWarning)]
+    assert [str(w.message).split(" (")[0] for w in said] == [
+        "torchvision:mobilenet_v2 has random weights"
+    ]

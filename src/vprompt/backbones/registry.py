@@ -8,6 +8,7 @@ a registered tag (``openai``), ``hf-hub:ORG/REPO``, a local file or directory, o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +147,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+class RandomWeightsWarning(UserWarning):
+    """A backbone was built with random weights (said once per model and process)."""
+
+
+_WARNED_RANDOM: set[str] = set()
+
+
 def load_backbone(
     name: str, weights: str | None = None, *, device: str | torch.device | None = "cpu"
 ) -> FrozenModel:
@@ -164,6 +172,17 @@ def load_backbone(
     family, arch = split_name(name)
     source = family.default_weights(arch) if weights is None else str(weights)
     backbone = family.build(arch, source, resolve_device(device))
+    # Tiny architectures are test models, random by definition; a real one with random
+    # weights is worth one line.
+    if source == RANDOM_INIT and arch not in family.tiny and name not in _WARNED_RANDOM:
+        _WARNED_RANDOM.add(name)
+        warnings.warn(
+            RandomWeightsWarning(
+                f"{name} has random weights (--weights none): its predictions are random; "
+                "use it to check a pipeline, not to measure one"
+            ),
+            stacklevel=2,
+        )
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
