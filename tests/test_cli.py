@@ -521,3 +521,34 @@ def test_random_weights_warning_is_a_warning_class() -> None:
     assert [str(w.message).split(" (")[0] for w in said] == [
         "torchvision:mobilenet_v2 has random weights"
     ]
+
+
+def test_weights_that_cannot_be_downloaded_say_what_to_do_once(run_cli, photos_dir) -> None:
+    res = run_cli("zeroshot", "--model", "clip:ViT-B-32", "--weights", "laion2b_s34b_b79k",
+                  "--classes", "cat,dog", photos_dir / "chelsea.png",
+                  env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "ERROR:root" not in res.stderr  # open_clip's own log line is not repeated
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("vprompt: warning: fetching clip:ViT-B-32 weights")
+    assert len(lines) == 2, res.stderr
+    error = lines[1]
+    assert error.startswith("vprompt: error: cannot download clip:ViT-B-32 weights")
+    for needle in ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "--weights PATH", "hub cache",
+                   "--weights none"):  # fmt: skip
+        assert needle in error
+
+
+def test_torchvision_weights_that_cannot_be_downloaded_name_the_file_and_cache() -> None:
+    from vprompt import load_backbone
+    from vprompt.backbones.downloads import no_downloads
+    from vprompt.errors import WeightsError
+
+    with pytest.raises(WeightsError) as caught, no_downloads():
+        load_backbone("torchvision:resnet18", "IMAGENET1K_V1")
+    text = str(caught.value)
+    assert text.startswith("cannot download torchvision:resnet18 weights 'IMAGENET1K_V1'")
+    assert "resnet18-f37072fd.pth" in text
+    assert "hub/checkpoints/" in text
+    assert "--weights none" in text

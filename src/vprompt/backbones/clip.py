@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 
 from vprompt.backbones import clip_vision
 from vprompt.backbones.clip_files import file_format, load_openai_state, torchscript_error
+from vprompt.backbones.downloads import download_advice, unreachable
 from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import NotAViTError
@@ -482,15 +484,49 @@ def _error_summary(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class DownloadNotice(UserWarning):
+    """Weights are about to be fetched over the network (it can take minutes, or fail)."""
+
+
+def _hub_cache() -> str:
+    import huggingface_hub.constants as hub
+
+    return str(hub.HF_HUB_CACHE)
+
+
+def _announce_download(arch: str, weights: str, args: dict[str, Any]) -> str | None:
+    """The hub repository a tag's weights come from (None for other sources); says so first
+    when they are not in the local cache, since the fetch can take minutes."""
+    if args.get("pretrained") != weights or weights not in list_tags(arch):
+        return None
+    cfg = _open_clip().get_pretrained_cfg(TINY_ARCHS.get(arch, arch), weights)
+    repo = str(cfg.get("hf_hub") or "").strip("/")
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    if not any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+        warnings.warn(
+            DownloadNotice(
+                f"fetching clip:{arch} weights {weights!r} from the Hugging Face hub ({repo}); "
+                "this can take minutes"
+            ),
+            stacklevel=3,
+        )
+    return repo
+
+
 def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
     oc = _open_clip()
     args = _resolve_source(arch, weights)
     tokenizer_name = args.pop("tokenizer")
     openai_file = args.pop("openai_file", None)
     previous_disable = logging.root.manager.disable
-    # open_clip logs "initialized randomly" and similar notes as root warnings; we report
-    # failures as exceptions instead.
-    logging.disable(logging.WARNING)
+    # open_clip logs "initialized randomly" and its download failures as root warnings and
+    # errors; we report failures once, as exceptions, instead.
+    logging.disable(logging.ERROR)
+    hub_repo = _announce_download(arch, weights, args)
     try:
         if args["pretrained"] is None and args["model_name"] == TINY_ARCHS.get(arch, arch):
             # Random init is seeded so that `none` means the same weights every time.
@@ -518,6 +554,13 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
     except WeightsError:
         raise
     except Exception as exc:  # torch, open_clip and safetensors raise many error types
+        if hub_repo is not None and unreachable(exc):
+            raise download_advice(
+                f"clip:{arch} weights {weights!r}",
+                f"Hugging Face hub repository {hub_repo}",
+                f"{hub_repo}'s open_clip_pytorch_model.bin (or open_clip_model.safetensors)",
+                f"the hub cache ({_hub_cache()})",
+            ) from exc
         raise WeightsError(
             f"cannot load clip:{arch} weights from {weights!r}: {_error_summary(exc)}"
         ) from exc

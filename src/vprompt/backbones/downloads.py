@@ -82,3 +82,32 @@ def needed_a_download(exc: BaseException) -> bool:
             return True
         seen, hops = seen.__cause__ or seen.__context__, hops + 1
     return False
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a load failed because a download could not happen: refused (:func:`no_downloads`),
+    the hub offline or without the file in its cache, or no network (name resolution,
+    connection, timeout) anywhere in the exception's chain."""
+    import socket
+    import urllib.error
+
+    if needed_a_download(exc):
+        return True
+    seen: BaseException | None = exc
+    hops = 0
+    network = (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror)
+    while seen is not None and hops < 20:
+        if isinstance(seen, network):
+            return True
+        seen, hops = seen.__cause__ or seen.__context__, hops + 1
+    return False
+
+
+def download_advice(what: str, source: str, fetch: str, put: str) -> WeightsError:
+    """One line for weights this machine cannot download: what failed, where from, and the
+    three ways on (a local file, the cache, random weights)."""
+    return WeightsError(
+        f"cannot download {what} ({source}): this machine cannot reach it. Fetch {fetch} on a "
+        f"machine that can and pass --weights PATH, or put it in {put}; --weights none runs "
+        "the same pipeline with random weights"
+    )

@@ -18,6 +18,7 @@ from vprompt.backbones.checkpoints import (
     read_state_dict,
 )
 from vprompt.backbones.classifier import ClassifierBackbone, TokenLayout, class_names
+from vprompt.backbones.downloads import download_advice, unreachable
 from vprompt.backbones.preprocess import Interpolation, Preprocess
 from vprompt.backbones.registry import (
     RANDOM_INIT,
@@ -168,6 +169,14 @@ def _from_tag(arch: str, member: Any) -> nn.Module:
         with _DOWNLOAD_LOCK, mock.patch.object(_api, "load_state_dict_from_url", safe_load):
             return _models().get_model(arch, weights=member)
     except Exception as exc:  # offline and not cached, corrupt file, refused pickle …
+        if unreachable(exc):
+            cache = Path(torch.hub.get_dir()) / "checkpoints"
+            raise download_advice(
+                f"torchvision:{arch} weights {member.name!r}",
+                member.url,
+                f"{member.url.rsplit('/', 1)[-1]} from that address",
+                f"{cache}/",
+            ) from exc
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
         raise WeightsError(
