@@ -550,3 +550,19 @@ def test_run_files_without_a_checkpoint_are_not_written_over(baseline, make_meth
         fit(make_method(), data[0], val=data[1], out_dir=folder, progress=False)
     assert (folder / "prompt.safetensors").read_bytes() == pack
     fit(make_method(), data[0], val=data[1], out_dir=folder, overwrite=True, progress=False)
+
+
+def test_hooks_reading_images_show_progress(make_method, data, capsys) -> None:
+    """A set-up that reads every training image (a frequency label mapping over 60,000
+    images) shows a progress bar instead of a silent wait; quiet runs stay quiet."""
+    from vprompt.engine.fit_data import FitData
+
+    method = make_method()
+    for progress, shown in ((True, True), (False, False)):
+        fit_data = FitData(method, data[0], None, train_source=None, val_source=None,
+                           batch_size=8, device=torch.device("cpu"), progress=progress)  # fmt: skip
+        seen = sum(len(labels) for _, labels in fit_data.train())
+        assert seen == len(data[0])
+        err = capsys.readouterr().err
+        assert ("reading images (plain view)" in err) is shown
+        assert (f"/{len(data[0])}" in err) is shown  # counted in images

@@ -203,6 +203,7 @@ def fit(
         device=dev,
         num_workers=num_workers,
         view_seed=feature_cache.view_seed if feature_cache is not None else 0,
+        progress=progress,
     )
 
     ckpt = _open_checkpoint(

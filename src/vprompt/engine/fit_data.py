@@ -12,11 +12,13 @@ exactly as the feature cache draws it, so a run sees the same views with or with
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset
 from vprompt.data.feature_cache import SeededImages, has_identity, view_seed
@@ -44,6 +46,9 @@ class FitData:
         device: Where batches go.
         num_workers: Data-loading workers.
         view_seed: Seed of the augmented views (the feature cache's, 0 without one).
+        progress: Show a progress bar (stderr) while a hook reads images from disk, so a
+            set-up that reads tens of thousands of images (a frequency label mapping) is not
+            a silent wait.
     """
 
     def __init__(
@@ -58,8 +63,10 @@ class FitData:
         device: torch.device,
         num_workers: int = 0,
         view_seed: int = 0,
+        progress: bool = False,
     ) -> None:
         self.method, self._train, self._val = method, train, val
+        self.progress = progress
         self._sources = {"train": train_source, "val": val_source}
         self.batch_size, self.device = batch_size, device
         self.num_workers, self.view_seed = num_workers, view_seed
@@ -93,6 +100,21 @@ class FitData:
     ) -> Iterator[Batch]:
         if source is not None:
             return source.table(view).batches(self.batch_size)
+        return self._shown(self._image_batches(data, view), len(data), view)
+
+    def _shown(self, batches: Iterator[Batch], total: int, view: int | None) -> Iterator[Batch]:
+        """``batches`` with a progress bar over their images (when ``progress``)."""
+        if not self.progress:
+            yield from batches
+            return
+        what = "plain view" if view is None else f"view {view}"
+        with tqdm(total=total, unit="img", desc=f"{self.method.name}: reading images ({what})",
+                  leave=False, file=sys.stderr) as bar:  # fmt: skip
+            for batch in batches:
+                yield batch
+                bar.update(len(batch[1]))
+
+    def _image_batches(self, data: ClassificationDataset, view: int | None) -> Iterator[Batch]:
         if view is None:
             batches: Iterator[Batch] = iterate_batches(
                 data,
