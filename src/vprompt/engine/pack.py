@@ -110,7 +110,7 @@ def pack_method(
         preprocess=backbone.preprocess.to_dict(),
         tensors={k: v.detach().cpu().contiguous() for k, v in method.prompt_state().items()},
         metrics=dict(metrics or {}),
-        extra=dict(extra or {}),
+        extra={**method.pack_notes(), **dict(extra or {})},
     )
 
 

@@ -16,6 +16,7 @@ from vprompt.methods import (  # noqa: F401
     ivlp,
     kgcoop,
     maple,
+    proapo,
     prograd,
     promptkd,
     promptsrc,

@@ -435,6 +435,11 @@ class PromptMethod(nn.Module):
         """
         return None
 
+    def pack_notes(self) -> dict[str, Any]:
+        """JSON-ready information a pack carries for people, never read back into the method
+        (the pack's ``extra``): e.g. the prompts a search chose. Default: none."""
+        return {}
+
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """Only the learned / derived prompt tensors (on CPU): what a pack stores."""
         return {k: v.detach().cpu().contiguous() for k, v in self.prompt_tensors().items()}
