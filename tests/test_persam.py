@@ -519,3 +519,26 @@ def test_backbone_decode_applies_the_reference_guidance() -> None:
         )
     assert float((plain - expected).abs().max()) > 1e-3  # the port alone differs here
     torch.testing.assert_close(seen["tokens"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_persam_f_training_shows_a_step_bar_on_a_terminal(seg, monkeypatch) -> None:
+    """1,000 steps are not a silent wait: a bar counts them (tqdm turns it off when stderr is
+    not a terminal, so piped runs and logs stay clean)."""
+    from vprompt.segment import persam
+
+    bars: list[dict[str, Any]] = []
+    real = persam.tqdm
+
+    def recording(iterable: Any, **kwargs: Any) -> Any:
+        bars.append({"total": len(iterable), **kwargs})
+        return real(iterable, **kwargs)
+
+    monkeypatch.setattr(persam, "tqdm", recording)
+    candidates = np.stack([_RIGHT, _TOO_BIG, _TOO_SMALL])
+    monkeypatch.setattr(seg, "decode", _stub_decode(seg, candidates, []))
+    PerSAMF(seg, config=PerSAMFConfig(steps=7)).fit([(_photo(128, 128, 5), _REF_MASK)])
+    (bar,) = bars
+    assert bar["total"] == 7
+    assert bar["unit"] == "step"
+    assert bar["disable"] is None  # on only for a terminal
+    assert "learning the mask weights" in bar["desc"]

@@ -43,6 +43,7 @@ costs steps x reference pixels: well under a second on a GPU, about 2.5 ms per s
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
+from tqdm.auto import tqdm
 
 from vprompt.errors import ConfigError, PromptError
 from vprompt.prompts.resize import MaskPostprocess, ResizeLongestSide
@@ -482,7 +484,10 @@ class PerSAMF(_SamMethod):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
             history = torch.empty(cfg.steps, device=device)
             pairs = list(zip(candidates, targets, strict=True))
-            for step in range(cfg.steps):
+            # 1,000 steps take a while on a CPU: a bar on a terminal (none when piped).
+            steps = tqdm(range(cfg.steps), desc=f"{self.name}: learning the mask weights",
+                         unit="step", leave=False, file=sys.stderr, disable=None)  # fmt: skip
+            for step in steps:
                 loss = torch.stack([mask_loss(_mix(weights, c), t) for c, t in pairs]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
