@@ -262,3 +262,20 @@ def test_cli_protocol_takes_the_method_from_the_preset(run_cli, tmp_path) -> Non
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["todo", "dtd/shots_1/seed_1", "todo", "dtd/shots_2/seed_1"]
+
+
+def test_presets_for_a_method_list_its_settings_with_defaults_and_meaning(run_cli) -> None:
+    res = run_cli("presets", "--method", "maple")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.startswith("maple settings (--set KEY=VALUE; defaults are the paper's):")
+    assert "  depth = 9 — J ≥ 1, the prompted blocks of both towers" in out
+    assert "  optim.lr = 0.0035 — The learning rate after the warm-up" in out
+    assert "maple/base-to-novel" in out  # the presets follow
+
+
+def test_an_unknown_setting_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'deth'; did you mean 'depth'\?"):
+        Experiment("maple", overrides=("deth=3",)).config()
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.lr', "):
+        Experiment("maple", overrides=("optim.lrr=1",)).config()

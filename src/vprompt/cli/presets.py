@@ -26,6 +26,8 @@ def presets_cmd(as_json: bool, method_name: str | None) -> None:
     if as_json:
         click.echo(jsonio.dumps([p.to_dict() for p in rows], indent=1, ensure_ascii=False))
         return
+    if method_name is not None:
+        _settings(method_name)
     if not rows:
         click.echo("no presets" + (f" for method {method_name!r}" if method_name else ""))
         return
@@ -44,3 +46,18 @@ def _wrap(text: str, first: str, rest: str) -> str:
     return textwrap.fill(
         text, 100, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
     )
+
+
+def _settings(method_name: str) -> None:
+    """The method's settings: every ``--set`` key with its default and meaning."""
+    from vprompt.methods.config import config_help
+    from vprompt.methods.registry import METHODS
+
+    cls = METHODS.get(method_name)
+    click.echo(f"{method_name} settings (--set KEY=VALUE; defaults are the paper's):")
+    for key, default, meaning in config_help(cls.Config):
+        value = jsonio.dumps(default, ensure_ascii=False)
+        if len(value) > 40:
+            value = value[:37] + "..."
+        click.echo(_wrap(f"{key} = {value}" + (f" — {meaning}" if meaning else ""), "  ", "      "))
+    click.echo("")

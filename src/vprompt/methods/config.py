@@ -24,6 +24,21 @@ class OptimConfig:
     default; Tip-Adapter-F trains with 1e-4). ``drop_last`` skips each epoch's last partial
     batch when the training set holds at least one full batch (Dassl's rule, which the CoOp
     family's published numbers use).
+
+    Attributes:
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+        lr: The learning rate after the warm-up (the cosine schedule's peak).
+        momentum: SGD's momentum.
+        weight_decay: Weight decay (decoupled for AdamW).
+        epochs: Training epochs (0: only the method's set-up and finish run).
+        warmup_epochs: Warm-up length in epochs (may be fractional).
+        warmup_lr: The warm-up's rate (constant) or starting rate (linear; None: from 0).
+        batch_size: Images per training step.
+        grad_clip: Clip the gradients' total norm to this (None: no clipping).
+        warmup_type: ``linear`` or ``constant``.
+        step_unit: ``iteration`` (rate updated every step) or ``epoch`` (Dassl's schedule).
+        eps: Adam's / AdamW's epsilon.
+        drop_last: Skip each epoch's last partial batch when a full one exists.
     """
 
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -134,8 +149,13 @@ def apply_overrides(config: Any, overrides: Sequence[str], notes: list[str] | No
                 raise ConfigError(f"--set {item!r}: {part!r} is not a config section")
             node = node[part]
         if parts[-1] not in node:
+            from vprompt.utils.registry import close_matches
+
+            known = sorted(_flat_keys(data))
+            guesses = close_matches(key.strip(), known)
+            hint = f"; did you mean {', '.join(repr(g) for g in guesses)}?" if guesses else ""
             raise ConfigError(
-                f"--set {item!r}: unknown key {key!r}; known: {', '.join(sorted(_flat_keys(data)))}"
+                f"--set {item!r}: unknown key {key!r}{hint} (known: {', '.join(known)})"
             )
         node[parts[-1]] = value
     if "optim.epochs" in keys and "optim.warmup_epochs" not in keys:
@@ -211,3 +231,57 @@ def with_epochs(config: Any, epochs: int | None) -> Any:
     if optim is None:
         raise ConfigError(f"{type(config).__name__} has no optim section to set epochs on")
     return dataclasses.replace(config, optim=dataclasses.replace(optim, epochs=int(epochs)))
+
+
+def config_help(cls: type) -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, meaning)`` of every setting of a config dataclass, nested
+    sections included; meanings come from the ``Attributes:`` sections of the docstrings of
+    the class and its bases."""
+    meanings: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        meanings.update(_attribute_docs(base.__doc__ or ""))
+    rows: list[tuple[str, Any, str]] = []
+    defaults = config_to_dict(cls())
+    for f in dataclasses.fields(cls):
+        value = defaults[f.name]
+        if isinstance(value, dict):  # a section: its own class's help, this config's defaults
+            section = f.type if isinstance(f.type, type) else type(getattr(cls(), f.name))
+            for key, _, meaning in config_help(section):
+                rows.append((f"{f.name}.{key}", _dotted_get(value, key), meaning))
+        else:
+            rows.append((f.name, value, meanings.get(f.name, "")))
+    return rows
+
+
+def _dotted_get(data: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a Google-style ``Attributes:`` section, joined into lines."""
+    import inspect
+
+    lines = inspect.cleandoc(doc).splitlines()
+    found: dict[str, str] = {}
+    inside, current, indent = False, None, 0
+    for line in lines:
+        if line.strip() == "Attributes:":
+            inside, current = True, None
+            continue
+        if not inside:
+            continue
+        if line and not line.startswith(" "):
+            break  # the section ended
+        text = line.strip()
+        if not text:
+            continue
+        depth = len(line) - len(line.lstrip())
+        head, sep, rest = text.partition(":")
+        if sep and head.isidentifier() and (current is None or depth <= indent):
+            current, indent = head, depth
+            found[current] = rest.strip()
+        elif current is not None:
+            found[current] = f"{found[current]} {text}".strip()
+    return found
