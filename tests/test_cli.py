@@ -147,8 +147,10 @@ def test_models_json(run_cli):
         ),
         (("predict",), ("--pack", "IMAGES", "--classes", "--weights", "--top-k", "--json")),
         (("inspect",), ("PACK_PATH", "--json")),
+        (("train",), ("--set", "vprompt presets --method NAME", "--unlabeled", "--descriptions")),
+        (("eval",), ("--method", "--pack", "--model", "--set")),
     ],
-    ids=["main", "models", "zeroshot", "predict", "inspect"],
+    ids=["main", "models", "zeroshot", "predict", "inspect", "train", "eval"],
 )
 def test_help(run_cli, command, needles):
     res = run_cli(*command, "--help")

@@ -77,7 +77,8 @@ subsample_option = click.option(
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Config override, e.g. optim.lr=0.1 (repeatable).",
+    help="Config override, e.g. optim.lr=0.1 (repeatable); `vprompt presets --method NAME` "
+    "lists every key of a method with its default and meaning.",
 )
 @descriptions_option
 @click.option(
