@@ -265,3 +265,22 @@ def test_an_unwritable_feature_cache_is_a_warning_not_a_failure(run_cli, colour_
     assert "feature cache" in warnings[0]
     assert "Not a directory; going on without it" in warnings[0]
     assert in_the_way.read_text() == "not a folder"
+
+
+def test_a_plain_class_folder_is_split_and_says_so(run_cli, tiny_folder, tmp_path) -> None:
+    plain = tiny_folder / "train"  # <class>/<image> only, no train/ and test/
+    res = run_cli("train", "--method", "coop", "--model", "clip:tiny", "--weights", "none",
+                  "--data", f"folder:{plain}", "--out", tmp_path / "run", "--set", "n_ctx=2",
+                  "--set", "optim.epochs=1", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["test_images"] == 3  # 1 of 4 each
+    notes = [ln for ln in res.stderr.splitlines() if "has no train/ and test/ folders" in ln]
+    assert len(notes) == 1, res.stderr
+    assert "split each class's images 80/20 into train (9) and test (3)" in notes[0]
+    again = run_cli("train", "--method", "coop", "--model", "clip:tiny", "--weights", "none",
+                    "--data", f"folder:{plain}", "--out", tmp_path / "run2", "--set", "n_ctx=2",
+                    "--set", "optim.epochs=1", "--json")  # fmt: skip
+    assert (
+        json.loads(again.stdout.strip().splitlines()[-1])["test_accuracy"]
+        == json.loads(res.stdout.strip().splitlines()[-1])["test_accuracy"]
+    )  # the same split every run

@@ -120,9 +120,62 @@ class UnlabeledImages:
             raise DatasetError(f"{path}: cannot read image ({exc.strerror})") from None
 
 
+TEST_SHARE = 0.2
+"""Share of each class's images a plain ``ROOT/<class>/…`` folder gives the test split."""
+
+
+class FolderSplitNotice(UserWarning):
+    """A plain class folder was split into train and test (said once per load)."""
+
+
+def split_plain_folder(base: Path) -> DataSplits:
+    """``ROOT/<class>/…`` without split folders: each class's images, in a seeded shuffle of
+    their sorted paths, go 80% to train and 20% to test (at least one to each when a class has
+    two or more; a class of one image trains only). The same every run."""
+    import random
+    import warnings
+
+    from vprompt.data.dataset import Subset
+
+    everything = ImageFolder(base)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(everything.samples):
+        by_class.setdefault(label, []).append(index)
+    rng = random.Random(0)
+    train: list[int] = []
+    test: list[int] = []
+    for label in sorted(by_class):
+        indices = list(by_class[label])
+        rng.shuffle(indices)
+        n_test = 0 if len(indices) < 2 else max(1, round(TEST_SHARE * len(indices)))
+        test += indices[:n_test]
+        train += indices[n_test:]
+    if not test:
+        raise DatasetError(
+            f"{base}: every class has a single image, so nothing is left to test on; add "
+            f"images or make {base}/train/<class>/… and {base}/test/<class>/…"
+        )
+    warnings.warn(
+        FolderSplitNotice(
+            f"{base} has no train/ and test/ folders: split each class's images "
+            f"{100 - 100 * TEST_SHARE:.0f}/{100 * TEST_SHARE:.0f} into train ({len(train)}) "
+            f"and test ({len(test)}), the same every run; make {base}/train and {base}/test "
+            "to choose"
+        ),
+        stacklevel=3,
+    )
+    return DataSplits(
+        base.name, Subset(everything, sorted(train)), Subset(everything, sorted(test))
+    )
+
+
 def load_folder(root: str | os.PathLike[str]) -> DataSplits:
-    """``ROOT/train``, ``ROOT/test`` and optional ``ROOT/val`` image folders."""
+    """``ROOT/train``, ``ROOT/test`` and optional ``ROOT/val`` image folders, or a plain
+    ``ROOT/<class>/…`` folder split by :func:`split_plain_folder`."""
     base = Path(root)
+    has_splits = (base / "train").is_dir() or (base / "test").is_dir()
+    if not has_splits and base.is_dir():
+        return split_plain_folder(base)
     if not (base / "train").is_dir() or not (base / "test").is_dir():
         raise DatasetError(f"{base}: expected {base}/train/<class>/… and {base}/test/<class>/…")
     train = ImageFolder(base / "train")
