@@ -333,3 +333,18 @@ def test_a_job_folder_of_another_run_is_refused_or_rerun_with_overwrite(tmp_path
     assert not result.exists()  # the other run's result is gone; the job runs again
     result.write_text("[1, 2]")  # valid JSON, not a record: run the job again
     assert _finished(folder, job, mine) is None
+
+
+def test_dry_run_reports_missing_data(run_cli, tmp_path: Path) -> None:
+    from vprompt.data.suite.synthetic import write_fake_dataset
+
+    root = tmp_path / "root"
+    write_fake_dataset("dtd", root, num_classes=2, images_per_class=(1, 1, 1))
+    dry = run_cli("protocol", "few-shot", "--method", "coop", *TINY, "--data-root", root,
+                  "--datasets", "dtd,eurosat", "--shots", "1", "--seeds", "1",
+                  "--out", tmp_path / "out", "--dry-run")  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.strip().splitlines()
+    assert lines[0].startswith("todo  dtd/shots_1/seed_1")
+    assert lines[1].startswith("missing data  eurosat/shots_1/seed_1  (EuroSAT: ")
+    assert "vprompt data check --dataset eurosat" in lines[1]

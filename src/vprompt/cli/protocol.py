@@ -128,7 +128,13 @@ def protocol_cmd(
     OUT/table.md and OUT/table.csv laid out like the papers' tables.
     """
     from vprompt.data.sources import resolve_data_root
-    from vprompt.engine.protocol import RESULT_FILE, ProtocolRun, plan_jobs, run_protocol
+    from vprompt.engine.protocol import (
+        RESULT_FILE,
+        ProtocolRun,
+        missing_datasets,
+        plan_jobs,
+        run_protocol,
+    )
     from vprompt.methods.presets import get_preset, resolve_method
 
     preset = get_preset(preset_name) if preset_name else None
@@ -145,10 +151,14 @@ def protocol_cmd(
     )
     out = Path(out_dir)
     if dry_run:
+        root = resolve_data_root(data_root)
         for job in jobs:
             done = (out / "jobs" / job.key / RESULT_FILE).is_file()
             targets = f" -> {','.join(job.targets)}" if job.targets else ""
-            click.echo(f"{'done' if done else 'todo'}  {job.key}{targets}")
+            missing = missing_datasets(job, root)
+            state = "done" if done else ("missing data" if missing else "todo")
+            why = f"  ({'; '.join(missing)})" if missing and not done else ""
+            click.echo(f"{state}  {job.key}{targets}{why}")
         return
     cache = feature_cache_dir(feature_cache, no_feature_cache)
     run = ProtocolRun(

@@ -37,7 +37,7 @@ from vprompt.engine.protocol_table import (
     plot_few_shot,
     transfer_table,
 )
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, VPromptError
 from vprompt.methods.base import PromptMethod
 from vprompt.methods.config import config_to_dict
 from vprompt.methods.presets import get_preset, resolve_method
@@ -394,6 +394,18 @@ def run_protocol(
             on_job(job, record, skipped)
     bar.close()
     return write_report(run.protocol, records, out, method=run.method)
+
+
+def missing_datasets(job: Job, data_root: Path) -> list[str]:
+    """One line per dataset of ``job`` (source and targets) whose folder is not under
+    ``data_root``, naming what is missing."""
+    missing = []
+    for name in dict.fromkeys((job.dataset, *job.targets)):
+        try:
+            SUITE.get(name).require_folder(data_root)
+        except VPromptError as exc:
+            missing.append(str(exc))
+    return missing
 
 
 def _check_folders(jobs: Sequence[Job], data_root: Path) -> None:
