@@ -210,7 +210,7 @@ def test_artifacts_pack_config_and_plots(baseline, tiny_clip, data):
     assert config["backbone"]["name"] == "clip:tiny"
     for name, size in (
         ("learning_curves", None),
-        ("prompt", (32, 32)),
+        ("prompt", (256, 256)),  # the 32 x 32 prompt, enlarged 8x (nearest neighbour)
         ("prompted_examples", None),
     ):
         path = out / f"{name}.png"
@@ -566,3 +566,24 @@ def test_hooks_reading_images_show_progress(make_method, data, capsys) -> None:
         err = capsys.readouterr().err
         assert ("reading images (plain view)" in err) is shown
         assert (f"/{len(data[0])}" in err) is shown  # counted in images
+
+
+def test_small_visualizations_are_enlarged_and_example_grids_captioned(tmp_path) -> None:
+    import numpy as np
+
+    from vprompt.engine.report import save_image, save_visualizations
+
+    tokens = torch.rand(3, 10, 64)  # e.g. VPT's 10 x 64 token map
+    path = save_image(tokens, tmp_path / "tokens.png")
+    with Image.open(path) as im:
+        pixels = np.asarray(im)
+    assert pixels.shape == (260, 1664, 3)  # 26x: the short side reaches 256 px
+    assert (pixels[:26, :26] == pixels[0, 0]).all()  # each value one solid block
+    batch = torch.rand(3, 3, 32, 32)
+    (tmp_path / "capt").mkdir()
+    (tmp_path / "plain").mkdir()
+    plain = save_visualizations({"a": batch}, tmp_path / "plain")
+    captioned = save_visualizations({"a": batch}, tmp_path / "capt", ["cat", "dog -> cat", "cat"])
+    with Image.open(plain[0]) as a, Image.open(captioned[0]) as b:
+        assert b.height == a.height + 16  # one caption line under the row
+        assert b.width == a.width

@@ -493,7 +493,7 @@ def _finalize(
     save_pack(method, out / PACK_FILE, metrics=metrics)
     plot_learning_curves(ckpt.history, out / CURVES_FILE)
     source = val if val is not None else train
-    batch = next(
+    batch, labels = next(
         iterate_batches(
             source,
             method.input_transform(False),
@@ -501,11 +501,20 @@ def _finalize(
             device=device,
             limit=_VIS_IMAGES,
         )
-    )[0]
+    )
     method.eval()
     with torch.no_grad(), autocast_for(device):
         images = method.visualizations(batch)
-    save_visualizations(images, out)
+        if not images:
+            return
+        predicted = method(batch).logits.argmax(dim=1).tolist()
+    names = method.classnames
+    captions = [
+        f"{names[t]}" if t == p else f"{names[t]} -> {names[p]}"
+        for t, p in zip(labels.tolist(), predicted, strict=True)
+        if 0 <= t < len(names)
+    ]
+    save_visualizations(images, out, captions if len(captions) == len(predicted) else None)
 
 
 def _pack_metrics(

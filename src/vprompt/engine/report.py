@@ -72,33 +72,85 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: Path) -> Pa
     return path
 
 
-def save_image(image: torch.Tensor, path: Path) -> Path:
-    """Write a 3 x H x W image, or a B x 3 x H x W batch as a grid, with values in [0, 1]."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+MIN_SIDE = 256
+"""Visualizations smaller than this (a 10 x 64 token map, a 32 px canvas) are enlarged with
+nearest-neighbour sampling so every value stays a visible block."""
 
+
+def save_image(image: torch.Tensor, path: Path, captions: Sequence[str] | None = None) -> Path:
+    """Write a 3 x H x W image, or a B x 3 x H x W batch as a grid, with values in [0, 1];
+    small ones are enlarged (nearest neighbour, at least :data:`MIN_SIDE` px), and a batch
+    with ``captions`` (one per image) gets each caption under its image."""
     img = image.detach().float().cpu()
+    tiles = None
     if img.dim() == 4:
-        img = make_grid(img, nrow=min(8, img.shape[0]), padding=2, pad_value=1.0)
+        tiles = img
     if img.dim() == 2:
         img = img.unsqueeze(0)
-    if img.dim() != 3 or img.shape[0] not in (1, 3):
+    if tiles is None and (img.dim() != 3 or img.shape[0] not in (1, 3)):
         raise ValueError(
             f"visualization must be 3 x H x W or B x 3 x H x W, got {tuple(image.shape)}"
         )
-    if img.shape[0] == 1:
-        img = img.expand(3, -1, -1)
-    array = (img.nan_to_num(0.0).clamp(0, 1) * 255).round().to(torch.uint8)
-    pil = Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
+    if tiles is not None:
+        if tiles.shape[1] not in (1, 3):
+            raise ValueError(
+                f"visualization must be 3 x H x W or B x 3 x H x W, got {tuple(image.shape)}"
+            )
+        pil = _grid([_to_pil(t) for t in tiles], captions)
+    else:
+        pil = _to_pil(img)
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
     return path
 
 
-def save_visualizations(images: Mapping[str, torch.Tensor], out_dir: Path) -> list[Path]:
-    """Save each named image as ``out_dir/<name>.png`` (names made file-system safe)."""
+def _to_pil(img: torch.Tensor) -> Any:
+    """3 x H x W (or 1 x H x W) in [0, 1] → an RGB image, enlarged when small."""
+    from PIL import Image
+
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    array = (img.nan_to_num(0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+    pil = Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
+    scale = -(-MIN_SIDE // max(1, min(pil.size)))  # ceil
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    return pil
+
+
+def _grid(tiles: Sequence[Any], captions: Sequence[str] | None) -> Any:
+    """Tiles in rows of up to 8 on white, each caption (when given) under its tile."""
+    from PIL import Image, ImageDraw
+
+    columns = min(8, len(tiles))
+    rows = -(-len(tiles) // columns)
+    w = max(t.width for t in tiles)
+    h = max(t.height for t in tiles)
+    text_h = 16 if captions else 0
+    pad = 4
+    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, tile in enumerate(tiles):
+        x = pad + (k % columns) * (w + pad)
+        y = pad + (k // columns) * (h + text_h + pad)
+        sheet.paste(tile, (x, y))
+        if captions and k < len(captions):
+            # PIL's built-in font covers ASCII only: other characters show as "?".
+            text = captions[k][: max(4, w // 7)].encode("ascii", "replace").decode()
+            draw.text((x + 2, y + h + 2), text, fill="black")
+    return sheet
+
+
+def save_visualizations(
+    images: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    captions: Sequence[str] | None = None,
+) -> list[Path]:
+    """Save each named image as ``out_dir/<name>.png`` (names made file-system safe);
+    ``captions`` label the images of each batch of as many images (true → predicted class)."""
     written = []
     for name, image in images.items():
         stem = _SAFE_NAME.sub("_", str(name)).strip("._") or "visualization"
-        written.append(save_image(image, out_dir / f"{stem}.png"))
+        labels = captions if captions and image.dim() == 4 and len(image) == len(captions) else None
+        written.append(save_image(image, out_dir / f"{stem}.png", labels))
     return written

@@ -266,7 +266,10 @@ class VisualPrompt(PromptMethod):
             self.eval()
             prompted = self.pixels(images.to(self._backbone_device())).clamp(0, 1).cpu()
             self.train(was)
-        return {"prompt": self.pixels.render(), "prompted_examples": prompted}
+        render = self.pixels.render()
+        # Contrast-stretched: learned frames often span a few grey levels only.
+        stretched = (render - render.min()) / (render.max() - render.min()).clamp_min(1e-8)
+        return {"prompt": stretched, "prompted_examples": prompted}
 
     # ------------------------------------------------------------------ forward
     def source_logits(self, canvas: torch.Tensor) -> torch.Tensor:
