@@ -375,3 +375,18 @@ def test_segment_never_writes_over_another_runs_outputs(run_cli, photos_dir: Pat
     assert (out / "mask_000.png").read_bytes() == mask
     again = run_cli("segment", image, *TINY, "--point", "60,40", "--out", out, "--overwrite")
     assert again.returncode == 0, again.stderr
+
+
+def test_the_overlay_marks_the_clicks_and_the_box(run_cli, photos_dir: Path, tmp_path: Path):
+    from vprompt.segment.outputs import PALETTE
+
+    out = tmp_path / "marks"
+    res = run_cli("segment", photos_dir / "chelsea.png", *TINY, "--point", "200,150",
+                  "--box", "10,10,300,250", "--object", "point=400,100|point=420,120,0",
+                  "--out", out)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    with Image.open(out / "overlay.png") as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    assert tuple(pixels[150, 200]) == (40, 220, 40)  # the positive click, green
+    assert tuple(pixels[120, 420]) == (230, 30, 30)  # the negative click, red
+    assert tuple(pixels[10, 150]) == PALETTE[0]  # the first object's box edge, its colour

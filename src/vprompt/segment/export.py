@@ -4,7 +4,7 @@ Layout of ``out_dir``::
 
     mask_000.png …    one 0/255 PNG per object, in prompt order
     labels.png        all objects in one paletted PNG (pixel value k = object k, 1-based)
-    overlay.png       the image with every object in its own colour
+    overlay.png       the image with every object in its own colour, and its clicks and box
     annotations.json  COCO: images / annotations (RLE or polygons) / categories
     result.json       what the command did: model, prompts, per-object scores
 """
@@ -21,14 +21,15 @@ from PIL import Image
 
 from vprompt.segment.outputs import (
     coco_annotations,
+    mark_prompts,
     mask_area,
     mask_bbox,
+    overlay,
     save_label_png,
     save_mask_png,
-    save_overlay,
 )
 from vprompt.utils import jsonio
-from vprompt.utils.io import atomic_write_text
+from vprompt.utils.io import atomic_write_text, atomic_write_with
 
 
 def write_image_results(
@@ -61,7 +62,10 @@ def write_image_results(
         files.append(path.name)
     if masks:
         save_label_png(list(masks), out / "labels.png")
-        save_overlay(image, list(masks), out / "overlay.png")
+        shown = overlay(image, list(masks))
+        if objects is not None:  # the clicks and boxes that made each object, on top
+            shown = mark_prompts(shown, objects)
+        atomic_write_with(out / "overlay.png", lambda tmp: shown.save(tmp, format="PNG"))
     coco = coco_annotations(
         list(masks), scores=list(scores), file_name=file_name, size=image.size, form=form
     )

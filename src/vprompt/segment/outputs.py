@@ -409,6 +409,34 @@ def save_overlay(
     atomic_write_with(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def mark_prompts(image: Image.Image, objects: Sequence[dict[str, Any]]) -> Image.Image:
+    """A copy of the image with each object's prompts drawn: its box as a rectangle in the
+    object's colour, its clicks as green (positive) / red (negative) dots.
+
+    Args:
+        objects: Per object, its prompt (under ``"prompt"``, or the object itself) with
+            optional ``"box": [x0, y0, x1, y1]`` and ``"points": [[x, y, positive], …]`` in
+            image pixels, as ``vprompt segment`` records them; or the grid ``"point": [x, y]``
+            that found it (``segment-all``).
+    """
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(min(out.size) / 200))
+    clicks: list[tuple[float, float, bool]] = []
+    for i, record in enumerate(objects):
+        obj = record.get("prompt") or record
+        if record.get("point") is not None and len(record["point"]) == 2:
+            clicks.append((float(record["point"][0]), float(record["point"][1]), True))
+        box = obj.get("box")
+        if box is not None and len(box) == 4:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            draw.rectangle((x0, y0, x1, y1), outline=PALETTE[i % len(PALETTE)], width=width)
+        for point in obj.get("points") or []:
+            if len(point) >= 3:
+                clicks.append((float(point[0]), float(point[1]), bool(point[2])))
+    return draw_points(out, clicks) if clicks else out
+
+
 def draw_points(image: Image.Image, points: Sequence[tuple[float, float, bool]]) -> Image.Image:
     """A copy of the image with clicks ``(x, y, positive)`` as green / red dots."""
     out = image.convert("RGB")
