@@ -38,6 +38,7 @@ from vprompt.methods import (
     VisualPrompt,
     ZeroShotClassifier,
 )
+from vprompt.segment.predictor import SamPredictor
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "PromptPack",
     "ProtocolRun",
     "RunReport",
+    "SamPredictor",
     "UnknownNameError",
     "VPromptError",
     "VisualPrompt",
