@@ -390,3 +390,14 @@ def test_the_overlay_marks_the_clicks_and_the_box(run_cli, photos_dir: Path, tmp
     assert tuple(pixels[150, 200]) == (40, 220, 40)  # the positive click, green
     assert tuple(pixels[120, 420]) == (230, 30, 30)  # the negative click, red
     assert tuple(pixels[10, 150]) == PALETTE[0]  # the first object's box edge, its colour
+
+
+def test_segment_all_says_which_threshold_removed_every_mask(run_cli, photos_dir, tmp_path):
+    out = tmp_path / "none"
+    res = run_cli("segment-all", photos_dir / "coffee.png", *TINY, "--points-per-side", "4",
+                  "--pred-iou-thresh", "1.0", "--out", out)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert ("vprompt: warning: no masks: none of the 48 candidates had a predicted IoU above "
+            "1.0 (lower --pred-iou-thresh)") in res.stderr  # fmt: skip
+    assert "wrote no masks" in res.stdout
+    assert not (out / "overlay.png").exists()  # and does not announce one

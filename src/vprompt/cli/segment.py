@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,6 +96,25 @@ def build_segmenter(**seg_opts: Any) -> Any:
     return Segmenter.from_options(segmenter_options_from(**seg_opts))
 
 
+def _explain_no_masks(counts: dict[str, int], config: AutomaticMaskConfig) -> None:
+    """Which filter removed every candidate, and the option that sets it."""
+    decoded, iou, stable = counts.get("decoded", 0), counts.get("pred_iou", 0), counts.get(
+        "stability", 0
+    )  # fmt: skip
+    if decoded and not iou:
+        why = (f"none of the {decoded} candidates had a predicted IoU above "
+               f"{config.pred_iou_thresh} (lower --pred-iou-thresh)")  # fmt: skip
+    elif iou and not stable:
+        why = (f"{iou} of {decoded} candidates passed --pred-iou-thresh, none a stability of "
+               f"{config.stability_score_thresh} (lower --stability-thresh)")  # fmt: skip
+    elif stable and not counts.get("non_empty", 0):
+        why = f"the {stable} candidates that passed both thresholds were empty masks"
+    else:
+        why = (f"the {counts.get('non_empty', 0)} candidates left touched a crop's edge or were "
+               "removed by NMS or --min-region-area")  # fmt: skip
+    warnings.warn(f"no masks: {why}", stacklevel=2)
+
+
 def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(jsonio.dumps(result))
@@ -104,7 +124,10 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
             f"object {row['index']}: score {row['score']:.3f}, area {row['area']} px, "
             f"bbox {row['bbox']}"
         )
-    click.echo(f"wrote {len(result['objects'])} mask(s), overlay and annotations to {out}")
+    if result["objects"]:
+        click.echo(f"wrote {len(result['objects'])} mask(s), overlay and annotations to {out}")
+    else:
+        click.echo(f"wrote no masks, only the annotations (no objects) and result.json to {out}")
 
 
 @main.command("segment")
@@ -315,7 +338,10 @@ def segment_all_cmd(
         crop_n_layers=crop_layers,
         min_mask_region_area=min_region_area,
     )
-    records = AutomaticMaskGenerator(segmenter, config=config).generate(pil, progress=True)
+    generator = AutomaticMaskGenerator(segmenter, config=config)
+    records = generator.generate(pil, progress=True)
+    if not records:
+        _explain_no_masks(generator.last_counts, config)
     out_dir = Path(out)
     summary = write_image_results(
         out_dir,

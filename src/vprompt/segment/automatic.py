@@ -345,6 +345,7 @@ class AutomaticMaskGenerator:
                 f"can rescore stability; other segmenters report it at {STABILITY_OFFSET}"
             )
         self.grids = [point_grid(n) for n in self.config.points_per_layer()]
+        self.last_counts: dict[str, int] = {}
         self._should_stop: Callable[[], bool] | None = None
 
     @torch.inference_mode()
@@ -369,6 +370,8 @@ class AutomaticMaskGenerator:
         rgb = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
         cfg = self.config
         self._should_stop = should_stop
+        # How many candidates each filter kept (reported when nothing is left).
+        self.last_counts = dict.fromkeys(("decoded", "pred_iou", "stability", "non_empty"), 0)
         crops = crop_boxes(rgb.size, cfg.crop_n_layers, cfg.crop_overlap_ratio)
         batches = sum(-(-len(self.grids[c.layer]) // cfg.points_per_batch) for c in crops)
         with tqdm(total=batches, desc="automatic masks", unit="batch", disable=not progress) as bar:
@@ -425,8 +428,11 @@ class AutomaticMaskGenerator:
         iou = seg.iou.reshape(-1).astype(np.float32)
         cand_points = np.repeat(points, k, axis=0)
         keep = np.arange(len(iou))
+        counts = self.last_counts
+        counts["decoded"] += len(keep)
         if cfg.pred_iou_thresh > 0.0:
             keep = keep[iou[keep] > cfg.pred_iou_thresh]
+        counts["pred_iou"] += len(keep)
         if cfg.stability_score_offset == STABILITY_OFFSET:
             stab = seg.stability.reshape(-1).astype(np.float32)[keep]
         else:
@@ -434,8 +440,10 @@ class AutomaticMaskGenerator:
         if cfg.stability_score_thresh > 0.0:
             ok = stab >= cfg.stability_score_thresh
             keep, stab = keep[ok], stab[ok]
+        counts["stability"] += len(keep)
         nonempty = np.asarray(masks.any(axis=(1, 2)), dtype=bool)[keep]
         keep, stab = keep[nonempty], stab[nonempty]
+        counts["non_empty"] += len(keep)
         boxes = mask_boxes(masks)[keep]
         edge = _near_crop_edge(boxes, crop.box, image_size)  # never true for the whole image
         keep, stab, boxes = keep[~edge], stab[~edge], boxes[~edge]
