@@ -7,6 +7,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     classify,
     data,
     data_setup,
+    pack,
     presets,
     protocol,
     segment,

@@ -336,7 +336,8 @@ def _method_for_eval(
             load_pack(pack_path), weights=weights, device=device, allow_download=allow_download
         )
         backbone = base.backbone
-        start = json.dumps(str(Path(pack_path).expanduser().absolute()))
+        local = not pack_path.startswith("hf-hub:")  # a hub spec stays a spec
+        start = json.dumps(str(Path(pack_path).expanduser().absolute()) if local else pack_path)
         experiment = Experiment(method_name, None, (*overrides, f"init_pack={start}"))
     elif model is None:
         raise click.UsageError(f"--method {method_name} needs --model (or --pack)")

@@ -227,10 +227,16 @@ def _count(value: Any) -> bool:
 
 
 def load_pack(path: str | os.PathLike[str]) -> PromptPack:
-    """Read and validate a pack. Never unpickles; every problem is a :class:`PackError`."""
+    """Read and validate a pack. Never unpickles; every problem is a :class:`PackError`.
+
+    ``path`` is a file or ``hf-hub:ORG/REPO[@REVISION]``: a pack on the Hugging Face hub,
+    downloaded to the hub's cache first (:mod:`vprompt.engine.hub`), then read the same way.
+    """
     from safetensors.torch import load_file
 
-    p = Path(path)
+    from vprompt.engine.hub import is_hub_spec, resolve_hub_spec
+
+    p = resolve_hub_spec(path) if is_hub_spec(path) else Path(path)
     if not p.is_file():
         raise PackError(f"{p}: no such prompt pack")
     size = p.stat().st_size
