@@ -44,14 +44,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError, PackError
 from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput, PromptMethod
 from vprompt.methods.config import OptimConfig
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
 from vprompt.methods.registry import register_method
-from vprompt.methods.visual_prompt import MAX_SIDE, MappingChoice
+from vprompt.methods.visual_prompt import MAX_SIDE, MappingChoice, resolve_mapping
 
 MAX_CLUSTER_SAMPLES = 5000
 """Most training images clustered (the distance matrix is N x N)."""
@@ -457,14 +456,5 @@ def _resolve(config: DamVPConfig, backbone: Any) -> DamVPConfig:
     pad = config.pad_width or max(1, round(canvas * 30 / 224))
     if 2 * pad >= canvas:
         raise ConfigError(f"pad_width {pad} leaves no image on a {canvas} canvas")
-    is_text = isinstance(backbone, ImageTextBackbone)
-    mapping = config.mapping
-    if mapping == "auto":
-        mapping = "text" if is_text else "frequency"
-    if mapping == "text" and not is_text:
-        raise ConfigError(
-            f"mapping=text needs a CLIP-like backbone, {backbone.name} is a classifier"
-        )
-    if mapping != "text" and is_text:
-        raise ConfigError(f"{backbone.name} classifies through text prompts; use mapping=text/auto")
+    mapping = resolve_mapping(config.mapping, backbone)
     return dataclasses.replace(config, canvas_size=canvas, pad_width=pad, mapping=mapping)

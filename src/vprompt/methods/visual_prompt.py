@@ -108,6 +108,21 @@ class VisualPromptConfig:
             )
 
 
+def resolve_mapping(mapping: MappingChoice, backbone: Any) -> MappingChoice:
+    """``auto`` → ``text`` on CLIP, ``frequency`` on a classifier; a text mapping needs CLIP and
+    CLIP needs a text mapping (ConfigError otherwise)."""
+    is_text = isinstance(backbone, ImageTextBackbone)
+    if mapping == "auto":
+        mapping = "text" if is_text else "frequency"
+    if mapping == "text" and not is_text:
+        raise ConfigError(
+            f"mapping=text needs a CLIP-like backbone, {backbone.name} is a classifier"
+        )
+    if mapping != "text" and is_text:
+        raise ConfigError(f"{backbone.name} classifies through text prompts; use mapping=text/auto")
+    return mapping
+
+
 def _resolve(config: VisualPromptConfig, backbone: Any) -> VisualPromptConfig:
     """Fill the backbone-dependent ``None``/``auto`` fields so packs store concrete values."""
     canvas = config.canvas_size or int(backbone.preprocess.size[0])
@@ -117,16 +132,7 @@ def _resolve(config: VisualPromptConfig, backbone: Any) -> VisualPromptConfig:
     pad = config.pad_width or (
         (canvas - inner) // 2 if inner < canvas else max(1, round(canvas * 30 / 224))
     )
-    is_text = isinstance(backbone, ImageTextBackbone)
-    mapping = config.mapping
-    if mapping == "auto":
-        mapping = "text" if is_text else "frequency"
-    if mapping == "text" and not is_text:
-        raise ConfigError(
-            f"mapping=text needs a CLIP-like backbone, {backbone.name} is a classifier"
-        )
-    if mapping != "text" and is_text:
-        raise ConfigError(f"{backbone.name} classifies through text prompts; use mapping=text/auto")
+    mapping = resolve_mapping(config.mapping, backbone)
     return dataclasses.replace(
         config, canvas_size=canvas, inner_size=inner, pad_width=pad, mapping=mapping
     )
