@@ -440,3 +440,82 @@ def test_suite_tasks_use_the_reference_reader(tmp_path):
     write_fake_dataset("dtd", tmp_path, num_classes=2, images_per_class=(2, 1, 1))
     task = load_suite_task("dtd", tmp_path, shots=1, seed=1)
     assert task.train.reader == task.test.reader == "reference"
+
+
+# ------------------------------------------------------------------- images as people hold them
+def test_arrays_and_tensors_become_the_same_rgb_images() -> None:
+    import numpy as np
+    import torch
+
+    from vprompt.data.images import array_to_pil
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(rgb))
+    assert array_to_pil(rgb).size == (7, 5)  # arrays are (H, W), PIL sizes (W, H)
+    for same in (
+        rgb,
+        rgb.astype(np.float32) / 255,  # skimage / matplotlib floats
+        torch.from_numpy(rgb).permute(2, 0, 1).float() / 255,  # ToTensor's C x H x W
+        torch.from_numpy(rgb).permute(2, 0, 1),  # uint8 tensor
+    ):
+        assert np.array_equal(np.asarray(array_to_pil(same)), want)
+    grey = rgb[:, :, 0]
+    assert np.array_equal(np.asarray(array_to_pil(grey))[:, :, 1], grey)
+    assert np.asarray(array_to_pil(grey > 127)).max() == 255
+    rgba = np.dstack([rgb, np.zeros((5, 7), np.uint8)])  # fully transparent: white
+    assert (np.asarray(array_to_pil(rgba)) == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((4, 4, 2), np.uint8), "expected H x W, H x W x 3 or 4"),
+        (np.zeros((0, 4), np.uint8), "expected H x W"),
+        (np.full((2, 2), 2.0), "values in \\[2, 2\\]; expected 0-1"),
+        (np.full((2, 2), np.nan), "NaN or infinite"),
+        (np.zeros((2, 2), np.int64), "dtype int64"),
+        ([1, 2, 3], "expected an image"),
+    ],
+)
+def test_arrays_that_are_not_images_are_one_line_errors(bad, message) -> None:
+    from vprompt.data.images import array_to_pil
+    from vprompt.errors import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=message):
+        array_to_pil(bad)
+
+
+def test_predict_and_segment_take_arrays(tiny_clip, photos_dir) -> None:
+    import torch
+
+    from vprompt import ZeroShotClassifier, load_backbone
+    from vprompt.segment.segmenter import Segmenter
+
+    photo = Image.open(photos_dir / "coffee.png").convert("RGB")
+    array = np.array(photo)  # writable, as people usually hold them
+    method = ZeroShotClassifier(tiny_clip, ["cup", "cat"])
+    by_pil = method.predict_proba([photo])
+    assert torch.equal(method.predict_proba([array]), by_pil)
+    assert torch.equal(method.predict_proba([torch.from_numpy(array).permute(2, 0, 1)]), by_pil)
+    seg = Segmenter(load_backbone("sam:tiny", "none"))
+    assert seg.embed_image(array).key == seg.embed_image(photo).key  # the same content
+
+
+def test_torchvision_style_datasets_train_and_evaluate(tiny_clip, tiny_folder, tmp_path) -> None:
+    import torch
+    from torchvision.datasets import ImageFolder as TorchvisionFolder
+
+    from vprompt.data.folder import ImageFolder
+    from vprompt.engine import evaluate, fit
+    from vprompt.methods.coop import CoOp, CoOpConfig, coop_optim
+
+    theirs = TorchvisionFolder(str(tiny_folder / "train"))  # .classes, (PIL, int) items
+    ours = ImageFolder(tiny_folder / "train")
+    config = CoOpConfig(n_ctx=2, augment=False, optim=coop_optim(epochs=1, batch_size=4))
+    results = []
+    for data in (theirs, ours):
+        torch.manual_seed(0)
+        method = CoOp(tiny_clip, list(ours.classnames), config)
+        fit(method, data, out_dir=tmp_path / str(len(results)), progress=False)
+        results.append(evaluate(method, data, progress=False).accuracy)
+    assert results[0] == results[1]

@@ -109,3 +109,37 @@ class TransformedDataset:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, label = self.base[index]
         return self.transform(image), label
+
+
+class TorchvisionStyle:
+    """A dataset with torchvision's ``classes`` (e.g. ``torchvision.datasets.ImageFolder``,
+    built without a ``transform``) seen as a :class:`ClassificationDataset`; items that are
+    not PIL images (arrays, image tensors) are converted with
+    :func:`~vprompt.data.images.array_to_pil`."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.classnames = [str(c) for c in base.classes]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        from vprompt.data.images import open_rgb
+
+        image, label = self.base[index]
+        return open_rgb(image), int(label)
+
+    def all_labels(self) -> list[int]:
+        targets = getattr(self.base, "targets", None)
+        if targets is not None:
+            return [int(t) for t in targets]
+        return [int(self.base[i][1]) for i in range(len(self.base))]
+
+
+def as_dataset(data: Any) -> Any:
+    """``data`` as vprompt reads datasets: unchanged when it has ``classnames``; wrapped
+    (:class:`TorchvisionStyle`) when it has torchvision's ``classes`` instead."""
+    if hasattr(data, "classnames") or not hasattr(data, "classes"):
+        return data
+    return TorchvisionStyle(data)

@@ -160,10 +160,77 @@ def load_image(
         raise ImageLoadError(p, f"cannot decode image ({exc})") from None
 
 
-def open_rgb(
-    image: Image.Image | str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
-    """An RGB image from a PIL image (converted) or a file (:func:`load_image`)."""
+def open_rgb(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB image from a PIL image, a file (:func:`load_image`), a NumPy array or a torch
+    tensor (:func:`array_to_pil`)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    return load_image(image, max_pixels=max_pixels)
+    if isinstance(image, str | os.PathLike):
+        return load_image(image, max_pixels=max_pixels)
+    pil = array_to_pil(image)
+    if pil.width * pil.height > max_pixels:
+        raise ImageLoadError(
+            "array image", f"{pil.width} x {pil.height} pixels, more than {max_pixels}"
+        )
+    return pil
+
+
+def array_to_pil(image: Any) -> Image.Image:
+    """An RGB image from an array as people hold images.
+
+    NumPy arrays are H x W (grey) or H x W x 3 / 4 (RGB / RGBA, composited on white), uint8
+    0-255, bool, or float 0-1 (as ``skimage`` and matplotlib hold them); torch tensors are
+    C x H x W (C = 1 or 3, float 0-1 or uint8, as ``torchvision.transforms.ToTensor`` makes them)
+    or H x W. Sizes are (H, W), rows first, as in NumPy.
+
+    Raises:
+        ImageLoadError: Anything else, naming the shape and dtype it got.
+    """
+    what = type(image).__name__
+    try:
+        import torch
+
+        if isinstance(image, torch.Tensor):
+            t = image.detach().cpu()
+            if t.dim() == 3 and t.shape[0] in (1, 3):
+                t = t.permute(1, 2, 0)
+            image = t.numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    if not isinstance(image, np.ndarray):
+        raise ImageLoadError(
+            what, "expected an image (a file, a PIL image, a NumPy array or a torch tensor)"
+        )
+    arr = image
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    shape_ok = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))
+    if not shape_ok or 0 in arr.shape:
+        raise ImageLoadError(
+            f"{what} image of shape {tuple(image.shape)}",
+            "expected H x W, H x W x 3 or 4 (NumPy) or 1 / 3 x H x W (torch)",
+        )
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageLoadError(f"{what} image", "holds NaN or infinite values")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ImageLoadError(
+                f"{what} float image",
+                f"values in [{arr.min():g}, {arr.max():g}]; expected 0-1 (scale it, or pass "
+                "uint8 0-255)",
+            )
+        arr = np.rint(arr * 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageLoadError(
+            f"{what} image of dtype {arr.dtype}", "expected uint8, bool or float 0-1"
+        )
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if arr.shape[2] == 4:
+        rgba = Image.fromarray(arr, mode="RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return Image.fromarray(arr, mode="RGB")

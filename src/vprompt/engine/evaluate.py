@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vprompt.data.dataset import ClassificationDataset
+from vprompt.data.dataset import ClassificationDataset, as_dataset
 from vprompt.data.feature_cache import FeatureCache
 from vprompt.engine.features import FeatureSource, FeatureTable, takes_feature_path
 from vprompt.engine.runtime import check_classes, check_labels, iterate_batches
@@ -64,6 +64,7 @@ def evaluate(
             of range.
     """
     dev = torch.device(device)
+    data = as_dataset(data)  # torchvision-style datasets (``classes``) too
     check_classes(method, data, "evaluation")
     method.to(dev)
     if takes_feature_path(method, data, feature_cache):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from vprompt.data.dataset import ClassificationDataset
+from vprompt.data.dataset import ClassificationDataset, as_dataset
 from vprompt.data.feature_cache import FeatureCache
 from vprompt.engine.checkpoint import (
     CHECKPOINT_FILE,
@@ -167,6 +167,8 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     caps = method.capabilities
+    train = as_dataset(train)  # torchvision-style datasets (``classes``) too
+    val = as_dataset(val) if val is not None else None
     selection: Selection = select or ("best-val" if val is not None else "last")
     if selection not in ("best-val", "last"):
         raise ConfigError(f"select must be best-val or last, got {selection!r}")

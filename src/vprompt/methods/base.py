@@ -38,7 +38,7 @@ from vprompt.errors import ConfigError, PackError
 InputKind = Literal["images", "image-features"]
 TemplateField = Literal["template", "templates"]
 Batch = tuple[torch.Tensor, torch.Tensor]
-ImageInput = Image.Image | str | PathLike[str]
+ImageInput = Image.Image | str | PathLike[str] | Any  # also NumPy arrays and image tensors
 M = TypeVar("M", bound="PromptMethod")
 
 
@@ -392,14 +392,16 @@ class PromptMethod(nn.Module):
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def predict_proba(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
-        """Images (PIL images, paths, or a B x 3 x H x W tensor from ``input_transform(False)``)
-        → B x C softmax probabilities on the CPU, in eval mode (bf16 autocast on CUDA)."""
-        from vprompt.data.images import load_image
+        """Images (PIL images, paths, NumPy arrays or image tensors — see
+        :func:`~vprompt.data.images.array_to_pil` — or one B x 3 x H x W tensor from
+        ``input_transform(False)``) → B x C softmax probabilities on the CPU, in eval mode (bf16
+        autocast on CUDA)."""
+        from vprompt.data.images import open_rgb
         from vprompt.utils.precision import autocast_for
 
         if not isinstance(images, torch.Tensor):
             transform = self.input_transform(False)
-            pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+            pils = [open_rgb(im) for im in images]
             images = torch.stack([transform(im) for im in pils])
         device = next(itertools.chain(self.parameters(), self.buffers()), images).device
         was = self.training
