@@ -732,3 +732,22 @@ def test_automatic_work_stops_when_the_client_goes_away(client: TestClient, imag
     assert sent[0]["status"] == 499
     assert service.runner._thread_lock.acquire(timeout=1)  # the model is free
     service.runner._thread_lock.release()
+
+
+def test_the_api_docs_page_works_offline(small_client) -> None:
+    """/docs is Swagger UI from files this server serves (no CDN), so it renders on an
+    air-gapped machine; FastAPI's CDN pages are off."""
+    page = small_client.get("/docs")
+    assert page.status_code == 200
+    html = page.text
+    assert "/docs-assets/swagger-ui-bundle.js" in html
+    assert "/docs-assets/swagger-ui.css" in html
+    for remote in ("cdn.", "http://", "https://"):
+        assert remote not in html
+    for asset, kind in (("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "css")):
+        res = small_client.get(f"/docs-assets/{asset}")
+        assert res.status_code == 200
+        assert kind in res.headers["content-type"]
+        assert len(res.content) > 100_000
+    assert small_client.get("/openapi.json").json()["info"]["title"] == "vprompt"
+    assert small_client.get("/redoc").status_code == 404

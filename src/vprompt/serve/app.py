@@ -51,6 +51,9 @@ def create_app(settings: ServeSettings | None = None, *, service: Service | None
         version=_version(),
         description="Promptable segmentation and zero-shot classification with frozen models "
         "(see docs/serve-api.md).",
+        # FastAPI's own /docs and /redoc load their scripts from a CDN: blank offline.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     install_error_handlers(app)
@@ -71,4 +74,29 @@ def create_app(settings: ServeSettings | None = None, *, service: Service | None
         return FileResponse(page, media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    _offline_docs(app)
     return app
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the ``swagger-ui-bundle`` package (Apache-2.0), served by
+    this server, so the API page works on an air-gapped machine."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    try:
+        import swagger_ui_bundle
+    except ImportError:  # pragma: no cover - a dependency of the serve extra
+        return
+    assets = Path(swagger_ui_bundle.swagger_ui_path)
+    app.mount("/docs-assets", StaticFiles(directory=assets, check_dir=False), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="vprompt API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
