@@ -256,16 +256,17 @@ class DiffTPT(TPT):
         return DiffTPTViews(views, self.generate if self._pipe is not None else None)
 
     # ------------------------------------------------------------------ the filter, then TPT
-    def filter_views(self, views: torch.Tensor) -> torch.Tensor:
-        """Indices of the views kept by cosine similarity to the original (first), scored
-        with the starting context."""
+    def filter_views(self, image: torch.Tensor) -> torch.Tensor:
+        """Indices of the views kept by cosine similarity to the original (first), from their
+        N x D unit features, scored with the starting context."""
         cfg = self.config
         with torch.no_grad():
-            image = F.normalize(self.backbone.encode_image(views).float(), dim=-1)
             scores = image if cfg.cosine_on == "features" else self.logits(
                 image, self.text_features())  # fmt: skip
         return cosine_keep(scores, cfg.cosine_selection)
 
     def tune(self, views: torch.Tensor) -> torch.Tensor:
-        """All views of one image → the context after TPT's tuning on the filtered views."""
-        return super().tune(views[self.filter_views(views)])
+        """All views of one image → the context after TPT's tuning on the filtered views
+        (each view goes through the image tower once)."""
+        image = self.encode_views(views)
+        return self.tune_features(image[self.filter_views(image)])

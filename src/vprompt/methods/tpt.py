@@ -324,11 +324,18 @@ class TPT(PromptMethod):
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.backbone.logit_scale.float() * image @ text.T
 
+    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W views → N x D unit image features (frozen)."""
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_image(views).float(), dim=-1)
+
     def tune(self, views: torch.Tensor) -> torch.Tensor:
         """(1 + V) x 3 x H x W views of one image → the context after test-time tuning."""
+        return self.tune_features(self.encode_views(views))
+
+    def tune_features(self, image: torch.Tensor) -> torch.Tensor:
+        """N x D unit features of one image's views → the context after test-time tuning."""
         cfg = self.config
-        with torch.no_grad():
-            image = F.normalize(self.backbone.encode_image(views).float(), dim=-1)
         ctx = self.ctx.detach().clone().requires_grad_(True)  # reset for every image
         optimizer = torch.optim.AdamW([ctx], lr=cfg.lr, weight_decay=cfg.weight_decay)
         selected = None
