@@ -75,7 +75,7 @@ from vprompt.methods.clip_common import (
     require_image_text,
     unit_image_features,
 )
-from vprompt.methods.config import OptimConfig
+from vprompt.methods.config import OptimConfig, check_int
 from vprompt.methods.coop import coop_optim
 from vprompt.methods.registry import register_method
 from vprompt.methods.text_context import PLACEHOLDER, PromptAssembler, encode_prompts, init_context
@@ -87,11 +87,6 @@ MAX_EPOCHS = 1000
 MAX_VIEWS = 1000
 MAX_CLASS_CHUNK = 100_000
 ALPHA_BETAS = (0.5, 0.999)  # trainers/attributecompute.py: Adam on the group weights
-
-
-def _int_in(value: object, name: str, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}")
 
 
 def _positive(value: object, name: str) -> None:
@@ -177,21 +172,21 @@ class ATPromptConfig:
                 "atprompt needs attribute words (attributes=[color, shape]) or, to search "
                 "them, candidates=[…] with attributes=[]"
             )
-        _int_in(self.n_ctx, "n_ctx", 1, MAX_TOKENS)
-        _int_in(self.n_attr_ctx, "n_attr_ctx", 1, MAX_TOKENS)
+        check_int(self.n_ctx, "n_ctx", 1, MAX_TOKENS)
+        check_int(self.n_attr_ctx, "n_attr_ctx", 1, MAX_TOKENS)
         if not isinstance(self.ctx_init, str):
             raise ConfigError(f"ctx_init must be a phrase or empty, got {self.ctx_init!r}")
         _positive(self.init_std, "init_std")
         _positive(self.attr_init_std, "attr_init_std")
         if not isinstance(self.augment, bool):
             raise ConfigError(f"augment must be true or false, got {self.augment!r}")
-        _int_in(self.feature_views, "feature_views", 1, MAX_VIEWS)
+        check_int(self.feature_views, "feature_views", 1, MAX_VIEWS)
         if self.class_chunk is not None:
-            _int_in(self.class_chunk, "class_chunk", 1, MAX_CLASS_CHUNK)
-        _int_in(self.search_epochs, "search_epochs", 1, MAX_EPOCHS)
-        _int_in(self.search_n_ctx, "search_n_ctx", 1, MAX_TOKENS)
+            check_int(self.class_chunk, "class_chunk", 1, MAX_CLASS_CHUNK)
+        check_int(self.search_epochs, "search_epochs", 1, MAX_EPOCHS)
+        check_int(self.search_n_ctx, "search_n_ctx", 1, MAX_TOKENS)
         if self.search_max_group is not None:
-            _int_in(self.search_max_group, "search_max_group", 1, MAX_ATTRIBUTES)
+            check_int(self.search_max_group, "search_max_group", 1, MAX_ATTRIBUTES)
         _positive(self.search_lr, "search_lr")
 
     @property

@@ -285,3 +285,20 @@ def _attribute_docs(doc: str) -> dict[str, str]:
         elif current is not None:
             found[current] = f"{found[current]} {text}".strip()
     return found
+
+
+def check_int(value: object, name: str, low: int, high: int) -> int:
+    """``value`` as an int in [low, high], or a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def check_fraction(value: object, name: str, *, low: float = 0.0) -> float:
+    """``value`` as a finite float ≥ ``low`` (loss weights, standard deviations)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a finite number >= {low}, got {value!r}")
+    number = float(value)
+    if not (number >= low and number < float("inf")):
+        raise ConfigError(f"{name} must be a finite number >= {low}, got {value!r}")
+    return number

@@ -38,11 +38,11 @@ from torch import nn
 
 from vprompt.errors import ConfigError
 from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput
-from vprompt.methods.config import OptimConfig
+from vprompt.methods.config import OptimConfig, check_fraction, check_int
 from vprompt.methods.kgcoop import check_template
 from vprompt.methods.maple import MaPLe, MaPLeConfig
 from vprompt.methods.registry import register_method
-from vprompt.methods.vl_prompts import VLPrompts, check_fraction, check_int, vl_optim
+from vprompt.methods.vl_prompts import VLPrompts, vl_optim
 from vprompt.utils import jsonio
 
 MAX_DESCRIPTIONS_BYTES = 64 << 20

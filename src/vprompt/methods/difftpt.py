@@ -43,9 +43,9 @@ from PIL import Image
 
 from vprompt.errors import ConfigError
 from vprompt.methods.base import MethodExample
+from vprompt.methods.config import check_fraction, check_int
 from vprompt.methods.registry import register_method
 from vprompt.methods.tpt import MAX_VIEWS, TPT, TPTConfig, TPTViews
-from vprompt.methods.vl_prompts import check_fraction, check_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vprompt.methods.base import Capabilities, MethodExample
-from vprompt.methods.config import OptimConfig
+from vprompt.methods.config import OptimConfig, check_fraction, check_int
 from vprompt.methods.registry import register_method
 from vprompt.methods.vl_prompts import (
     MAX_DEPTH,
@@ -27,8 +27,6 @@ from vprompt.methods.vl_prompts import (
     DeepVLPromptMethod,
     VLPrompts,
     check_depths,
-    check_fraction,
-    check_int,
     normal_prompts,
     vl_optim,
 )

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from vprompt.methods.base import Capabilities, MethodExample
-from vprompt.methods.config import OptimConfig
+from vprompt.methods.config import OptimConfig, check_fraction, check_int
 from vprompt.methods.registry import register_method
 from vprompt.methods.vl_prompts import (
     MAX_DEPTH,
@@ -33,8 +33,6 @@ from vprompt.methods.vl_prompts import (
     DeepVLPromptMethod,
     VLPrompts,
     check_depths,
-    check_fraction,
-    check_int,
     normal_prompts,
     vl_optim,
 )

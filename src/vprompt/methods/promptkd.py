@@ -38,15 +38,13 @@ from vprompt.methods.base import (
     PromptMethod,
 )
 from vprompt.methods.clip_common import clip_input_transform
-from vprompt.methods.config import OptimConfig
+from vprompt.methods.config import OptimConfig, check_fraction, check_int
 from vprompt.methods.kgcoop import check_template
 from vprompt.methods.registry import register_method
 from vprompt.methods.vl_prompts import (
     MAX_DEPTH,
     MAX_PROMPT_TOKENS,
     check_depths,
-    check_fraction,
-    check_int,
     normal_prompts,
     require_deep_prompts,
     vl_optim,

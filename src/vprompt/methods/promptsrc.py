@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from vprompt.errors import ConfigError
 from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput
-from vprompt.methods.config import OptimConfig
+from vprompt.methods.config import OptimConfig, check_fraction
 from vprompt.methods.ivlp import IVLP, IVLPConfig
 from vprompt.methods.kgcoop import check_template
 from vprompt.methods.registry import register_method
-from vprompt.methods.vl_prompts import check_fraction, vl_optim
+from vprompt.methods.vl_prompts import vl_optim
 
 IMAGENET_TEMPLATES_60 = (
     "a photo of a {}.",

@@ -36,9 +36,9 @@ from torch import nn
 from vprompt.errors import ConfigError
 from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
 from vprompt.methods.clip_common import require_image_text
+from vprompt.methods.config import check_fraction, check_int
 from vprompt.methods.registry import register_method
 from vprompt.methods.text_context import PromptAssembler, encode_prompts, init_context
-from vprompt.methods.vl_prompts import check_fraction, check_int
 
 MAX_VIEWS = 1024
 

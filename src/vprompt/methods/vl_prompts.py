@@ -59,23 +59,6 @@ def vl_optim(lr: float, epochs: int, batch_size: int = 4) -> OptimConfig:
     return OptimConfig(**{**base.__dict__, "lr": lr})
 
 
-def check_int(value: object, name: str, low: int, high: int) -> int:
-    """``value`` as an int in [low, high], or a ConfigError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}")
-    return value
-
-
-def check_fraction(value: object, name: str, *, low: float = 0.0) -> float:
-    """``value`` as a finite float ≥ ``low`` (loss weights, standard deviations)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a finite number >= {low}, got {value!r}")
-    number = float(value)
-    if not (number >= low and number < float("inf")):
-        raise ConfigError(f"{name} must be a finite number >= {low}, got {value!r}")
-    return number
-
-
 def vl_context_init(
     backbone: DeepPromptBackbone, *, n_ctx: int, init: str, std: float
 ) -> ContextInit:
