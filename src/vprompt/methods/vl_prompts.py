@@ -174,8 +174,8 @@ class DeepVLPromptMethod(PromptMethod):
 
     # ------------------------------------------------------------------ the method's own
     def prompts(self) -> VLPrompts:
-        """This step's prompts for both towers (differentiable)."""
-        raise NotImplementedError
+        """This step's prompts for both towers (differentiable); each method defines it."""
+        raise NotImplementedError(f"{type(self).__name__} builds no prompts (define prompts())")
 
     # ------------------------------------------------------------------ features
     def text_features_from(self, prompts: VLPrompts) -> torch.Tensor:
