@@ -65,7 +65,13 @@ subsample_option = click.option(
     help="Backbone as FAMILY:ARCH (default with --preset: the preset's model).",
 )
 @weights_option
-@click.option("--data", "data_spec", required=True, help=_DATA_HELP)
+@click.option(
+    "--data",
+    "data_spec",
+    required=True,
+    multiple=True,
+    help=_DATA_HELP + " Repeat it for methods that learn across datasets (dam-vp-meta).",
+)
 @data_root_option
 @shots_option
 @subsample_option
@@ -125,7 +131,7 @@ def train_cmd(
     preset_name: str | None,
     model: str | None,
     weights: str | None,
-    data_spec: str,
+    data_spec: tuple[str, ...],
     data_root: str | None,
     shots: int | None,
     subsample: str,
@@ -171,7 +177,7 @@ def train_cmd(
         overrides=overrides,
         model=model,
         weights=weights,
-        data=data_spec,
+        data=data_spec[0] if len(data_spec) == 1 else data_spec,
         data_root=data_root,
         shots=shots,
         subsample=subsample,  # type: ignore[arg-type]  # click.Choice checked it

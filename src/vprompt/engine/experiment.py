@@ -233,7 +233,7 @@ class RunReport:
 def run(
     method: str | None = None,
     *,
-    data: str,
+    data: str | Sequence[str],
     out_dir: str | Path,
     model: str | None = None,
     weights: str | None = None,
@@ -257,7 +257,10 @@ def run(
 
     Args:
         method: Registered method (optional with ``preset``).
-        data: A ``--data`` spec (``folder:ROOT``, ``fashion-mnist``, ``oxford_pets`` …).
+        data: A ``--data`` spec (``folder:ROOT``, ``fashion-mnist``, ``oxford_pets`` …), or
+            several for methods that learn across datasets (``multi_dataset``): their
+            classes follow one another (:mod:`vprompt.data.union`), and ``train_subset`` /
+            ``test_subset`` apply to each dataset.
         out_dir: The run folder (pack, metrics, plots, ``test_metrics.json``).
         model: Backbone as ``family:arch`` (default: the preset's model).
         weights: Weight source (default: the model's default tag).
@@ -292,15 +295,43 @@ def run(
     chosen = model or (experiment.preset_spec.model if experiment.preset_spec else None)
     if not chosen:
         raise ConfigError("give a model (FAMILY:ARCH, e.g. clip:ViT-B-16)")
-    suite = benchmark_dataset(data)
+    specs = [data] if isinstance(data, str) else [str(d).strip() for d in data]
+    if not specs:
+        raise ConfigError("give the data to train on (--data)")
+    if len(specs) > 1 and not cls.capabilities.multi_dataset:
+        raise ConfigError(
+            f"{experiment.method} trains on one dataset (one --data); several are for methods "
+            "that learn across datasets (e.g. dam-vp-meta)"
+        )
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise ConfigError(f"--data {twice[0]} is given twice; give each dataset once")
+    if len(specs) > 1 and unlabeled is not None:
+        raise ConfigError("--unlabeled replaces one dataset's training images: give one --data")
+    suite = benchmark_dataset(specs[0]) if len(specs) == 1 else None
     config, notes = experiment.config(
         shots=shots,
         dataset=suite.name if suite else None,
         template=suite.template if suite else None,
     )
-    splits: DataSplits = load_data(
-        data, data_root=data_root, shots=shots, seed=seed, subsample=subsample
-    )
+    loaded = [
+        load_data(spec, data_root=data_root, shots=shots, seed=seed, subsample=subsample)
+        for spec in specs
+    ]
+    if len(loaded) > 1:
+        from vprompt.data.union import union_splits
+
+        loaded = [
+            dataclasses.replace(
+                s,
+                train=random_subset(s.train, train_subset, seed),
+                test=random_subset(s.test, test_subset, seed + 1),
+            )
+            for s in loaded
+        ]
+        train_subset = test_subset = None  # taken per dataset
+    named = list(zip(specs, loaded, strict=True))
+    splits: DataSplits = loaded[0] if len(loaded) == 1 else union_splits(named)
     train_data: ClassificationDataset = splits.train
     if unlabeled is not None:
         if cls.capabilities.uses_labels:
@@ -339,7 +370,7 @@ def run(
         "preset": preset,
         "model": chosen,
         "weights": backbone.weights,
-        "data": data,
+        "data": specs[0] if len(specs) == 1 else specs,
         "unlabeled": str(unlabeled) if unlabeled is not None else None,
         "shots": shots,
         "subsample": subsample,

@@ -20,17 +20,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vprompt.data.dataset import ClassificationDataset
+from vprompt.data.dataset import ClassificationDataset, Subset
 from vprompt.data.feature_cache import SeededImages, has_identity, view_seed
+from vprompt.data.union import DatasetUnion
 from vprompt.engine.features import (
     FeatureSource,
     augmented_views,
     dataset_labels,
     encoded_batches,
 )
-from vprompt.engine.runtime import iterate_batches
+from vprompt.engine.runtime import iterate_batches, make_loader
 from vprompt.errors import ConfigError
-from vprompt.methods.base import Batch, PromptMethod
+from vprompt.methods.base import Batch, DataTask, PromptMethod
 
 
 class FitData:
@@ -80,7 +81,27 @@ class FitData:
     def has_val(self) -> bool:
         return self._val is not None
 
-    def train(self, view: int | None = None) -> Iterator[Batch]:
+    @property
+    def tasks(self) -> tuple[DataTask, ...]:
+        data = self._train
+        if isinstance(data, DatasetUnion):
+            return tuple(DataTask(p.name, p.classnames, p.offset, p.size) for p in data.parts)
+        return (DataTask("data", tuple(self.method.classnames), 0, len(data)),)
+
+    def _task_data(self, task: int | None) -> ClassificationDataset:
+        if task is None:
+            return self._train
+        tasks = self.tasks
+        if not 0 <= task < len(tasks):
+            raise ConfigError(
+                f"{self.method.name} asked for dataset {task}; this run has {len(tasks)}"
+            )
+        if len(tasks) == 1:
+            return self._train
+        part = cast(DatasetUnion, self._train).parts[task]
+        return Subset(self._train, range(part.start, part.start + part.size))
+
+    def train(self, view: int | None = None, *, task: int | None = None) -> Iterator[Batch]:
         if view is not None and not 0 <= view < max(self.views, 1):
             raise ConfigError(
                 f"{self.method.name} asked for augmented view {view}; this run offers "
@@ -88,7 +109,27 @@ class FitData:
             )
         if view is not None and self.views == 0:
             view = None  # the training transform does not augment: every view is the plain one
-        return self._batches(self._train, self._sources["train"], view)
+        data = self._task_data(task)
+        source = self._sources["train"]
+        if source is not None and data is not self._train:
+            raise ConfigError(f"{self.method.name}: one dataset's features are not cached apart")
+        return self._batches(data, source, view)
+
+    def shuffled(
+        self, generator: torch.Generator, *, task: int | None = None, batch_size: int | None = None
+    ) -> Iterator[Batch]:
+        if self._features:
+            raise ConfigError(f"{self.method.name} takes features: shuffled() serves images")
+        loader = make_loader(
+            self._task_data(task),
+            self.method.input_transform(True),
+            batch_size=batch_size or self.batch_size,
+            device=self.device,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device)
 
     def val(self) -> Iterator[Batch]:
         if self._val is None:

@@ -12,6 +12,7 @@ from vprompt.methods import (  # noqa: F401
     coop,
     coprompt,
     dam_vp,
+    dam_vp_meta,
     difftpt,
     ivlp,
     kgcoop,

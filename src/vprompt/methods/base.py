@@ -71,6 +71,13 @@ class Capabilities:
             ``aux_loss`` terms), training images may be unlabelled (label -1, ``vprompt train
             --unlabeled DIR``), and base-to-novel trains on the images of every class,
             unlabelled (the transductive protocol such methods report).
+        multi_dataset: The method learns across several datasets in one run (meta-learning
+            a prompt initialisation: ``vprompt train --data A --data B …``). The run's
+            classes are the datasets' classes one after the other (dataset ``t``'s class
+            ``c`` is label ``tasks[t].offset + c``, named ``"NAME: class"``) and the hooks
+            see each dataset through ``MethodData.tasks`` / ``train(task=…)`` /
+            ``shuffled(…, task=…)``. Other methods refuse several ``--data``. Needs
+            ``inputs="images"`` and ``uses_training_data``.
     """
 
     inputs: InputKind = "images"
@@ -81,6 +88,7 @@ class Capabilities:
     custom_backward: bool = False
     is_prompt_method: bool = True
     uses_labels: bool = True
+    multi_dataset: bool = False
 
     def __post_init__(self) -> None:
         if self.inputs not in ("images", "image-features"):
@@ -100,6 +108,8 @@ class Capabilities:
             raise TypeError(
                 "uses_labels=False describes a method's training data: needs uses_training_data"
             )
+        if self.multi_dataset and (not self.uses_training_data or self.inputs != "images"):
+            raise TypeError("multi_dataset needs uses_training_data and inputs='images'")
 
 
 @dataclass(frozen=True)
@@ -137,13 +147,51 @@ class Prediction:
     index: int
 
 
+@dataclass(frozen=True)
+class DataTask:
+    """One dataset of a run: all of it in ordinary runs, one of several in ``multi_dataset``
+    runs (see :attr:`Capabilities.multi_dataset`).
+
+    Attributes:
+        name: The dataset as given (``fashion-mnist``, ``oxford_pets``, ``folder:PATH``).
+        classnames: Its own class names, in its label order (without the ``"NAME: "`` prefix).
+        offset: Its first class's label in the run: its class ``c`` is label ``offset + c``.
+        size: Its training images.
+    """
+
+    name: str
+    classnames: tuple[str, ...]
+    offset: int
+    size: int
+
+    @property
+    def labels(self) -> range:
+        """The run's labels of this dataset's classes."""
+        return range(self.offset, self.offset + len(self.classnames))
+
+
 class MethodData(Protocol):
     """The data a method's hooks see; the engine builds it (:mod:`vprompt.engine.fit_data`).
 
     Batches are ``(inputs, labels)`` on the training device, in dataset order: B x D features
     from ``encode_images`` for ``image-features`` methods (from a feature cache when there is
-    one), otherwise B x 3 x H x W pixels from ``input_transform``.
+    one), otherwise B x 3 x H x W pixels from ``input_transform``. Labels are the run's (see
+    :class:`DataTask` for runs over several datasets).
     """
+
+    @property
+    def tasks(self) -> tuple[DataTask, ...]:
+        """The run's datasets: one, or several for ``multi_dataset`` methods."""
+        ...
+
+    def shuffled(
+        self, generator: torch.Generator, *, task: int | None = None, batch_size: int | None = None
+    ) -> Iterator[Batch]:
+        """One pass over the training set (or dataset ``task`` of it) in a random order drawn
+        from ``generator``, with the training transform (``input_transform(True)``), for
+        methods that run their own optimisation loop in ``setup`` (e.g. meta-learning), in
+        batches of ``batch_size`` (default: the run's). ``images`` methods only."""
+        ...
 
     @property
     def views(self) -> int:
@@ -156,10 +204,11 @@ class MethodData(Protocol):
         """Whether validation data was given."""
         ...
 
-    def train(self, view: int | None = None) -> Iterator[Batch]:
+    def train(self, view: int | None = None, *, task: int | None = None) -> Iterator[Batch]:
         """The training set: plain (``input_transform(False)``), or augmented view ``view``
         (``input_transform(True)`` under a seed per image and view; the same pixels whether
-        or not a feature cache is used)."""
+        or not a feature cache is used). ``task``: only that dataset's images (an index into
+        :attr:`tasks`)."""
         ...
 
     def val(self) -> Iterator[Batch]:

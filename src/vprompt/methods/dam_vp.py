@@ -19,15 +19,15 @@ overlays its border). Features: a classifier's pooled penultimate features (the 
 ``forward_features``); on CLIP, the image's zero-shot logits against the class prompts (the
 reference's ``adapter_clip.py`` clusters and routes on ``model(image, text)[0]``).
 
-Read-out on classifiers: ``visual-prompt``'s label mappings. The reference either reads the C
-most active feature neurons (head-freezing, ViT-B/1k) or trains a new linear head on the
-features at lr 0.1 (head-tuning, ResNet-50 / Swin / MoCo); ``mapping=linear`` (a trained map
-from the source logits) is the closest here.
+Read-out on classifiers: ``mapping=active`` reads the C most active feature neurons (the
+reference's head-freezing read-out, ViT-B/1k; the neurons with the largest spread over
+standard-normal images, in index order), or ``visual-prompt``'s label mappings. The
+reference's head-tuning (ResNet-50 / Swin / MoCo) trains a new linear head on the features
+at lr 0.1; ``mapping=linear`` (a trained map from the source logits) is the closest here.
 
-Not here: the meta-training of the meta-prompt (the reference's Reptile over six datasets,
-each clustered the same way) needs several training sets in one run, which the engine's single
-training set does not give; ``meta_prompt`` instead initialises from a ``dam-vp`` pack trained
-elsewhere (e.g. with ``diversity_aware=false`` on another dataset).
+The meta-prompt (``meta_prompt``) is a ``dam-vp-meta`` pack (:mod:`vprompt.methods.dam_vp_meta`:
+Reptile across several datasets, ``vprompt train --method dam-vp-meta --data A --data B``)
+or a ``dam-vp`` pack (the mean of its cluster prompts).
 """
 
 from __future__ import annotations
@@ -44,18 +44,25 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError, PackError
 from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput, PromptMethod
 from vprompt.methods.config import OptimConfig
+from vprompt.methods.feature_clusters import (
+    MAX_CLUSTER_SAMPLES,
+    MAX_CLUSTERS,
+    active_neurons,
+    average_linkage,
+    cluster_prototypes,
+    nearest_prototype,
+    sample_features,
+)
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
 from vprompt.methods.registry import register_method
 from vprompt.methods.visual_prompt import MAX_SIDE, MappingChoice, resolve_mapping
 
-MAX_CLUSTER_SAMPLES = 5000
-"""Most training images clustered (the distance matrix is N x N)."""
-MAX_CLUSTERS = 256
-"""Most clusters (each holds a 3 x canvas² prompt)."""
+__all__ = ["DamVP", "DamVPConfig", "average_linkage", "nearest_prototype"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,10 @@ class DamVPConfig:
         prompt_init: Prompt without ``meta_prompt``: ``normal`` (the reference's
             ``torch.randn`` pad prompter) or ``zeros`` (starts from the plain image).
         mapping: Classifier read-out as ``visual-prompt``'s (auto: text on CLIP, frequency
-            otherwise).
+            otherwise), or ``active``: the C most active feature neurons, no trained head (the
+            reference's head-freezing read-out; see ``dam-vp-meta``).
+        active_samples: Standard-normal images that rank the neurons for ``active``
+            (reference: 512; drawn with ``seed``).
         mapping_samples: Training images used to estimate frequency mappings (``None``: all).
         templates: CLIP class prompts (reference ``f"a photo of a {c}"``).
         augment: Random horizontal flips during training (reference ``RandomHorizontalFlip``).
@@ -103,8 +113,9 @@ class DamVPConfig:
     diversity_aware: bool = True
     meta_prompt: str | None = None
     prompt_init: Literal["normal", "zeros"] = "normal"
-    mapping: MappingChoice = "auto"
+    mapping: MappingChoice | Literal["active"] = "auto"
     mapping_samples: int | None = None
+    active_samples: int = 512
     templates: tuple[str, ...] = ("a photo of a {}",)
     augment: bool = True
     seed: int = 0
@@ -121,53 +132,68 @@ class DamVPConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("canvas_size", "pad_width", "mapping_samples"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
-        if self.canvas_size is not None and self.canvas_size > MAX_SIDE:
-            raise ConfigError(f"canvas_size must be at most {MAX_SIDE}, got {self.canvas_size}")
-        if self.canvas_size and self.pad_width and 2 * self.pad_width >= self.canvas_size:
-            raise ConfigError(
-                f"pad_width {self.pad_width} leaves no image on a {self.canvas_size} canvas"
-            )
-        for name in ("distance_threshold", "threshold_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # YAML reads 1e-9 (no dot) as a string
-                with contextlib.suppress(ValueError):
-                    object.__setattr__(self, name, float(value))
-        if self.distance_threshold is not None and not _positive(self.distance_threshold):
-            raise ConfigError(
-                f"distance_threshold must be a positive number or null, got "
-                f"{self.distance_threshold!r}"
-            )
-        if not _positive(self.threshold_ratio):
-            raise ConfigError(f"threshold_ratio must be > 0, got {self.threshold_ratio!r}")
-        if not _is_int(self.cluster_samples) or not 1 <= self.cluster_samples <= (
-            MAX_CLUSTER_SAMPLES
+        check_cluster_fields(self)
+        if self.mapping_samples is not None and (
+            not _is_int(self.mapping_samples) or self.mapping_samples < 1
         ):
             raise ConfigError(
-                f"cluster_samples must be an integer in [1, {MAX_CLUSTER_SAMPLES}], got "
-                f"{self.cluster_samples!r}"
+                f"mapping_samples must be a positive integer or null, got {self.mapping_samples!r}"
             )
-        if not _is_int(self.max_clusters) or not 1 <= self.max_clusters <= MAX_CLUSTERS:
-            raise ConfigError(
-                f"max_clusters must be an integer in [1, {MAX_CLUSTERS}], got {self.max_clusters!r}"
-            )
-        if not isinstance(self.diversity_aware, bool) or not isinstance(self.augment, bool):
-            raise ConfigError("diversity_aware and augment must be true or false")
         if self.meta_prompt is not None and (
             not isinstance(self.meta_prompt, str) or not self.meta_prompt.strip()
         ):
             raise ConfigError(f"meta_prompt must be a pack path or null, got {self.meta_prompt!r}")
-        if self.prompt_init not in ("normal", "zeros"):
-            raise ConfigError(f"prompt_init must be normal or zeros, got {self.prompt_init!r}")
-        if self.mapping not in ("auto", "text", "random", "frequency", "iterative", "linear"):
+        if self.mapping not in (
+            "auto", "text", "random", "frequency", "iterative", "linear", "active"
+        ):  # fmt: skip
             raise ConfigError(f"unknown mapping {self.mapping!r}")
-        if not self.templates or not all(isinstance(t, str) and "{}" in t for t in self.templates):
-            raise ConfigError(f"templates must be strings with a {{}}: {self.templates!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.active_samples) or not 2 <= self.active_samples <= 8192:
+            raise ConfigError(
+                f"active_samples must be an integer in [2, 8192], got {self.active_samples!r}"
+            )
+
+
+def check_cluster_fields(cfg: Any) -> None:
+    """Validate the fields DAM-VP's task adaptation and its meta-training share (prompt
+    geometry, clustering, templates, seed); YAML's ``1e-9`` strings become numbers."""
+    for name in ("canvas_size", "pad_width"):
+        value = getattr(cfg, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+    if cfg.canvas_size is not None and cfg.canvas_size > MAX_SIDE:
+        raise ConfigError(f"canvas_size must be at most {MAX_SIDE}, got {cfg.canvas_size}")
+    if cfg.canvas_size and cfg.pad_width and 2 * cfg.pad_width >= cfg.canvas_size:
+        raise ConfigError(
+            f"pad_width {cfg.pad_width} leaves no image on a {cfg.canvas_size} canvas"
+        )
+    for name in ("distance_threshold", "threshold_ratio"):
+        value = getattr(cfg, name)
+        if isinstance(value, str):  # YAML reads 1e-9 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                object.__setattr__(cfg, name, float(value))
+    if cfg.distance_threshold is not None and not _positive(cfg.distance_threshold):
+        raise ConfigError(
+            f"distance_threshold must be a positive number or null, got {cfg.distance_threshold!r}"
+        )
+    if not _positive(cfg.threshold_ratio):
+        raise ConfigError(f"threshold_ratio must be > 0, got {cfg.threshold_ratio!r}")
+    if not _is_int(cfg.cluster_samples) or not 1 <= cfg.cluster_samples <= MAX_CLUSTER_SAMPLES:
+        raise ConfigError(
+            f"cluster_samples must be an integer in [1, {MAX_CLUSTER_SAMPLES}], got "
+            f"{cfg.cluster_samples!r}"
+        )
+    if not _is_int(cfg.max_clusters) or not 1 <= cfg.max_clusters <= MAX_CLUSTERS:
+        raise ConfigError(
+            f"max_clusters must be an integer in [1, {MAX_CLUSTERS}], got {cfg.max_clusters!r}"
+        )
+    if not isinstance(cfg.diversity_aware, bool) or not isinstance(cfg.augment, bool):
+        raise ConfigError("diversity_aware and augment must be true or false")
+    if cfg.prompt_init not in ("normal", "zeros"):
+        raise ConfigError(f"prompt_init must be normal or zeros, got {cfg.prompt_init!r}")
+    if not cfg.templates or not all(isinstance(t, str) and "{}" in t for t in cfg.templates):
+        raise ConfigError(f"templates must be strings with a {{}}: {cfg.templates!r}")
+    if not _is_int(cfg.seed):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -183,54 +209,25 @@ def _positive(value: Any) -> bool:
     )
 
 
-def average_linkage(
-    features: torch.Tensor, threshold: float, max_clusters: int = MAX_CLUSTERS
-) -> torch.Tensor:
-    """Agglomerative clustering with average linkage on Euclidean distances.
-
-    Merges the two closest clusters (mean pairwise distance between their members) while that
-    distance is below ``threshold``, or while more than ``max_clusters`` remain.
-
-    Args:
-        features: N x D.
-        threshold: Cut distance.
-        max_clusters: Most clusters kept.
-
-    Returns:
-        N cluster indices, numbered 0, 1, … in order of each cluster's first member.
-    """
-    x = features.detach().double().cpu()
-    n = len(x)
-    dist = torch.cdist(x, x)  # N x N
-    dist.fill_diagonal_(math.inf)
-    sizes = torch.ones(n, dtype=torch.float64)
-    owner = torch.arange(n)
-    remaining = n
-    while remaining > 1:
-        flat = int(torch.argmin(dist))
-        i, j = divmod(flat, n)
-        if float(dist[i, j]) >= threshold and remaining <= max_clusters:
-            break
-        # Lance-Williams update for average linkage: the merged cluster's mean distance.
-        merged = (sizes[i] * dist[i] + sizes[j] * dist[j]) / (sizes[i] + sizes[j])
-        dist[i], dist[:, i] = merged, merged
-        dist[i, i] = math.inf
-        dist[j], dist[:, j] = math.inf, math.inf
-        sizes[i] += sizes[j]
-        owner[owner == j] = i
-        remaining -= 1
-    _, first = torch.unique(owner, return_inverse=True)
-    order = {int(c): k for k, c in enumerate(dict.fromkeys(first.tolist()))}
-    return torch.tensor([order[int(c)] for c in first.tolist()], dtype=torch.long)
+def pad_mask(canvas: int, pad: int) -> torch.Tensor:
+    """1 x canvas x canvas: ones on the frame of width ``pad``, zeros inside."""
+    mask = torch.ones(1, canvas, canvas)
+    mask[:, pad : canvas - pad, pad : canvas - pad] = 0
+    return mask
 
 
-def nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """B x D features, K x D prototypes → B indices of the nearest prototype (Euclidean)."""
-    # Exact differences: the matmul shortcut loses the small distances of tiny features.
-    dist = torch.cdist(
-        features.float(), prototypes.float(), compute_mode="donot_use_mm_for_euclid_dist"
-    )
-    return dist.argmin(dim=1)
+def resolve_geometry(
+    canvas_size: int | None, pad_width: int | None, backbone: Any
+) -> tuple[int, int]:
+    """The canvas (default: the backbone's input side) and frame width (default: 30/224 of
+    the canvas, Bahng et al.'s pad prompter) a config leaves open."""
+    canvas = canvas_size or int(backbone.preprocess.size[0])
+    if canvas > MAX_SIDE:
+        raise ConfigError(f"canvas_size must be at most {MAX_SIDE}, got {canvas}")
+    pad = pad_width or max(1, round(canvas * 30 / 224))
+    if 2 * pad >= canvas:
+        raise ConfigError(f"pad_width {pad} leaves no image on a {canvas} canvas")
+    return canvas, pad
 
 
 @register_method("dam-vp")
@@ -253,6 +250,7 @@ class DamVP(PromptMethod):
     state_hint = "(canvas_size and pad_width must match the pack's)"
     mask: torch.Tensor  # 1 x canvas x canvas frame (buffer)
     prototypes: torch.Tensor  # K x D (buffer)
+    readout_index: torch.Tensor  # C, mapping=active only (buffer)
     class_embeddings: torch.Tensor  # C x E, CLIP backbones only (buffer)
 
     def __init__(
@@ -261,13 +259,18 @@ class DamVP(PromptMethod):
         super().__init__(backbone, classnames, config)
         self.config = cfg = _resolve(self.config, backbone)
         c, p = int(cfg.canvas_size or 0), int(cfg.pad_width or 0)
-        mask = torch.ones(1, c, c)
-        mask[:, p : c - p, p : c - p] = 0
+        mask = pad_mask(c, p)
         self.register_buffer("mask", mask, persistent=False)
         init = torch.randn(1, 3, c, c) if cfg.prompt_init == "normal" else torch.zeros(1, 3, c, c)
         self.prompts = nn.Parameter(init * mask)
         self.mapping: LabelMapping | None = None
-        if cfg.mapping == "text":
+        self.text = cfg.mapping == "text"
+        if cfg.mapping == "active":
+            self.register_buffer(
+                "readout_index", torch.zeros(len(self.classnames), dtype=torch.long)
+            )
+            dim = int(backbone.feature_dim)
+        elif self.text:
             from vprompt.methods.zeroshot import encode_class_prompts
 
             prompts = [[t.format(n) for t in cfg.templates] for n in self.classnames]
@@ -294,6 +297,9 @@ class DamVP(PromptMethod):
                 {"canvas_size": 32, "mapping": "frequency", "distance_threshold": 1e-6},
             ),
             MethodExample("torchvision:tiny", {"canvas_size": 32, "mapping": "linear"}),
+            MethodExample(
+                "torchvision:tiny", {"canvas_size": 32, "mapping": "active", "active_samples": 8}
+            ),
             MethodExample("clip:tiny", {"distance_threshold": 1e-6}),
         ]
 
@@ -301,6 +307,10 @@ class DamVP(PromptMethod):
     def check_prompt_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if self.mapping is not None:
             self.mapping.check_state(tensors, "mapping.")
+        index = tensors.get("readout_index")
+        dim = int(getattr(self.backbone, "feature_dim", 0))
+        if index is not None and len(index) and not 0 <= int(index.min()) <= int(index.max()) < dim:
+            raise PackError(f"{self.name} tensor 'readout_index' must hold indices in [0, {dim})")
 
     def trainable_parameters(self) -> list[Any]:
         mapping = list(self.mapping.parameters()) if self.mapping is not None else []
@@ -323,15 +333,31 @@ class DamVP(PromptMethod):
         device = self._backbone_device()
         meta = self._meta_prompt().to(device)
         if self.config.diversity_aware:
-            feats = self._collect_features(data)
-            labels = average_linkage(feats, self._threshold(feats), self.config.max_clusters)
-            k = int(labels.max()) + 1
-            protos = torch.stack([feats[labels == i].mean(0) for i in range(k)]).to(device)
+            feats = sample_features(
+                data.train(),
+                lambda x: self.cluster_features(x.to(device)),
+                self.config.cluster_samples,
+            )
+            protos = cluster_prototypes(feats, self.config).to(device)
         else:
             protos = self.prototypes.new_zeros(1, self.prototypes.shape[1])
         with torch.no_grad():
             self.prototypes.data = protos.to(device, self.prototypes.dtype)
             self.prompts.data = meta.expand(len(protos), -1, -1, -1).clone()
+        if self.config.mapping == "active":
+            order = active_neurons(
+                self.backbone.features,
+                int(self.config.canvas_size or 0),
+                samples=self.config.active_samples,
+                seed=self.config.seed,
+                device=device,
+            )
+            if len(self.classnames) > len(order):
+                raise ConfigError(
+                    f"mapping=active reads one feature per class: {len(self.classnames)} classes, "
+                    f"{len(order)} features"
+                )
+            self.readout_index.copy_(order[: len(self.classnames)].sort().values)
         mapping = self.mapping
         if mapping is not None and mapping.kind == "frequency" and mapping.needs_update(0):
             self._remap(data)
@@ -345,7 +371,7 @@ class DamVP(PromptMethod):
     @torch.no_grad()
     def cluster_features(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x canvas² normalised images → B x D features clustering and routing use."""
-        if self.mapping is None:
+        if self.text:
             feats = F.normalize(self.backbone.encode_image(images).float(), dim=-1)
             return self.backbone.logit_scale.float() * feats @ self.class_embeddings.float().T
         return self.backbone.features(images).float()
@@ -361,10 +387,12 @@ class DamVP(PromptMethod):
         return images + self.mask * self.prompts[clusters]
 
     def source_logits(self, prompted: torch.Tensor) -> torch.Tensor:
-        """Prompted images → B x K source logits (B x C on CLIP)."""
-        if self.mapping is None:
+        """Prompted images → B x K source logits (B x C on CLIP and with ``active``)."""
+        if self.text:
             feats = F.normalize(self.backbone.encode_image(prompted).float(), dim=-1)
             return self.backbone.logit_scale.float() * feats @ self.class_embeddings.float().T
+        if self.config.mapping == "active":
+            return self.backbone.features(prompted).float()[:, self.readout_index]
         return self.backbone(prompted)
 
     def forward(self, images: torch.Tensor) -> MethodOutput:
@@ -375,37 +403,6 @@ class DamVP(PromptMethod):
         return MethodOutput(logits=logits.float())
 
     # ------------------------------------------------------------------ helpers
-    def _collect_features(self, data: MethodData) -> torch.Tensor:
-        """N x D features of ``cluster_samples`` training images drawn uniformly at random
-        (the reference takes the first 1000 of its shuffled loader), in dataset order."""
-        feats = keys = order = None
-        seen = 0
-        for images, _ in data.train():
-            batch = self.cluster_features(images.to(self._backbone_device())).cpu()
-            idx = torch.arange(seen, seen + len(batch))
-            rand = torch.rand(len(batch))
-            seen += len(batch)
-            if feats is None or keys is None or order is None:
-                feats, keys, order = batch, rand, idx
-            else:
-                feats, keys = torch.cat([feats, batch]), torch.cat([keys, rand])
-                order = torch.cat([order, idx])
-            if len(keys) > self.config.cluster_samples:  # keep the smallest random keys
-                keep = keys.topk(self.config.cluster_samples, largest=False).indices
-                feats, keys, order = feats[keep], keys[keep], order[keep]
-        if feats is None or order is None:
-            raise ConfigError("dam-vp needs training images to cluster")
-        return feats[order.argsort()]
-
-    def _threshold(self, feats: torch.Tensor) -> float:
-        if self.config.distance_threshold is not None:
-            return float(self.config.distance_threshold)
-        n = len(feats)
-        if n < 2:
-            return math.inf
-        mean = float(torch.cdist(feats.double(), feats.double()).sum()) / (n * (n - 1))
-        return self.config.threshold_ratio * mean if mean > 0 else math.inf
-
     def _meta_prompt(self) -> torch.Tensor:
         """1 x 3 x canvas² initial prompt: the meta-prompt pack's mean prompt, or this
         method's own initialisation."""
@@ -416,10 +413,10 @@ class DamVP(PromptMethod):
 
         pack = load_pack(path)
         prompts = pack.tensors.get("prompts")
-        if pack.method != self.name or prompts is None:
+        if pack.method not in (self.name, "dam-vp-meta") or prompts is None:
             raise PackError(
-                f"meta_prompt {path}: a {pack.method} pack; dam-vp initialises from a dam-vp "
-                "pack (its additive frame on the normalised image)"
+                f"meta_prompt {path}: a {pack.method} pack; dam-vp initialises from a "
+                "dam-vp-meta or dam-vp pack (its additive frame on the normalised image)"
             )
         shape = tuple(self.prompts.shape[1:])
         if prompts.dim() != 4 or tuple(prompts.shape[1:]) != shape:
@@ -450,11 +447,12 @@ class DamVP(PromptMethod):
 
 def _resolve(config: DamVPConfig, backbone: Any) -> DamVPConfig:
     """Fill the backbone-dependent fields so packs store concrete values."""
-    canvas = config.canvas_size or int(backbone.preprocess.size[0])
-    if canvas > MAX_SIDE:
-        raise ConfigError(f"canvas_size must be at most {MAX_SIDE}, got {canvas}")
-    pad = config.pad_width or max(1, round(canvas * 30 / 224))
-    if 2 * pad >= canvas:
-        raise ConfigError(f"pad_width {pad} leaves no image on a {canvas} canvas")
+    canvas, pad = resolve_geometry(config.canvas_size, config.pad_width, backbone)
+    if config.mapping == "active":
+        if isinstance(backbone, ImageTextBackbone):
+            raise ConfigError(
+                f"{backbone.name} classifies through text prompts; use mapping=text/auto"
+            )
+        return dataclasses.replace(config, canvas_size=canvas, pad_width=pad)
     mapping = resolve_mapping(config.mapping, backbone)
     return dataclasses.replace(config, canvas_size=canvas, pad_width=pad, mapping=mapping)
