@@ -310,6 +310,28 @@ def test_defaults_are_the_references() -> None:
     assert TFUP.capabilities.trains is False
 
 
+def test_per_dataset_settings_are_presets_not_benchmark_overrides() -> None:
+    """The reference's configs differ per dataset only on Office-31 and VisDA-2017 (none a
+    benchmark dataset here): its presets carry them; a benchmark dataset changes nothing but the
+    template the protocols fill."""
+    from vprompt.engine.experiment import Experiment
+
+    assert TFUP.reference_settings == {}
+    assert TFUPT.reference_settings == {}
+    for dataset in ("oxford_pets", "imagenet", "eurosat"):
+        config, notes = Experiment("tfup-t").config(dataset=dataset)
+        assert (config, notes) == (TFUPTConfig(), [])
+    presets = {
+        "tfup-t/unsupervised": (0.012, 0.75),  # configs/office_home.yaml, domainnet.yaml
+        "tfup-t/unsupervised-office31": (0.05, 0.5),  # configs/office31.yaml
+        "tfup-t/unsupervised-visda17": (0.012, 0.5),  # configs/visda17.yaml
+    }
+    for preset, expected in presets.items():
+        config, _ = Experiment(preset=preset).config(dataset="oxford_pets")
+        assert (config.optim.lr, config.training_proportion) == expected
+        assert (config.alpha, config.beta, config.cache_proportion) == (0.3, 1.0, 0.3)
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [

@@ -172,3 +172,36 @@ def test_cross_dataset_protocol_runs_tpt_on_every_target(run_cli, tmp_path) -> N
     record = json.loads((job / "result.json").read_text())
     assert set(record["metrics"]["targets"]) == {"dtd"}
     assert "| Method | Source | DTD | Average |" in (tmp_path / "xd" / "table.md").read_text()
+
+
+def test_domain_gen_protocol_runs_tpt_on_the_imagenet_variants(tiny_clip, tmp_path) -> None:
+    """domain-gen through the protocol runner's library API: one job (TPT learns no shots), its
+    prompt tuned per image on every ImageNet variant, each score that of TPT built for ImageNet
+    (its reference settings: no AugMix) and retargeted to the variant's classes."""
+    from vprompt.data.suite.synthetic import write_fake_dataset
+    from vprompt.data.tasks import load_suite_task
+    from vprompt.engine import evaluate
+    from vprompt.engine.protocol import DOMAIN_TARGETS, ProtocolRun, plan_jobs, run_protocol
+
+    root = tmp_path / "suite"
+    write_fake_dataset("imagenet", root, num_classes=4, images_per_class=(1, 0, 1))
+    for name in DOMAIN_TARGETS:
+        write_fake_dataset(name, root, num_classes=4, images_per_class=(0, 0, 2))
+    (job,) = plan_jobs("domain-gen", method="tpt", seeds=[1])
+    assert (job.dataset, job.shots, job.targets) == ("imagenet", None, DOMAIN_TARGETS)
+    run = ProtocolRun("domain-gen", "tpt", "clip:tiny", root, tmp_path / "dg", weights="none",
+                      overrides=("views=3",), progress=False)  # fmt: skip
+    summary = run_protocol(run, [job])
+    (record,) = summary["records"]
+    assert record["job"]["shots"] is None
+    targets = record["metrics"]["targets"]
+    assert set(targets) == set(DOMAIN_TARGETS)
+    source = Experiment("tpt", overrides=("views=3",)).build(
+        tiny_clip, load_suite_task("imagenet", root).classnames, dataset="imagenet"
+    )
+    assert source.config.augmix is False
+    for name in DOMAIN_TARGETS:
+        task = load_suite_task(name, root)
+        moved = source.retarget(task.classnames)
+        assert targets[name] == evaluate(moved, task.test, progress=False).accuracy
+    assert "ImageNet-Sketch" in (tmp_path / "dg" / "table.md").read_text()

@@ -55,6 +55,14 @@ full epochs of the training set (the others contribute no loss) rather than epoc
 refined set alone; the cosine schedule ends at the last step (the reference's runs past its
 period); the kept epoch is chosen on validation data or is the last (the reference keeps the
 best test accuracy); augmented views come from the feature cache's ``feature_views``.
+
+Per-dataset settings: the reference's configs differ only on its domain-adaptation datasets
+(Office-31: lr 0.05 and ``training_proportion`` 0.5, 0.75 on its amazon domain; VisDA-2017:
+``training_proportion`` 0.5 and the single template ``"a photo of a {}."`` instead of GPT-3.5
+descriptions; Office-Home and DomainNet: the defaults). None of them is a benchmark dataset of
+the suite, so neither method declares ``reference_settings``: those settings are TFUP-T's presets
+(``tfup-t/unsupervised``, ``-office31``, ``-visda17``). TFUP's own values (α, β,
+``cache_proportion``) are the same in every config.
 """
 
 from __future__ import annotations
