@@ -282,6 +282,8 @@ def _variant(**members: Any) -> type:
         ({"capabilities": Capabilities(custom_backward=True)}, r"needs backward\("),
         ({"backward": lambda self, loss, output, labels: None}, "declare custom_backward"),
         ({"capabilities": Capabilities(template_field="template")}, "not a field"),
+        ({"target_settings": frozenset({"nope"})}, r"target_settings \['nope'\] are not fields"),
+        ({"target_settings": frozenset({"optim"})}, "target_settings needs retargets=True"),
         ({"examples": classmethod(lambda cls: [])}, "at least one MethodExample"),
     ],
 )
@@ -322,3 +324,5 @@ def test_capabilities_refuse_contradictions() -> None:
         Capabilities(trains=False, uses_training_data=False, uses_labels=False)
     with pytest.raises(TypeError, match="inputs"):
         Capabilities(inputs="pixels")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="multi_dataset needs"):
+        Capabilities(inputs="image-features", multi_dataset=True)

@@ -205,3 +205,28 @@ def test_domain_gen_protocol_runs_tpt_on_the_imagenet_variants(tiny_clip, tmp_pa
         moved = source.retarget(task.classnames)
         assert targets[name] == evaluate(moved, task.test, progress=False).accuracy
     assert "ImageNet-Sketch" in (tmp_path / "dg" / "table.md").read_text()
+
+
+def test_a_retargeted_tpt_follows_its_target_datasets_augmix(tiny_clip, tmp_path) -> None:
+    """The reference picks AugMix by the *test* set: TPT built on ImageNet (no AugMix) and moved
+    to DTD by the cross-dataset protocol AugMixes there, unless the user set ``augmix``."""
+    from vprompt.engine.protocol import ProtocolRun, _Runner
+
+    def runner(*overrides: str) -> _Runner:
+        run = ProtocolRun("cross-dataset", "tpt", "clip:tiny", tmp_path, tmp_path / "x",
+                          weights="none", overrides=overrides, progress=False)  # fmt: skip
+        return _Runner(run)
+
+    plain = runner("views=3")
+    assert plain.target_settings("dtd") == {"augmix": True}
+    assert plain.target_settings("imagenet_sketch") == {"augmix": False}
+    assert runner("augmix=false").target_settings("dtd") == {"augmix": False}
+    source = Experiment("tpt", overrides=("views=3",)).build(
+        tiny_clip, ["a", "b"], dataset="imagenet"
+    )
+    assert source.config.augmix is False
+    moved = source.retarget(["c", "d"], settings=plain.target_settings("dtd"))
+    assert moved.config.augmix is True
+    assert moved.config.views == 3  # everything else stays the source's
+    with pytest.raises(ConfigError, match="keeps"):
+        source.retarget(["c"], settings={"views": 5})

@@ -254,6 +254,12 @@ class _Runner:
         dataset's paper template."""
         return self.cls.templates_for(task.spec.name, task.template)
 
+    def target_settings(self, dataset: str) -> dict[str, Any]:
+        """The method's ``target_settings`` fields as its config has them on ``dataset``
+        (reference settings, preset, ``--set``): what follows a retargeted method there."""
+        config, _ = self.experiment.config(dataset=dataset)
+        return {key: getattr(config, key) for key in sorted(self.cls.target_settings)}
+
     def build(self, task: SuiteTask, shots: int | None = None) -> PromptMethod:
         return self.experiment.build(
             self.backbone,
@@ -342,7 +348,11 @@ class _Runner:
         targets: dict[str, float] = {}
         for name in job.targets:
             target = load_suite_task(name, root)
-            moved = method.retarget(target.classnames, templates=self.templates(target))
+            moved = method.retarget(
+                target.classnames,
+                templates=self.templates(target),
+                settings=self.target_settings(name),
+            )
             targets[name] = self.test(moved, target, f"{name} test")
         return {"metrics": {"source": acc, "targets": targets}, "train": info}
 

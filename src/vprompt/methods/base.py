@@ -268,6 +268,11 @@ class PromptMethod(nn.Module):
     data_shaped_state: ClassVar[frozenset[str]] = frozenset()
     """Prompt tensors whose first dimension comes from the training data (e.g. a cache of N
     training features); loading a pack or checkpoint resizes them instead of refusing."""
+    target_settings: ClassVar[frozenset[str]] = frozenset()
+    """Config fields that follow the *target* dataset when a protocol retargets the method
+    (cross-dataset, domain generalization): settings the reference sets per test dataset, such
+    as TPT's AugMix; the protocol passes the target's values (its ``reference_settings`` and
+    the user's ``--set``) to :meth:`retarget`. Everything else keeps the source's value."""
     state_hint: ClassVar[str] = ""
     """Appended to shape errors when a pack does not fit, e.g. which settings must match."""
     max_eval_batch: ClassVar[int | None] = None
@@ -346,19 +351,30 @@ class PromptMethod(nn.Module):
         return dataclasses.replace(config, templates=items)
 
     def retarget(
-        self: M, classnames: Sequence[str], *, templates: Sequence[str] | None = None
+        self: M,
+        classnames: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> M:
         """The same learned prompt applied to other class names (new classes, other datasets).
 
         The default rebuilds the method for ``classnames`` (with ``templates`` in its template
-        field) and loads the prompt state, which must not depend on the classes.
+        field and ``settings``, values of ``target_settings`` fields for the target dataset,
+        in its config) and loads the prompt state, which must not depend on the classes.
 
         Raises:
             ConfigError: The method does not declare ``retargets``.
         """
         if not self.capabilities.retargets:
             raise ConfigError(f"{self.name} cannot change its classes once built")
-        other = type(self)(self.backbone, classnames, self.with_templates(self.config, templates))
+        config = self.with_templates(self.config, templates)
+        if settings:
+            unknown = sorted(set(settings) - self.target_settings)
+            if unknown:
+                raise ConfigError(f"{self.name} keeps {unknown} when retargeted (target_settings)")
+            config = dataclasses.replace(config, **settings)
+        other = type(self)(self.backbone, classnames, config)
         other.load_prompt_state(self.prompt_state())
         return other.train(self.training)
 

@@ -8,7 +8,7 @@ many classes, in checkpointed chunks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,14 +156,20 @@ class CoOp(PromptMethod):
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         return clip_input_transform(self.backbone, train and self.config.augment)
 
-    def retarget(self, classnames: Sequence[str], *, templates: Sequence[str] | None = None) -> Any:
+    def retarget(
+        self,
+        classnames: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Any:
         """The learned context applied to other class names (new classes, other datasets).
 
         Raises:
             ConfigError: The context is class-specific, so it has nothing for unseen classes.
         """
         refuse_class_specific(self.name, self.config)
-        return super().retarget(classnames, templates=templates)
+        return super().retarget(classnames, templates=templates, settings=settings)
 
     def extra_repr(self) -> str:
         return (

@@ -155,10 +155,16 @@ class KgCoOp(PromptMethod):
     def input_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         return clip_input_transform(self.backbone, train and self.config.augment)
 
-    def retarget(self, classnames: Sequence[str], *, templates: Sequence[str] | None = None) -> Any:
+    def retarget(
+        self,
+        classnames: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Any:
         """The learned context on other classes, kept close to ``templates`` (one template)."""
         refuse_class_specific(self.name, self.config)
-        return super().retarget(classnames, templates=templates)
+        return super().retarget(classnames, templates=templates, settings=settings)
 
     def extra_repr(self) -> str:
         return (

@@ -250,10 +250,16 @@ class ProGrad(PromptMethod):
             if param.grad is not None and kl_grad is not None:
                 param.grad = project_conflicting(param.grad, kl_grad, lam)
 
-    def retarget(self, classnames: Sequence[str], *, templates: Sequence[str] | None = None) -> Any:
+    def retarget(
+        self,
+        classnames: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Any:
         """The learned context on other classes, with ``templates`` (one) as the teacher."""
         refuse_class_specific(self.name, self.config)
-        return super().retarget(classnames, templates=templates)
+        return super().retarget(classnames, templates=templates, settings=settings)
 
     def extra_repr(self) -> str:
         return (

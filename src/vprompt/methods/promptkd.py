@@ -21,7 +21,8 @@ loss is ``trainers/promptkd.py``'s ``forward_backward``; the projector is its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,11 +214,18 @@ class PromptKD(PromptMethod):
     def input_transform(self, train: bool) -> Any:
         return clip_input_transform(self.backbone, train and self.config.augment)
 
-    def retarget(self, classnames: Sequence[str], *, templates: Sequence[str] | None = None) -> Any:
+    def retarget(
+        self,
+        classnames: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Any:
         """The student for other classes: rows of the stored teacher features when it has
         them (base-to-novel), else the teacher scores the new classes (it must be available)."""
         names = list(classnames)
-        other = type(self)(self.backbone, names, self.config)
+        config = dataclasses.replace(self.config, **settings) if settings else self.config
+        other = type(self)(self.backbone, names, config)
         state = self.prompt_state()
         if all(n in self.classnames for n in names):
             rows = [self.classnames.index(n) for n in names]

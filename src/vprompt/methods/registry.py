@@ -96,6 +96,11 @@ def contract_problems(cls: Any) -> list[str]:
         problems.append(
             f"template_field={caps.template_field!r} is not a field of {config_cls.__name__}"
         )
+    unknown = sorted(set(cls.target_settings) - set(fields))
+    if unknown:
+        problems.append(f"target_settings {unknown} are not fields of {config_cls.__name__}")
+    if cls.target_settings and not caps.retargets:
+        problems.append("target_settings needs retargets=True")
     if not _overrides(cls, "examples"):
         problems.append("needs the classmethod examples() -> [MethodExample(...)] for its tests")
     else:

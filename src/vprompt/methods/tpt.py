@@ -257,6 +257,8 @@ class TPT(PromptMethod):
     capabilities = Capabilities(
         inputs="images", trains=False, uses_training_data=False, retargets=True
     )
+    # The reference sets AugMix by the *test* set: a retargeted TPT follows its target.
+    target_settings: ClassVar[frozenset[str]] = frozenset({"augmix"})
     reference_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         name: {"augmix": False} for name in _IMAGENET_FAMILY
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,13 +174,18 @@ class ZeroShotClassifier(PromptMethod):
         return method
 
     def retarget(
-        self, classnames: Sequence[str], *, templates: Sequence[str] | None = None
+        self,
+        classnames: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> ZeroShotClassifier:
         """The same classifier for other class names (new classes, another dataset).
 
         Args:
             templates: Templates for the new classes (e.g. the target dataset's); default: the
                 ones this classifier was built with.
+            settings: Unused: zero-shot declares no ``target_settings``.
         """
         temps = tuple(templates) if templates is not None else self.config.templates
         if not temps:
