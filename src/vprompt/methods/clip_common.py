@@ -28,9 +28,12 @@ def require_image_text(backbone: Any, method: str) -> ImageTextBackbone:
     return backbone
 
 
-@torch.no_grad()
 def unit_image_features(backbone: ImageTextBackbone, pixels: torch.Tensor) -> torch.Tensor:
-    """B x 3 x H x W preprocessed pixels → B x D unit-norm float32 image features (frozen)."""
+    """B x 3 x H x W preprocessed pixels → B x D unit-norm float32 image features (frozen).
+
+    The backbone's parameters never require gradients, so no graph is built here unless the
+    pixels themselves require gradients, as an adversarial attack's do (:mod:`vprompt.attack`).
+    """
     return F.normalize(backbone.encode_image(pixels).float(), dim=-1)
 
 
