@@ -225,7 +225,8 @@ def test_clip_readout_uses_each_tasks_class_prompts(tiny_clip):
 
 def test_config_and_backbone_checks(tiny_cnn, tiny_clip):
     for bad in ("inner_steps=0", "meta_step_size=0", "meta_step_size=1.5", "keep=best",
-                "readout=linear", "active_samples=1", "optim.optimizer=sgd"):  # fmt: skip
+                "readout=linear", "active_samples=1", "optim.optimizer=sgd",
+                "optim.warmup_epochs=1"):  # fmt: skip
         with pytest.raises(ConfigError):
             apply_overrides(DamVPMetaConfig(), [bad])
     with pytest.raises(ConfigError, match="readout=text"):

@@ -97,10 +97,20 @@ class DamVPMetaConfig:
     meta-training commands unless noted.
 
     Attributes:
-        canvas_size / pad_width / distance_threshold / threshold_ratio / cluster_samples /
-            max_clusters / diversity_aware / prompt_init / templates / augment: As
-            ``dam-vp``'s (:class:`~vprompt.methods.dam_vp.DamVPConfig`); they must match the
-            ``dam-vp`` runs that start from this pack (canvas and frame).
+        canvas_size: Input side (``None``: the backbone's); the ``dam-vp`` runs that start
+            from this pack must use the same canvas and frame.
+        pad_width: Frame width (``None``: 30/224 of the canvas).
+        distance_threshold: Clustering cut, as ``dam-vp``'s (``None``: ``threshold_ratio`` x
+            the mean pairwise distance of each task's clustered features).
+        threshold_ratio: See ``distance_threshold``.
+        cluster_samples: Training images clustered per task (reference: 1000).
+        max_clusters: Most clusters per task.
+        diversity_aware: False: one copy of the meta-prompt per task (the reference's
+            ``--wo_da``).
+        prompt_init: The meta-prompt's start: ``normal`` (the reference's pad prompter) or
+            ``zeros``.
+        templates: CLIP class prompts (reference ``f"a photo of a {c}"``).
+        augment: Random horizontal flips of the training images.
         readout: ``active`` (classifiers: the most active feature neurons), ``text`` (CLIP),
             ``auto``: by backbone.
         active_samples: Standard-normal images that rank the neurons (reference: 512).
@@ -108,10 +118,10 @@ class DamVPMetaConfig:
         meta_step_size: Reptile's outer step (README: 0.5; ``--meta_step_size``).
         keep: ``best-loss`` (the reference) or ``last``.
         seed: Seed of the noise images that rank the neurons.
-        optim: The inner optimizer: Adam at ``lr`` (the reference's ``--meta_lr``: 1.0 in its
-            README's CLIP command, 0.5 for ViT-B/1k) with the cosine described in the module
-            docstring, ``epochs`` (reference 200) of meta steps over batches of
-            ``batch_size`` images per task (128).
+        optim: The inner optimizer: Adam (``eps``, ``weight_decay``) at ``lr`` (the
+            reference's ``--meta_lr``: 1.0 in its README's CLIP command, 0.5 for ViT-B/1k)
+            with the cosine described in the module docstring; ``epochs`` (reference 200) of
+            meta steps over batches of ``batch_size`` images per task (128).
     """
 
     canvas_size: int | None = None
@@ -157,6 +167,13 @@ class DamVPMetaConfig:
                 f"dam-vp-meta's inner optimizer is Adam (the reference's); got "
                 f"optim.optimizer={self.optim.optimizer!r}"
             )
+        plain = OptimConfig()
+        for name in ("warmup_epochs", "warmup_lr", "grad_clip", "step_unit", "drop_last"):
+            if getattr(self.optim, name) != getattr(plain, name):
+                raise ConfigError(
+                    f"dam-vp-meta does not use optim.{name}: its inner rate follows a cosine "
+                    "from optim.lr over all meta steps, without warm-up"
+                )
 
 
 def reptile_update(
@@ -334,7 +351,8 @@ class DamVPMeta(PromptMethod):
             route = self._route(x, proto, span)
             fast = theta.expand(len(proto) if proto is not None else 1, -1, -1, -1).clone()
             fast.requires_grad_(True)
-            opt = torch.optim.Adam([fast], lr=lr, weight_decay=self.config.optim.weight_decay)
+            optim = self.config.optim
+            opt = torch.optim.Adam([fast], lr=lr, weight_decay=optim.weight_decay, eps=optim.eps)
             with torch.enable_grad():
                 for _ in range(self.config.inner_steps):
                     loss = F.cross_entropy(
