@@ -587,3 +587,20 @@ def test_small_visualizations_are_enlarged_and_example_grids_captioned(tmp_path)
     with Image.open(plain[0]) as a, Image.open(captioned[0]) as b:
         assert b.height == a.height + 16  # one caption line under the row
         assert b.width == a.width
+
+    from vprompt.methods.base import ValueImage
+
+    raw = torch.linspace(-2.0, 6.0, 3 * 32 * 32).reshape(3, 32, 32)
+    shown = ValueImage.stretch(raw)
+    assert (shown.low, shown.high) == (-2.0, 6.0)
+    (tmp_path / "bar").mkdir()
+    (barred,) = save_visualizations({"prompt": shown}, tmp_path / "bar")
+    (bare,) = save_visualizations({"prompt": shown.image}, tmp_path / "plain")
+    with Image.open(barred) as a, Image.open(bare) as b:
+        with_bar, without = np.asarray(a), np.asarray(b)
+    assert with_bar.shape[1] > without.shape[1]  # the bar and its labels on the right
+    assert (with_bar[:, : without.shape[1]] == without).all()  # the image itself unchanged
+    column = with_bar[: without.shape[0], without.shape[1] + 6 + 8, 0].astype(int)
+    assert column[0] == 255
+    assert column[-1] == 0
+    assert (np.diff(column) <= 0).all()

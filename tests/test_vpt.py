@@ -314,10 +314,14 @@ def test_state_round_trip_and_mismatch(tiny_vit):
     shallow = _make(tiny_vit, num_tokens=4)
     with pytest.raises(PackError, match="shape"):
         shallow.load_prompt_state(state)
-    vis = method.visualizations(x)["prompt_tokens"]
+    shown = method.visualizations(x)["prompt_tokens"]
+    vis = shown.image
     assert vis.shape == (3, 2 * 4, tiny_vit.vision_width)
-    assert vis.min() >= 0
-    assert vis.max() <= 1
+    assert vis.min() == 0
+    assert vis.max() == 1
+    raw = method.prompts.detach().flatten(0, 1)
+    assert (shown.low, shown.high) == (float(raw.min()), float(raw.max()))
+    torch.testing.assert_close(vis[0] * (shown.high - shown.low) + shown.low, raw)
 
 
 def test_input_transform_flips_only_when_training(tiny_vit):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from vprompt.methods.base import ValueImage
 from vprompt.utils.io import atomic_path
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -77,10 +78,17 @@ MIN_SIDE = 256
 nearest-neighbour sampling so every value stays a visible block."""
 
 
-def save_image(image: torch.Tensor, path: Path, captions: Sequence[str] | None = None) -> Path:
+def save_image(
+    image: torch.Tensor,
+    path: Path,
+    captions: Sequence[str] | None = None,
+    *,
+    value_range: tuple[float, float] | None = None,
+) -> Path:
     """Write a 3 x H x W image, or a B x 3 x H x W batch as a grid, with values in [0, 1];
-    small ones are enlarged (nearest neighbour, at least :data:`MIN_SIDE` px), and a batch
-    with ``captions`` (one per image) gets each caption under its image."""
+    small ones are enlarged (nearest neighbour, at least :data:`MIN_SIDE` px), a batch
+    with ``captions`` (one per image) gets each caption under its image, and
+    ``value_range`` (the raw values shown as 0 and 1) adds a colour bar on the right."""
     img = image.detach().float().cpu()
     tiles = None
     if img.dim() == 4:
@@ -99,9 +107,29 @@ def save_image(image: torch.Tensor, path: Path, captions: Sequence[str] | None =
         pil = _grid([_to_pil(t) for t in tiles], captions)
     else:
         pil = _to_pil(img)
+    if value_range is not None:
+        pil = _with_colour_bar(pil, *value_range)
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
     return path
+
+
+def _with_colour_bar(pil: Any, low: float, high: float) -> Any:
+    """``pil`` with a grey bar on its right (white: ``high``, black: ``low``) and both values
+    written beside it, so a contrast-stretched image can be read back in raw units."""
+    from PIL import Image, ImageDraw
+
+    bar_w, text_w, pad = 16, 72, 6
+    sheet = Image.new("RGB", (pil.width + pad + bar_w + text_w, max(pil.height, 64)), "white")
+    sheet.paste(pil, (0, 0))
+    ramp = torch.linspace(1, 0, pil.height).mul(255).round().to(torch.uint8)
+    bar = ramp[:, None, None].expand(-1, bar_w, 3).contiguous().numpy()
+    x = pil.width + pad
+    sheet.paste(Image.fromarray(bar), (x, 0))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((x + bar_w + 4, 0), f"{high:.3g}", fill="black")
+    draw.text((x + bar_w + 4, max(0, pil.height - 12)), f"{low:.3g}", fill="black")
+    return sheet
 
 
 def _to_pil(img: torch.Tensor) -> Any:
@@ -142,15 +170,18 @@ def _grid(tiles: Sequence[Any], captions: Sequence[str] | None) -> Any:
 
 
 def save_visualizations(
-    images: Mapping[str, torch.Tensor],
+    images: Mapping[str, torch.Tensor | ValueImage],
     out_dir: Path,
     captions: Sequence[str] | None = None,
 ) -> list[Path]:
     """Save each named image as ``out_dir/<name>.png`` (names made file-system safe);
-    ``captions`` label the images of each batch of as many images (true → predicted class)."""
+    ``captions`` label the images of each batch of as many images (true → predicted class);
+    a :class:`~vprompt.methods.base.ValueImage` gets a colour bar with its raw range."""
     written = []
-    for name, image in images.items():
+    for name, shown in images.items():
         stem = _SAFE_NAME.sub("_", str(name)).strip("._") or "visualization"
+        value_range = (shown.low, shown.high) if isinstance(shown, ValueImage) else None
+        image = shown.image if isinstance(shown, ValueImage) else shown
         labels = captions if captions and image.dim() == 4 and len(image) == len(captions) else None
-        written.append(save_image(image, out_dir / f"{stem}.png", labels))
+        written.append(save_image(image, out_dir / f"{stem}.png", labels, value_range=value_range))
     return written

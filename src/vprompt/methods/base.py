@@ -113,6 +113,30 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class ValueImage:
+    """A visualization of raw values (a learned frame, prompt tokens): ``image`` holds them
+    contrast-stretched to [0, 1] (3 x H x W), ``low`` and ``high`` the raw values shown as 0
+    and 1; reports draw a colour bar with both.
+
+    Use :meth:`stretch` to build one from raw values.
+    """
+
+    image: torch.Tensor
+    low: float
+    high: float
+
+    @classmethod
+    def stretch(cls, values: torch.Tensor) -> ValueImage:
+        """Raw 3 x H x W (or H x W: shown grey) values → their stretched image and range."""
+        v = values.detach().float().cpu()
+        if v.dim() == 2:
+            v = v.unsqueeze(0).expand(3, -1, -1)
+        low, high = float(v.min()), float(v.max())
+        image = (v - low) / max(high - low, 1e-8)
+        return cls(image.contiguous(), low, high)
+
+
+@dataclass(frozen=True)
 class MethodExample:
     """A tiny, fast configuration of a method: what the contract tests run it on.
 
@@ -435,9 +459,10 @@ class PromptMethod(nn.Module):
             raise ConfigError(f"{self.name}: feature_views must be an integer >= 1: {views!r}")
         return views
 
-    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named 3 x H x W images in [0, 1] for reports; ``images`` come from
-        ``input_transform(False)``. Default: none."""
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor | ValueImage]:
+        """Named 3 x H x W images in [0, 1] for reports (a :class:`ValueImage` for raw values,
+        drawn with a colour bar); ``images`` come from ``input_transform(False)``. Default:
+        none."""
         return {}
 
     # ------------------------------------------------------------------ forward

@@ -18,7 +18,14 @@ from PIL import Image
 from vprompt.backbones.protocols import ImageTextBackbone
 from vprompt.data.batched import ResizeToTensor
 from vprompt.errors import ConfigError
-from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.base import (
+    Capabilities,
+    MethodData,
+    MethodExample,
+    MethodOutput,
+    PromptMethod,
+    ValueImage,
+)
 from vprompt.methods.config import OptimConfig
 from vprompt.methods.label_mapping import LabelMapping, MappingKind
 from vprompt.methods.pixel_prompt import PixelPrompt, PixelRange, PromptKind
@@ -264,7 +271,7 @@ class VisualPrompt(PromptMethod):
         )
         self.train(was)
 
-    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor | ValueImage]:
         if self.pixels.prompt is None:
             return {}
         with torch.no_grad():
@@ -272,10 +279,8 @@ class VisualPrompt(PromptMethod):
             self.eval()
             prompted = self.pixels(images.to(self._backbone_device())).clamp(0, 1).cpu()
             self.train(was)
-        render = self.pixels.render()
-        # Contrast-stretched: learned frames often span a few grey levels only.
-        stretched = (render - render.min()) / (render.max() - render.min()).clamp_min(1e-8)
-        return {"prompt": stretched, "prompted_examples": prompted}
+        # Contrast-stretched with its range: learned frames often span a few grey levels only.
+        return {"prompt": ValueImage.stretch(self.pixels.render()), "prompted_examples": prompted}
 
     # ------------------------------------------------------------------ forward
     def source_logits(self, canvas: torch.Tensor) -> torch.Tensor:

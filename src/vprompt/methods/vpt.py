@@ -33,7 +33,13 @@ from torch import nn
 
 from vprompt.backbones.protocols import ImageTextBackbone, TokenBackbone
 from vprompt.errors import ConfigError
-from vprompt.methods.base import Capabilities, MethodExample, MethodOutput, PromptMethod
+from vprompt.methods.base import (
+    Capabilities,
+    MethodExample,
+    MethodOutput,
+    PromptMethod,
+    ValueImage,
+)
 from vprompt.methods.config import OptimConfig
 from vprompt.methods.registry import register_method
 
@@ -228,13 +234,12 @@ class VPT(PromptMethod):
             return self.backbone.transform
         return T.Compose([T.RandomHorizontalFlip(), self.backbone.transform])
 
-    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def visualizations(self, images: torch.Tensor) -> dict[str, torch.Tensor | ValueImage]:
         """The prompt values as a grey image: one row per token, layer after layer."""
         if self.prompts is None:
             return {}
-        p = self.prompts.detach().float().cpu().flatten(0, 1)  # (layers * n) x D
-        shown = (p - p.min()) / (p.max() - p.min() + 1e-8)
-        return {"prompt_tokens": shown.unsqueeze(0).expand(3, -1, -1).contiguous()}
+        tokens = self.prompts.detach().float().cpu().flatten(0, 1)  # (layers * n) x D
+        return {"prompt_tokens": ValueImage.stretch(tokens)}
 
     # ------------------------------------------------------------------ forward
     def layer_prompts(self, layer: int, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
