@@ -352,3 +352,34 @@ def test_cli_push_to_unreachable_hub_is_one_line(run_cli, pack_file, tmp_path):
     line = stderr_line(result)
     assert "cannot push to hf-hub:org/zs" in line
     assert "cannot be reached" in line
+
+
+def test_an_unanswering_hub_falls_back_to_the_cache_at_once(monkeypatch, hub_cache, tmp_path):
+    """No retries against a hub that does not answer: the probe finds the endpoint closed, the
+    cache answers for what it holds, and a missing pack says why in one line."""
+    import huggingface_hub.constants as constants
+
+    from vprompt.backbones.downloads import offline_unless_reachable, probe_hub
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: closed
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert "127.0.0.1:9 does not answer" in str(probe_hub(timeout=2))
+    with offline_unless_reachable(True) as reason:
+        assert reason is not None
+        assert constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE is False  # restored
+    with offline_unless_reachable(False) as reason:  # nothing to download: no probe
+        assert reason is None
+        assert constants.HF_HUB_OFFLINE is False
+
+    cache = Path(hub_cache["HF_HUB_CACHE"])
+    found = pull_pack("org/zs", cache_dir=cache)
+    assert found.name == PACK_FILENAME
+    with pytest.raises(PackError, match=r"127\.0\.0\.1:9 does not answer") as exc:
+        pull_pack("org/other", cache_dir=cache)
+    assert "vprompt pack pull org/other" in one_line(exc)
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert probe_hub(timeout=2) is None  # behind a proxy only the HTTP client can tell

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -16,7 +17,7 @@ from torch import nn
 
 from vprompt.backbones import clip_vision
 from vprompt.backbones.clip_files import file_format, load_openai_state, torchscript_error
-from vprompt.backbones.downloads import download_advice, unreachable
+from vprompt.backbones.downloads import download_advice, offline_unless_reachable, unreachable
 from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import NotAViTError
@@ -494,19 +495,20 @@ def _hub_cache() -> str:
     return str(hub.HF_HUB_CACHE)
 
 
-def _announce_download(arch: str, weights: str, args: dict[str, Any]) -> str | None:
-    """The hub repository a tag's weights come from (None for other sources); says so first
-    when they are not in the local cache, since the fetch can take minutes."""
+def _announce_download(arch: str, weights: str, args: dict[str, Any]) -> tuple[str | None, bool]:
+    """The hub repository a tag's weights come from (None for other sources) and whether
+    they must be downloaded; says so first, since the fetch can take minutes."""
     if args.get("pretrained") != weights or weights not in list_tags(arch):
-        return None
+        return None, False
     cfg = _open_clip().get_pretrained_cfg(TINY_ARCHS.get(arch, arch), weights)
     repo = str(cfg.get("hf_hub") or "").strip("/")
     if not repo:
-        return None
+        return None, False
     from huggingface_hub import try_to_load_from_cache
 
     names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-    if not any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+    missing = not any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    if missing:
         warnings.warn(
             DownloadNotice(
                 f"fetching clip:{arch} weights {weights!r} from the Hugging Face hub ({repo}); "
@@ -514,7 +516,7 @@ def _announce_download(arch: str, weights: str, args: dict[str, Any]) -> str | N
             ),
             stacklevel=3,
         )
-    return repo
+    return repo, missing
 
 
 def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
@@ -526,7 +528,9 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
     # open_clip logs "initialized randomly" and its download failures as root warnings and
     # errors; we report failures once, as exceptions, instead.
     logging.disable(logging.ERROR)
-    hub_repo = _announce_download(arch, weights, args)
+    hub_repo, fetch = _announce_download(arch, weights, args)
+    quick = contextlib.ExitStack()  # no retries against a hub that does not answer
+    quick.enter_context(offline_unless_reachable(fetch))
     try:
         if args["pretrained"] is None and args["model_name"] == TINY_ARCHS.get(arch, arch):
             # Random init is seeded so that `none` means the same weights every time.
@@ -565,6 +569,7 @@ def build_clip(arch: str, weights: str, device: torch.device) -> ClipBackbone:
             f"cannot load clip:{arch} weights from {weights!r}: {_error_summary(exc)}"
         ) from exc
     finally:
+        quick.close()
         logging.disable(previous_disable)
     pre_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))
     pre_cfg.pop("mode", None)

@@ -15,7 +15,10 @@ load weights from other threads meanwhile.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +58,51 @@ def no_downloads() -> Iterator[list[str]]:
             yield refused
         finally:
             hub.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen = saved
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def probe_hub(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub's endpoint does not answer a TCP connection within
+    ``timeout`` seconds, or None when it does (or when a proxy is configured: then only the
+    HTTP client can tell)."""
+    import huggingface_hub.constants as hub
+
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    url = urllib.parse.urlparse(str(hub.ENDPOINT))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port} does not answer: {exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def offline_unless_reachable(needed: bool = True) -> Iterator[str | None]:
+    """Within: when a hub download is ``needed`` and the hub does not answer
+    (:func:`probe_hub`), the hub runs offline (its cache only), so the download fails at
+    once instead of after huggingface_hub's retries (about 25 s for one file).
+
+    Yields:
+        Why the hub is unreachable, or None (reachable, not needed, or already offline).
+    """
+    import huggingface_hub.constants as hub
+
+    reason = probe_hub() if needed and not hub.HF_HUB_OFFLINE else None
+    if reason is None:
+        yield None
+        return
+    with _lock:
+        saved = hub.HF_HUB_OFFLINE
+        hub.HF_HUB_OFFLINE = True
+        try:
+            yield reason
+        finally:
+            hub.HF_HUB_OFFLINE = saved
 
 
 _OFFLINE_WORDS = (

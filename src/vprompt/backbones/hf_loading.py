@@ -9,6 +9,7 @@ and every weight must fit (missing or unexpected keys are refused, not silently 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vprompt.backbones.downloads import download_advice, offline_unless_reachable, unreachable
 from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, unknown_weights_error
 from vprompt.errors import WeightsError
 
@@ -96,8 +98,13 @@ def load_pretrained(
     where = str(path) if local else source
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
+    quick = contextlib.ExitStack()  # no retries against a hub that does not answer
     try:
         import transformers as tf
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = local or isinstance(try_to_load_from_cache(source, "config.json"), str)
+        quick.enter_context(offline_unless_reachable(not cached))
 
         config = tf.AutoConfig.from_pretrained(where, local_files_only=local)
         found = getattr(config, "model_type", None)
@@ -115,9 +122,17 @@ def load_pretrained(
     except WeightsError:
         raise
     except Exception as exc:  # hub, safetensors and config errors come in many types
+        if not local and unreachable(exc):
+            raise download_advice(
+                f"{name} weights {weights!r}",
+                f"Hugging Face hub repository {source}",
+                f"{source} (config.json and model.safetensors)",
+                "the hub cache (HF_HUB_CACHE)",
+            ) from exc
         text = " ".join(str(exc).split())[:500]
         raise WeightsError(f"cannot load {name} weights from {weights!r}: {text}") from exc
     finally:
+        quick.close()
         logging.disable(previous)
     missing = sorted(info.get("missing_keys", []))
     unexpected = sorted(info.get("unexpected_keys", []))

@@ -10,6 +10,7 @@ downloaded file goes through :func:`~vprompt.engine.pack.load_pack`'s strict rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -100,9 +101,14 @@ def pull_pack(
         RevisionNotFoundError,
     )
 
+    from vprompt.backbones.downloads import offline_unless_reachable
+
     validate_repo_id(repo_id)
     where = f"{HUB_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+    quick = contextlib.ExitStack()  # no retries against a hub that does not answer
+    unanswered: str | None = None
     try:
+        unanswered = quick.enter_context(offline_unless_reachable(not local_files_only))
         file = hf_hub_download(
             repo_id,
             PACK_FILENAME,
@@ -126,6 +132,11 @@ def pull_pack(
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         if local_files_only:
             why, fix = "only local files were allowed", "allow downloads"
+        elif unanswered is not None:
+            why, fix = (
+                f"the hub cannot be reached ({unanswered})",
+                "check the network and HF_ENDPOINT",
+            )
         elif constants.HF_HUB_OFFLINE:
             why, fix = "the hub is offline (HF_HUB_OFFLINE=1)", "unset HF_HUB_OFFLINE"
         else:
@@ -143,6 +154,8 @@ def pull_pack(
         ) from None
     except HfHubHTTPError as exc:
         raise PackError(f"{where}: cannot download {PACK_FILENAME}: {_first_line(exc)}") from None
+    finally:
+        quick.close()
     if not isinstance(file, str | os.PathLike):  # a dry run's info: never asked for
         raise PackError(f"{where}: the hub returned no file")
     return Path(file)
