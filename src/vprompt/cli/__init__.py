@@ -8,6 +8,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     classify,
     data,
     data_setup,
+    defend,
     pack,
     presets,
     protocol,
