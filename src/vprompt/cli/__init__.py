@@ -17,6 +17,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     segment_incontext,
     serve,
     train,
+    watermark,
 )
 from vprompt.cli.common import main
 
