@@ -287,3 +287,167 @@ def eval_cmd(
 
     click.echo(markdown_table(report).rstrip())
     click.echo(f"outputs: {out_dir} (robust.json, robust.md, patch.png, examples.png)")
+
+
+@attack_group.command("harden")
+@click.option(
+    "--pack",
+    "pack_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The prompt pack to harden (a method that trains: visual-prompt, vpt, coop …).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="Weights of the pack's backbone: a tag, hf-hub:ORG/REPO, local file or folder.",
+)
+@click.option(
+    "--allow-download",
+    is_flag=True,
+    help="Let the pack's weights download when they are not on this machine.",
+)
+@click.option("--data", "data_spec", required=True, help=_DATA_HELP)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder holding the benchmark datasets (default: $VPROMPT_DATA_ROOT).",
+)
+@click.option(
+    "--size",
+    default=0.1,
+    show_default=True,
+    type=float,
+    help="Patch area as a fraction of the image area (e.g. 0.05, 0.1).",
+)
+@click.option("--shape", type=click.Choice(["square", "circle"]), default="square")
+@click.option("--epochs", default=3, show_default=True, type=int, help="Hardening epochs.")
+@click.option(
+    "--patch-steps",
+    default=20,
+    show_default=True,
+    type=int,
+    help="The attacker's patch updates per epoch, warm-started from the last patch.",
+)
+@click.option(
+    "--mix",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Weight of the patched loss in [0, 1]; 1 - MIX weighs the clean loss.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--lr", default=None, type=float, help="Peak prompt learning rate (default: the method's)."
+)
+@click.option(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(1),
+    help="Images per step (default: the method's optim.batch_size; 32 for the attacks).",
+)
+@click.option(
+    "--attack-epochs",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Epochs of the from-scratch patch trained against each pack for the comparison.",
+)
+@click.option("--placements", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option(
+    "--grid",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Worst case over GRID x GRID patch positions.",
+)
+@click.option(
+    "--train-subset",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Harden and attack on a seeded random subset of N training images.",
+)
+@click.option(
+    "--test-subset",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Evaluate on a seeded random subset of N test images.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@friendly_errors
+@output_folder("attack-harden", param="out_dir")
+def harden_cmd(
+    pack_path: str,
+    weights: str | None,
+    allow_download: bool,
+    data_spec: str,
+    data_root: str | None,
+    size: float,
+    shape: str,
+    epochs: int,
+    patch_steps: int,
+    mix: float,
+    seed: int,
+    lr: float | None,
+    batch_size: int | None,
+    attack_epochs: int,
+    placements: int,
+    grid: int,
+    train_subset: int | None,
+    test_subset: int | None,
+    out_dir: str,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Adversarially train a prompt pack against a universal patch that adapts to it every
+    epoch (the backbone stays frozen); writes the hardened OUT/prompt.safetensors, the last
+    patch OUT/patch.safetensors, and OUT/harden.json / OUT/harden.md comparing both packs on
+    the TEST split, each under a patch trained from scratch against it."""
+    from vprompt.attack.eot import PatchTransformConfig
+    from vprompt.attack.harden import HardenConfig
+    from vprompt.attack.harden_report import AttackBudget, harden_pack, markdown_comparison
+    from vprompt.backbones.registry import resolve_device
+    from vprompt.data.sources import load_data
+    from vprompt.engine.pack import load_pack
+
+    config = HardenConfig(
+        transform=PatchTransformConfig(size=size, shape=shape),  # type: ignore[arg-type]
+        epochs=epochs,
+        patch_steps=patch_steps,
+        mix=mix,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+    )
+    budget = AttackBudget(
+        epochs=attack_epochs,
+        placements=placements,
+        grid=grid,
+        train_subset=train_subset,
+        test_subset=test_subset,
+    )
+    pack = load_pack(pack_path)
+    splits = load_data(data_spec, data_root=data_root)
+    outcome = harden_pack(
+        pack,
+        splits,
+        config,
+        budget,
+        out_dir,
+        pack_source=pack_path,
+        data_spec=data_spec,
+        weights=weights,
+        device=resolve_device(device),
+        allow_download=allow_download,
+        batch_size=batch_size or 32,
+    )
+    if as_json:
+        click.echo(jsonio.dumps(jsonio.finite(outcome.summary), ensure_ascii=False))
+        return
+    click.echo(markdown_comparison(outcome).rstrip())
+    click.echo(
+        f"outputs: {out_dir} (prompt.safetensors, patch.safetensors, harden.json, harden.md)"
+    )
