@@ -18,7 +18,7 @@ def attack_group() -> None:
     """Adversarial patches (Brown et al. 2017) against frozen models and prompt packs."""
 
 
-def _victim_options(fn: Any) -> Any:
+def victim_options(fn: Any) -> Any:
     for option in reversed(
         [
             click.option("--model", default=None, help="Frozen model as FAMILY:ARCH (no prompt)."),
@@ -54,7 +54,7 @@ def _victim_options(fn: Any) -> Any:
     return fn
 
 
-def _build_victim(
+def build_victim(
     model: str | None,
     weights: str | None,
     pack_path: str | None,
@@ -109,7 +109,7 @@ def _target_index(target: str | None, classnames: list[str]) -> int | None:
 
 
 @attack_group.command("train")
-@_victim_options
+@victim_options
 @click.option(
     "--size",
     default=0.1,
@@ -179,7 +179,7 @@ def train_cmd(
         seed=seed,
     )
     dev = resolve_device(device)
-    victim = _build_victim(model, weights, pack_path, allow_download, classnames, dev)
+    victim = build_victim(model, weights, pack_path, allow_download, classnames, dev)
     train = random_subset(splits.train, train_subset, seed)
     trained = train_patch(victim, train, config)
     out = Path(out_dir)
@@ -218,7 +218,7 @@ def train_cmd(
     type=click.Path(dir_okay=False),
     help="A patch file from `vprompt attack train`.",
 )
-@_victim_options
+@victim_options
 @click.option("--placements", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option(
     "--grid",
@@ -276,7 +276,7 @@ def eval_cmd(
             if weights is None and isinstance(recorded.get("weights"), str):
                 weights = recorded["weights"]
     dev = resolve_device(device)
-    victim = _build_victim(model, weights, pack_path, allow_download, classnames, dev)
+    victim = build_victim(model, weights, pack_path, allow_download, classnames, dev)
     report = evaluate_patch_on(victim, patch_file, splits, config, test_subset=test_subset)
     extra = {"patch": patch_path, "data": data_spec, "split": "test", "victim": victim.description}
     write_report(report, patch_file, out_dir, extra=extra)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from vprompt.cli.attack import _build_victim, _victim_options
+from vprompt.cli.attack import build_victim, victim_options
 from vprompt.cli.common import device_option, friendly_errors, main, output_folder
 from vprompt.utils import jsonio
 
@@ -50,7 +50,7 @@ def _patch_size_override(
     type=click.Path(dir_okay=False),
     help="A patch file from `vprompt attack train` (without it: clean accuracy only).",
 )
-@_victim_options
+@victim_options
 @click.option(
     "--set",
     "overrides",
@@ -126,7 +126,7 @@ def eval_cmd(
             if weights is None and isinstance(recorded.get("weights"), str):
                 weights = recorded["weights"]
     dev = resolve_device(device)
-    victim = _build_victim(model, weights, pack_path, allow_download, classnames, dev)
+    victim = build_victim(model, weights, pack_path, allow_download, classnames, dev)
     settings, notes = _patch_size_override(defense_name, overrides, patch_file, victim)
     defense = build_defense(defense_name, victim, settings)
     report = evaluate_defense_on(
