@@ -54,6 +54,30 @@ def victim_options(fn: Any) -> Any:
     return fn
 
 
+def robust_options(fn: Any) -> Any:
+    """``--placements``, ``--grid`` and ``--test-subset``: how a patch is scored on the test
+    split (``attack eval``, ``attack harden``, ``defend eval``)."""
+    options = [
+        click.option("--placements", default=4, show_default=True, type=click.IntRange(1, 1000)),
+        click.option(
+            "--grid",
+            default=3,
+            show_default=True,
+            type=click.IntRange(1, 64),
+            help="Worst case over GRID x GRID patch positions.",
+        ),
+        click.option(
+            "--test-subset",
+            default=None,
+            type=click.IntRange(min=1),
+            help="Evaluate on a seeded random subset of N test images.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def build_victim(
     model: str | None,
     weights: str | None,
@@ -219,20 +243,7 @@ def train_cmd(
     help="A patch file from `vprompt attack train`.",
 )
 @victim_options
-@click.option("--placements", default=4, show_default=True, type=click.IntRange(1, 1000))
-@click.option(
-    "--grid",
-    default=3,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Worst case over GRID x GRID patch positions.",
-)
-@click.option(
-    "--test-subset",
-    default=None,
-    type=click.IntRange(min=1),
-    help="Evaluate on a seeded random subset of N test images.",
-)
+@robust_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -354,26 +365,13 @@ def eval_cmd(
     type=click.IntRange(1),
     help="Epochs of the from-scratch patch trained against each pack for the comparison.",
 )
-@click.option("--placements", default=4, show_default=True, type=click.IntRange(1, 1000))
-@click.option(
-    "--grid",
-    default=3,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Worst case over GRID x GRID patch positions.",
-)
 @click.option(
     "--train-subset",
     default=None,
     type=click.IntRange(min=1),
     help="Harden and attack on a seeded random subset of N training images.",
 )
-@click.option(
-    "--test-subset",
-    default=None,
-    type=click.IntRange(min=1),
-    help="Evaluate on a seeded random subset of N test images.",
-)
+@robust_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from vprompt.cli.attack import build_victim, victim_options
+from vprompt.cli.attack import build_victim, robust_options, victim_options
 from vprompt.cli.common import device_option, friendly_errors, main, output_folder
 from vprompt.utils import jsonio
 
@@ -58,20 +58,7 @@ def _patch_size_override(
     metavar="KEY=VALUE",
     help="Defence setting, e.g. k=4 or patch_size=0.05 (repeatable).",
 )
-@click.option("--placements", default=4, show_default=True, type=click.IntRange(1, 1000))
-@click.option(
-    "--grid",
-    default=3,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Worst case over GRID x GRID patch positions.",
-)
-@click.option(
-    "--test-subset",
-    default=None,
-    type=click.IntRange(min=1),
-    help="Evaluate on a seeded random subset of N test images.",
-)
+@robust_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
