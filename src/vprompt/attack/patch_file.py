@@ -11,7 +11,6 @@ before anything is used; every problem is one :class:`PatchError` line naming th
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,12 @@ from vprompt.attack.eot import PatchTransformConfig
 from vprompt.errors import ConfigError, VPromptError
 from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_path
+from vprompt.utils.tensor_file import META_KEY, read_artifact_header
 
 FORMAT = "vprompt-patch"
 FORMAT_VERSION = 1
 MAX_PATCH_PIXELS = 4096
-_META_KEY = "vprompt"
 _MAX_FILE = 4 * 3 * MAX_PATCH_PIXELS**2 + (1 << 20)
-_MAX_HEADER = 1 << 20
 
 
 class PatchError(VPromptError):
@@ -83,7 +81,7 @@ def save_patch(patch_file: PatchFile, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     tensor = patch_file.patch.detach().float().cpu().contiguous()
     with atomic_path(target) as tmp:
-        save_file({"patch": tensor}, str(tmp), metadata={_META_KEY: header})
+        save_file({"patch": tensor}, str(tmp), metadata={META_KEY: header})
     return target
 
 
@@ -136,40 +134,9 @@ def load_patch(path: str | os.PathLike[str]) -> PatchFile:
 
 def _read_header(p: Path, size: int) -> dict[str, Any]:
     """The ``vprompt`` metadata object, after checking the safetensors framing."""
-    with p.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise PatchError(f"{p}: not a patch file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER or n > size - 8:
-            pickled = head[:1] == b"\x80" or head[:2] == b"PK"
-            what = "a pickle/torch.save file" if pickled else "not a safetensors file"
-            raise PatchError(
-                f"{p}: {what}, expected a safetensors patch file (vprompt never unpickles)"
-            )
-        raw = fh.read(n)
-    try:
-        header = jsonio.loads(raw, what=f"{p} header")
-    except jsonio.JSONInputError:
-        raise PatchError(f"{p}: not a safetensors patch file (header is not JSON)") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or not isinstance(meta.get(_META_KEY), str):
-        raise PatchError(
-            f"{p}: a safetensors file, but not a vprompt patch (no '{_META_KEY}' metadata)"
-        )
-    try:
-        info = jsonio.loads(meta[_META_KEY], what=f"{p} patch metadata")
-    except jsonio.JSONInputError as exc:
-        raise PatchError(str(exc)) from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        found = info.get("format") if isinstance(info, dict) else None
-        raise PatchError(f"{p}: unknown format {found!r}, expected {FORMAT!r}")
-    version = info.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise PatchError(
-            f"{p}: patch format version {version!r} is not supported (1..{FORMAT_VERSION})"
-        )
-    return info
+    return read_artifact_header(
+        p, size, kind="patch file", fmt=FORMAT, max_version=FORMAT_VERSION, error=PatchError
+    )
 
 
 def _check_tensor(p: Path, patch: torch.Tensor) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from vprompt.errors import VPromptError
 from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_path
+from vprompt.utils.tensor_file import META_KEY, read_artifact_header
 
 FORMAT = "vprompt-watermark"
 FORMAT_VERSION = 1
@@ -34,9 +34,7 @@ MAX_SIDE = 4096
 MAX_FEATURES = 1 << 16
 MAX_HIDDEN = 4096
 EPS_SLACK = 1e-6  # float32 rounding of eps·tanh(w) may overshoot eps by an ulp
-_META_KEY = "vprompt"
 _MAX_FILE = 1 << 30
-_MAX_HEADER = 1 << 20
 
 
 class WatermarkKeyError(VPromptError):
@@ -127,7 +125,7 @@ def save_key(key: WatermarkKey, path: str | os.PathLike[str]) -> Path:
     _check(target, tensors, key.eps, key.hidden)
     header = jsonio.dumps(key.metadata(), sort_keys=True, ensure_ascii=False)
     with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: header})
+        save_file(tensors, str(tmp), metadata={META_KEY: header})
     return target
 
 
@@ -177,41 +175,14 @@ def load_key(path: str | os.PathLike[str]) -> WatermarkKey:
 
 def _read_header(p: Path, size: int) -> dict[str, Any]:
     """The ``vprompt`` metadata object, after checking the framing and every field's type."""
-    with p.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise WatermarkKeyError(f"{p}: not a watermark key (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER or n > size - 8:
-            pickled = head[:1] == b"\x80" or head[:2] == b"PK"
-            what = "a pickle/torch.save file" if pickled else "not a safetensors file"
-            raise WatermarkKeyError(
-                f"{p}: {what}, expected a safetensors watermark key (vprompt never unpickles)"
-            )
-        raw = fh.read(n)
-    try:
-        header = jsonio.loads(raw, what=f"{p} header")
-    except jsonio.JSONInputError:
-        raise WatermarkKeyError(
-            f"{p}: not a safetensors watermark key (header is not JSON)"
-        ) from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or not isinstance(meta.get(_META_KEY), str):
-        raise WatermarkKeyError(
-            f"{p}: a safetensors file, but not a vprompt watermark key (no '{_META_KEY}' metadata)"
-        )
-    try:
-        info = jsonio.loads(meta[_META_KEY], what=f"{p} key metadata")
-    except jsonio.JSONInputError as exc:
-        raise WatermarkKeyError(str(exc)) from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        found = info.get("format") if isinstance(info, dict) else None
-        raise WatermarkKeyError(f"{p}: unknown format {found!r}, expected {FORMAT!r}")
-    version = info.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise WatermarkKeyError(
-            f"{p}: watermark key format version {version!r} is not supported (1..{FORMAT_VERSION})"
-        )
+    info = read_artifact_header(
+        p,
+        size,
+        kind="watermark key",
+        fmt=FORMAT,
+        max_version=FORMAT_VERSION,
+        error=WatermarkKeyError,
+    )
     _check_fields(p, info)
     return info
 
