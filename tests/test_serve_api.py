@@ -751,3 +751,26 @@ def test_the_api_docs_page_works_offline(small_client) -> None:
         assert len(res.content) > 100_000
     assert small_client.get("/openapi.json").json()["info"]["title"] == "vprompt"
     assert small_client.get("/redoc").status_code == 404
+
+
+def test_candidates_return_every_mask_with_the_best_first_class(
+    client: TestClient, image_id: str
+) -> None:
+    click, box = {"points": [[30, 30, 1]]}, {"box": [1, 1, 40, 30]}
+    plain = segment(client, image_id, [click, box], format="rle").json()["objects"]
+    assert all("candidates" not in o for o in plain)
+    r = segment(client, image_id, [click, box], format="rle", candidates=True)
+    assert r.status_code == 200, r.text
+    one, two = r.json()["objects"]
+    assert len(one["candidates"]) == 3
+    assert len(two["candidates"]) == 1
+    for got, want in zip((one, two), plain, strict=True):
+        # The object's own fields are its best candidate's, and equal the plain answer's.
+        best = got["candidates"][got["best"]]
+        assert got["score"] == best["score"] == max(c["score"] for c in got["candidates"])
+        assert got["mask"] == best["mask"] == want["mask"]
+        assert {c["logits"] for c in got["candidates"]} != {want["logits"]}
+    # Any candidate's token refines.
+    token = one["candidates"][0]["logits"]
+    r = segment(client, image_id, [{**click, "previous": token}], candidates=True)
+    assert r.status_code == 200, r.text

@@ -436,3 +436,211 @@ def test_drop_everything_and_classify(page, tmp_path: Path):
     ]
     assert sorted(labels) == ["cat", "coffee cup", "dog"]
     assert "zero-shot" in page.inner_text("[data-testid=classify-source]")
+
+
+def _segment_point(page, action) -> list[float]:
+    """The first point of the last object in the /segment request that `action` causes."""
+    with page.expect_request(lambda r: r.url.endswith("/segment")) as request:
+        action()
+    page.wait_for_function(IDLE)
+    return request.value.post_data_json["objects"][-1]["points"][0]
+
+
+def _set_range(page, testid: str, value: float) -> None:
+    page.evaluate(
+        """([id, v]) => {
+          const input = document.querySelector(`[data-testid=${id}]`);
+          input.value = String(v);
+          input.dispatchEvent(new Event("input", {bubbles: true}));
+        }""",
+        [testid, value],
+    )
+
+
+def test_labelling_labels_candidates_look_brush_toolbar_and_zoom(page, photo: Path, tmp_path: Path):
+    from vprompt.segment.outputs import decode_rle
+
+    # The toolbar fits a 1280 px window on one line, every button in view.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    toolbar = page.locator("header.toolbar")
+    fits = toolbar.evaluate("t => [t.scrollWidth, t.clientWidth]")
+    assert fits[0] <= fits[1], fits
+    bar = toolbar.bounding_box()
+    assert bar is not None
+    assert bar["height"] < 60  # one row
+    for button in toolbar.locator("button, label.button").all():
+        assert button.is_visible()
+        b = button.bounding_box()
+        assert b is not None
+        assert bar["x"] <= b["x"] <= b["x"] + b["width"] <= bar["x"] + bar["width"]
+    assert page.locator("[data-testid=classify-panel]").is_visible()  # a classifier is loaded
+
+    width, height = _open(page, photo)
+    box = _canvas_box(page)
+
+    # Labels: rename the default one, add one (it becomes active; the empty object takes it).
+    page.fill("[data-testid=label-name-1]", "table")
+    page.press("[data-testid=label-name-1]", "Enter")
+    page.fill("[data-testid=new-label]", "cup")
+    page.click("[data-testid=add-label]")
+    assert page.evaluate("window.vprompt.labels()") == [
+        {"id": 1, "name": "table", "active": False},
+        {"id": 2, "name": "cup", "active": True},
+    ]
+    page.locator("[data-testid=canvas]").click(
+        position={"x": box["width"] * 0.5, "y": box["height"] * 0.5}
+    )
+    _wait_overlay(page, 0)
+    (obj,) = page.evaluate("window.vprompt.objects()")
+    assert (obj["label"], obj["labelName"]) == (2, "cup")
+    assert page.inner_text("[data-testid=object-label-1]") == "cup"
+
+    # A lone click has SAM's three candidates; hovering one previews it, clicking chooses it.
+    assert len(obj["candidates"]) == 3
+    assert page.locator("[data-testid=candidate-list] button").count() == 3
+    shown = _overlay(page)
+    other = max(
+        (k for k in range(3) if k != obj["choice"]),
+        key=lambda k: abs(obj["candidates"][k] - obj["area"]),
+    )
+    assert obj["candidates"][other] != obj["area"]
+    page.hover(f"[data-testid=candidate-{other}]")
+    previewed = _overlay(page)
+    assert previewed != shown
+    page.hover("#objects-title")
+    assert _overlay(page) == shown
+    page.click(f"[data-testid=candidate-{other}]")
+    page.hover("#objects-title")
+    (obj,) = page.evaluate("window.vprompt.objects()")
+    assert obj["choice"] == other
+    assert obj["area"] == obj["candidates"][other]
+    assert _overlay(page) == previewed
+    assert page.get_attribute(f"[data-testid=candidate-{other}]", "aria-pressed") == "true"
+
+    # Opacity 0 and hiding take the object off the overlay; both come back.
+    _set_range(page, "object-opacity-1", 0)
+    assert _overlay(page) == 0
+    _set_range(page, "object-opacity-1", 1)
+    assert _overlay(page) == previewed
+    page.click("[data-testid=object-hide-1]")
+    assert page.get_attribute("[data-testid=object-hide-1]", "aria-pressed") == "true"
+    assert _overlay(page) == 0
+    page.click("[data-testid=object-hide-1]")
+    assert _overlay(page) == previewed
+
+    # Brush and eraser correct the mask (one undo step each): paint a stroke low on the
+    # image, erase one across the clicked middle.
+    def stroke(tool: str, fy: float, fx0: float, fx1: float) -> None:
+        page.click(f"[data-testid=tool-{tool}]")
+        y = box["y"] + box["height"] * fy
+        page.mouse.move(box["x"] + box["width"] * fx0, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * fx1, y, steps=5)
+        page.mouse.up()
+
+    page.fill("[data-testid=brush-width]", "12")
+    steps = page.evaluate("window.vprompt.historyLength")
+    areas = [obj["area"]]
+    stroke("paint", 0.9, 0.1, 0.3)
+    areas.append(page.evaluate("window.vprompt.objects()")[0]["area"])
+    stroke("erase", 0.5, 0.4, 0.6)
+    assert page.evaluate("window.vprompt.historyLength") == steps + 2
+    (obj,) = page.evaluate("window.vprompt.objects()")
+    areas.append(obj["area"])
+    assert areas[0] <= areas[1]
+    assert areas[2] <= areas[1]
+    assert areas[0] != areas[1] or areas[1] != areas[2]
+    assert obj["candidates"] == []  # a hand-corrected mask has no candidates
+    page.click("[data-testid=tool-positive]")
+
+    # Key 1 picks "table" for a new box object; then object 2 is relabelled from its row.
+    canvas = page.locator("[data-testid=canvas]")
+    canvas.focus()
+    page.keyboard.press("o")
+    page.keyboard.press("1")
+    page.keyboard.press("b")
+    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.08
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + box["width"] * 0.3, y0 + box["height"] * 0.35, steps=4)
+    page.mouse.up()
+    page.wait_for_function(IDLE)
+    page.wait_for_function("window.vprompt.objects().length === 2")
+    assert [o["label"] for o in page.evaluate("window.vprompt.objects()")] == [2, 1]
+    _screenshot(page, tmp_path, "serve_labelling.png")
+
+    with page.expect_download() as download:
+        page.click("[data-testid=export-coco]")
+    coco = json.loads(Path(download.value.path()).read_text())
+    assert coco["categories"] == [
+        {"id": 1, "name": "table", "supercategory": "object"},
+        {"id": 2, "name": "cup", "supercategory": "object"},
+    ]
+    by_object = {a["vprompt_object"]: a for a in coco["annotations"]}
+    assert by_object[1]["category_id"] == 2
+    assert by_object[1]["area"] == obj["area"]
+    corrected = decode_rle(by_object[1]["segmentation"])
+    assert corrected[int(height * 0.9), int(width * 0.2)]  # painted
+    assert not corrected[int(height * 0.5), int(width * 0.5)]  # erased
+    assert not corrected[int(height * 0.5), int(width * 0.5) - 3 : int(width * 0.5) + 4].any()
+    if 2 in by_object:
+        assert by_object[2]["category_id"] == 1
+    page.select_option("[data-testid=object-label-select-2]", "2")
+    assert [o["label"] for o in page.evaluate("window.vprompt.objects()")] == [2, 2]
+
+    # Zoom and pan: clicks still land on the right image pixels.
+    page.keyboard.press("p")
+    stage = page.locator("[data-testid=stage]").bounding_box()
+    assert stage is not None
+    cx, cy = stage["x"] + stage["width"] / 2, stage["y"] + stage["height"] / 2
+    page.click("[data-testid=zoom-in]")
+    page.click("[data-testid=zoom-in]")
+    assert page.evaluate("window.vprompt.zoom") == pytest.approx(1.5625)
+    zoomed = _canvas_box(page)
+    scale = zoomed["width"] / width  # CSS px per image px
+    assert scale == pytest.approx(1.5625 * box["width"] / width, rel=0.01)
+    page.click("[data-testid=new-object]")
+    tol = 1.5 / scale + 0.5
+    x, y, _ = _segment_point(page, lambda: page.mouse.click(cx, cy))
+    assert (x, y) == pytest.approx((width / 2, height / 2), abs=tol)
+    # Middle-button drag pans by (60, 40) screen px.
+    page.mouse.move(cx, cy)
+    page.mouse.down(button="middle")
+    page.mouse.move(cx + 30, cy + 20, steps=2)
+    page.mouse.move(cx + 60, cy + 40, steps=2)
+    page.mouse.up(button="middle")
+    page.click("[data-testid=new-object]")
+    x, y, _ = _segment_point(page, lambda: page.mouse.click(cx, cy))
+    assert (x, y) == pytest.approx((width / 2 - 60 / scale, height / 2 - 40 / scale), abs=tol)
+    # The wheel zooms about the pointer: the image point under it stays put.
+    qx, qy = cx - 80, cy + 50
+    before = _canvas_box(page)
+    expected = (
+        (qx - before["x"]) / before["width"] * width,
+        (qy - before["y"]) / before["height"] * height,
+    )
+    page.mouse.move(qx, qy)
+    page.mouse.wheel(0, -300)
+    page.wait_for_function("window.vprompt.zoom > 1.6")
+    page.click("[data-testid=new-object]")
+    x, y, _ = _segment_point(page, lambda: page.mouse.click(qx, qy))
+    scale = _canvas_box(page)["width"] / width
+    assert (x, y) == pytest.approx(expected, abs=1.5 / scale + 0.5)
+    page.click("[data-testid=zoom-fit]")
+    assert page.evaluate("window.vprompt.zoom") == 1
+    assert not _alert_text(page)
+
+
+def test_classify_panel_hidden_without_a_classifier(browser, server: str):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    body = json.dumps(
+        {"segmenter": {"name": "sam:tiny", "weights": "none", "kinds": []},
+         "classifier": None, "packs": []}
+    )  # fmt: skip
+    page.route("**/api/models", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=body))  # fmt: skip
+    page.goto(server + "/")
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('none')")
+    assert not page.locator("[data-testid=classify-panel]").is_visible()
+    context.close()

@@ -31,7 +31,12 @@ from vprompt.serve.schemas import (
     SegmentRequest,
     SegmentResponse,
 )
-from vprompt.serve.segment_ops import automatic_objects, prompt_set, segmented_objects
+from vprompt.serve.segment_ops import (
+    automatic_objects,
+    candidate_objects,
+    prompt_set,
+    segmented_objects,
+)
 from vprompt.serve.service import Service
 from vprompt.serve.uploads import decode_upload
 
@@ -109,7 +114,11 @@ def build_router(service: Service) -> APIRouter:
         store.delete(image_id)
         return Response(status_code=204)
 
-    @router.post("/images/{image_id}/segment", response_model=SegmentResponse)
+    @router.post(
+        "/images/{image_id}/segment",
+        response_model=SegmentResponse,
+        response_model_exclude_none=True,
+    )
     async def segment(image_id: str, body: SegmentRequest) -> dict[str, Any]:
         """Masks for one or more objects from points, boxes, scribbles, masks or refinement."""
         record = store.get(image_id)
@@ -119,6 +128,16 @@ def build_router(service: Service) -> APIRouter:
             lambda token: store.logits(image_id, token),
             max_objects=settings.max_objects,
         )
+        if body.candidates:
+            segs = await service.runner.run(
+                service.segment_candidates, record, prompts, body.multimask
+            )
+            all_tokens = [
+                [store.remember_logits(image_id, s.logits[0, k]) for k in range(s.logits.shape[1])]
+                for s in segs
+            ]
+            objects = await in_thread(candidate_objects, segs, all_tokens, body.format)
+            return {**_info(image_id, record.size), "objects": objects}
         seg = await service.runner.run(service.segment, record, prompts, body.multimask)
         tokens = [store.remember_logits(image_id, seg.logits[i, 0]) for i in range(len(seg))]
         objects = await in_thread(segmented_objects, seg, tokens, body.format)

@@ -89,6 +89,20 @@ class SegmentRequest(BaseModel):
     objects: list[ObjectIn]
     multimask: Literal["auto"] | bool = "auto"
     format: MaskFormat = "png"
+    candidates: bool = Field(
+        default=False,
+        description="also return every candidate mask the decoder made per object (three "
+        "where multimask applies, one otherwise), each with its own logits token",
+    )
+
+
+class CandidateMask(BaseModel):
+    score: float
+    stability: float
+    area: int
+    bbox: list[int] = Field(description="COCO [x, y, w, h]")
+    mask: MaskData
+    logits: str
 
 
 class SegmentedObject(BaseModel):
@@ -98,6 +112,12 @@ class SegmentedObject(BaseModel):
     bbox: list[int] = Field(description="COCO [x, y, w, h]")
     mask: MaskData
     logits: str
+    candidates: list[CandidateMask] | None = Field(
+        default=None,
+        description="only with `candidates: true`: all candidates, in the "
+        "decoder's order; the object's own fields repeat the highest-scoring one",
+    )
+    best: int | None = Field(default=None, description="index of the best candidate")
 
 
 class SegmentResponse(BaseModel):

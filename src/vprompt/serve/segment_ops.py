@@ -137,6 +137,31 @@ def segmented_objects(
     return rows
 
 
+def candidate_objects(
+    segs: Sequence[Segmentation], tokens: Sequence[Sequence[str]], form: MaskFormat
+) -> list[dict[str, Any]]:
+    """Response rows with every candidate (``segs[i]`` holds object ``i``'s K candidates);
+    each row's own fields are its best candidate's."""
+    rows = []
+    for seg, toks in zip(segs, tokens, strict=True):
+        cands = []
+        for k in range(seg.masks.shape[1]):
+            mask = seg.masks[0, k]
+            cands.append(
+                {
+                    "score": finite(seg.iou[0, k]),
+                    "stability": finite(seg.stability[0, k]),
+                    "area": mask_area(mask),
+                    "bbox": mask_bbox(mask),
+                    "mask": encode_mask(mask, form),
+                    "logits": toks[k],
+                }
+            )
+        best = int(seg.best_index[0])
+        rows.append({**cands[best], "candidates": cands, "best": best})
+    return rows
+
+
 def automatic_objects(records: Sequence[MaskRecord], form: MaskFormat) -> list[dict[str, Any]]:
     """Response rows for automatically found masks."""
     return [

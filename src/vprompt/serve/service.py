@@ -13,7 +13,7 @@ from PIL import Image
 from vprompt.prompts.spatial import PromptSet
 from vprompt.segment.automatic import AutomaticMaskConfig, AutomaticMaskGenerator, MaskRecord
 from vprompt.segment.cache import EmbeddingCache
-from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter
+from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, lone_click
 from vprompt.serve.classify import Classifiers
 from vprompt.serve.runner import ModelRunner
 from vprompt.serve.settings import ServeSettings
@@ -104,6 +104,30 @@ class Service:
             multimask="auto" if multimask == "auto" else bool(multimask),
             best_only=True,
         )
+
+    def segment_candidates(
+        self, record: StoredImage, prompts: PromptSet, multimask: str | bool
+    ) -> list[Segmentation]:
+        """Every candidate per object (one K x ... Segmentation each, in order): three for
+        the objects ``multimask`` applies to (with "auto": lone clicks), one otherwise."""
+        emb = self.embedding(record)
+        objects = prompts.objects
+        multi = [lone_click(obj) if multimask == "auto" else bool(multimask) for obj in objects]
+        out: list[Segmentation | None] = [None] * len(objects)
+        for flag in (True, False):
+            idx = [i for i, m in enumerate(multi) if m is flag]
+            if not idx:
+                continue
+            sub = PromptSet([objects[i] for i in idx], image_size=prompts.image_size)
+            seg = self.segmenter.decode(emb, sub, multimask=flag, best_only=False)
+            for j, i in enumerate(idx):
+                out[i] = Segmentation(
+                    masks=seg.masks[j : j + 1],
+                    logits=seg.logits[j : j + 1],
+                    iou=seg.iou[j : j + 1],
+                    stability=seg.stability[j : j + 1],
+                )
+        return [s for s in out if s is not None]
 
     def automatic(
         self,

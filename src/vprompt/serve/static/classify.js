@@ -22,6 +22,8 @@ export async function loadModels() {
     `Segmenter: ${seg.name || "?"}${seg.weights ? ` (${seg.weights})` : ""}. ` +
     `Classifier: ${cls ? `${cls.name}${cls.weights ? ` (${cls.weights})` : ""}` : "none"}. ` +
     `Packs: ${packs().length ? packs().join(", ") : "none"}.`;
+  // Nothing to classify with: the panel stays hidden (it starts hidden in index.html).
+  el.classifyPanel.hidden = !cls && packs().length === 0;
   for (const name of packs()) {
     const option = document.createElement("option");
     option.value = name;

@@ -41,6 +41,15 @@ export const el = {
   classifySource: $("classify-source"),
   classifyResults: $("classify-results"),
   modelInfo: $("model-info"),
+  classifyPanel: $("classify-panel"),
+  labelList: $("label-list"),
+  labelForm: $("label-form"),
+  newLabel: $("new-label"),
+  candidatesPanel: $("candidates-panel"),
+  candidateList: $("candidate-list"),
+  zoomIn: $("zoom-in"),
+  zoomOut: $("zoom-out"),
+  zoomFit: $("zoom-fit"),
 };
 
 export function setStatus(message) {

@@ -1,5 +1,5 @@
 /* exporters.js: downloads of the current masks: a PNG (label image of all objects, or the
- * active object as 0/255) and COCO JSON with RLE masks. Both wait until no request is in flight.
+ * active object as 0/255) and COCO JSON with RLE masks (categories: the label list, labels.js). Both wait until no request is in flight.
  */
 import { whenIdle } from "./busy.js";
 import { clearError, el, setStatus, showError } from "./dom.js";
@@ -67,7 +67,7 @@ export async function exportCoco() {
     const ann = {
       id: annotations.length + 1,
       image_id: 1,
-      category_id: 1,
+      category_id: rec.label,
       segmentation: encodeRle(res.bits, width, height),
       area: res.area,
       bbox: res.bbox,
@@ -85,7 +85,7 @@ export async function exportCoco() {
   const coco = {
     info: { description: "vprompt serve annotations", date_created: new Date().toISOString() },
     images: [{ id: 1, file_name: image.name, width, height }],
-    categories: [{ id: 1, name: "object", supercategory: "object" }],
+    categories: state.labels.map((l) => ({ id: l.id, name: l.name, supercategory: "object" })),
     annotations,
   };
   const blob = new Blob([JSON.stringify(coco)], { type: "application/json" });

@@ -5,15 +5,17 @@
  */
 import { runAutomatic } from "./automatic.js";
 import { whenIdle } from "./busy.js";
-import { layout } from "./canvas.js";
+import { layout, view } from "./canvas.js";
 import { classify, loadModels, onPackChange } from "./classify.js";
 import { clearError, el } from "./dom.js";
 import { exportCoco, exportPng } from "./exporters.js";
 import { clearAll, deleteObject, newObject, redo, undo } from "./history.js";
+import { chooseLabelByIndex, wireLabels } from "./labels.js";
 import { updateControls } from "./render.js";
-import { current, image, objectRequest, state } from "./state.js";
+import { current, displayed, image, labelName, lookOf, objectRequest, state } from "./state.js";
 import { cancelDrag, onPointerCancel, onPointerDown, onPointerMove, onPointerUp, setTool } from "./tools.js";
 import { openFile } from "./upload.js";
+import { panDown, panMove, panUp, setSpaceHeld, wireViewport, zoomFit, zoomIn, zoomOut } from "./viewport.js";
 
 // -------------------------------------------------------------------------- keyboard
 
@@ -44,7 +46,32 @@ function onKeyDown(event) {
     return;
   }
   if (typing || event.altKey || ctrl) return;
-  const tools = { p: "positive", n: "negative", b: "box", s: "scribble" };
+  if (key === " " && !event.target.matches("button, summary, a, select")) {
+    event.preventDefault(); // no page scroll: Space + drag pans
+    setSpaceHeld(true);
+    return;
+  }
+  if (key === "+" || key === "=") {
+    event.preventDefault();
+    zoomIn();
+    return;
+  }
+  if (key === "-") {
+    event.preventDefault();
+    zoomOut();
+    return;
+  }
+  if (key === "0") {
+    event.preventDefault();
+    zoomFit();
+    return;
+  }
+  if (/^[1-9]$/.test(key)) {
+    event.preventDefault();
+    chooseLabelByIndex(Number(key));
+    return;
+  }
+  const tools = { p: "positive", n: "negative", b: "box", s: "scribble", a: "paint", x: "erase" };
   if (tools[key] && !event.shiftKey) {
     event.preventDefault();
     setTool(tools[key]);
@@ -85,10 +112,15 @@ el.alertDismiss.addEventListener("click", clearError);
 el.classifyForm.addEventListener("submit", classify);
 el.classifyPack.addEventListener("change", onPackChange);
 
-el.prompt.addEventListener("pointerdown", onPointerDown);
-el.prompt.addEventListener("pointermove", onPointerMove);
-el.prompt.addEventListener("pointerup", onPointerUp);
-el.prompt.addEventListener("pointercancel", onPointerCancel);
+// Pan drags (viewport.js) come first; everything else goes to the prompt tools.
+el.prompt.addEventListener("pointerdown", (e) => panDown(e) || onPointerDown(e));
+el.prompt.addEventListener("pointermove", (e) => panMove(e) || onPointerMove(e));
+el.prompt.addEventListener("pointerup", (e) => panUp(e) || onPointerUp(e));
+el.prompt.addEventListener("pointercancel", (e) => panUp(e) || onPointerCancel(e));
+document.addEventListener("keyup", (event) => {
+  if (event.key === " ") setSpaceHeld(false);
+});
+window.addEventListener("blur", () => setSpaceHeld(false));
 el.prompt.addEventListener("contextmenu", (event) => event.preventDefault());
 document.addEventListener("keydown", onKeyDown);
 
@@ -122,6 +154,8 @@ if (typeof ResizeObserver === "function") {
 }
 
 setTool("positive");
+wireLabels();
+wireViewport();
 updateControls();
 loadModels();
 
@@ -142,5 +176,28 @@ window.vprompt = {
   },
   prompts() {
     return state.history.length ? current().objects.map((r) => objectRequest(r, false)) : [];
+  },
+  get zoom() {
+    return view.zoom;
+  },
+  labels() {
+    return state.labels.map((l) => ({ ...l, active: l.id === state.activeLabel }));
+  },
+  /** Each object: id, label id and name, mask area, look, and its candidates' areas. */
+  objects() {
+    if (!state.history.length) return [];
+    return current().objects.map((r) => {
+      const res = displayed(r);
+      const cands = res && res.candidates;
+      return {
+        id: r.id,
+        label: r.label,
+        labelName: labelName(r.label),
+        area: res ? res.area : 0,
+        ...lookOf(r.id),
+        candidates: cands ? cands.map((c) => c.area) : [],
+        choice: cands ? res.choice : null,
+      };
+    });
   },
 };

@@ -62,6 +62,11 @@ function maskStats(bits, width, height) {
   return { area, bbox };
 }
 
+/** A result made on the page (brush.js): 0/1 bits of the open image, no scores, no logits. */
+export function bitsResult(bits) {
+  return { uid: nextResultUid++, bits, ...maskStats(bits, image.width, image.height), logits: null };
+}
+
 export async function decodeResult(object) {
   const { width, height } = image;
   const mask = object.mask;

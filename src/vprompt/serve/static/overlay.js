@@ -4,7 +4,7 @@
  */
 import { normBox, view } from "./canvas.js";
 import { el } from "./dom.js";
-import { activeRecord, current, displayed, image, state } from "./state.js";
+import { activeRecord, current, displayed, image, labelName, lookOf, shownResult, state } from "./state.js";
 
 const POS_COLOR = "#1a9e3a";
 const NEG_COLOR = "#d62828";
@@ -30,12 +30,17 @@ export function renderImage() {
 
 export function renderOverlay() {
   const objects = current().objects;
-  const key = objects.map((r) => (displayed(r) ? displayed(r).uid : 0)).join(",");
+  const key = objects
+    .map((r) => {
+      const look = lookOf(r.id);
+      return `${shownResult(r) ? shownResult(r).uid : 0}:${look.hidden ? "h" : look.opacity}`;
+    })
+    .join(",");
   const ctx = el.overlay.getContext("2d");
   if (key === overlayKey) return;
   overlayKey = key;
   ctx.clearRect(0, 0, el.overlay.width, el.overlay.height);
-  const shown = objects.filter((r) => displayed(r));
+  const shown = objects.filter((r) => shownResult(r) && !lookOf(r.id).hidden);
   if (!shown.length || !image.bitmap) return;
   // Compose all masks at image resolution (later objects on top), then scale once.
   const { width, height } = image;
@@ -46,8 +51,11 @@ export function renderOverlay() {
   const data = sctx.createImageData(width, height);
   const px = data.data;
   for (const rec of shown) {
-    const { bits, bbox } = displayed(rec);
+    const { bits, bbox } = shownResult(rec);
     const [r, g, b] = rec.color;
+    const opacity = lookOf(rec.id).opacity;
+    const fill = Math.round(MASK_ALPHA * opacity);
+    const line = Math.round(EDGE_ALPHA * opacity);
     const [bx, by, bw, bh] = bbox;
     for (let y = by; y < by + bh; y++) {
       for (let x = bx; x < bx + bw; x++) {
@@ -62,7 +70,7 @@ export function renderOverlay() {
         px[o] = r;
         px[o + 1] = g;
         px[o + 2] = b;
-        px[o + 3] = edge ? EDGE_ALPHA : MASK_ALPHA;
+        px[o + 3] = edge ? line : fill;
       }
     }
   }
@@ -84,6 +92,7 @@ export function renderPrompts() {
   const rgb = (c, a = 1) => `rgba(${c[0]}, ${c[1]}, ${c[2]}, ${a})`;
   for (const rec of current().objects) {
     const active = rec.id === state.activeId;
+    if (lookOf(rec.id).hidden && !active) continue;
     ctx.globalAlpha = active ? 1 : 0.5;
     for (const s of rec.scribbles) drawScribble(ctx, s, u, px);
     if (rec.box) {
@@ -114,6 +123,10 @@ export function renderPrompts() {
     }
   }
   ctx.globalAlpha = 1;
+  for (const rec of current().objects) {
+    const res = displayed(rec);
+    if (res && res.area && !lookOf(rec.id).hidden) drawTag(ctx, rec, res.bbox, u, px);
+  }
   const drag = state.drag;
   if (drag && drag.kind === "box" && drag.end) {
     const rec = activeRecord();
@@ -123,7 +136,7 @@ export function renderPrompts() {
     ctx.strokeStyle = rec ? rgb(rec.color) : "#ffffff";
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     ctx.setLineDash([]);
-  } else if (drag && drag.kind === "scribble") {
+  } else if (drag && (drag.kind === "scribble" || drag.kind === "brush")) {
     drawScribble(ctx, drag.scribble, u, px);
   }
 }
@@ -141,5 +154,24 @@ function drawScribble(ctx, s, u, px) {
   if (s.points.length === 1) ctx.lineTo(fx + 0.01, fy);
   for (const [x, y] of s.points.slice(1)) ctx.lineTo(x, y);
   ctx.stroke();
+  ctx.restore();
+}
+
+/** The object's label name in a small tag at its mask's top-left corner. */
+function drawTag(ctx, rec, bbox, u, px) {
+  const text = `${rec.id} · ${labelName(rec.label)}`;
+  const size = 11 * px * u;
+  ctx.save();
+  ctx.font = `${size}px system-ui, sans-serif`;
+  ctx.textBaseline = "top";
+  const pad = 3 * px * u;
+  const w = ctx.measureText(text).width + 2 * pad;
+  const h = size + 2 * pad;
+  const x = Math.min(Math.max(0, bbox[0]), Math.max(0, image.width - w));
+  const y = bbox[1] >= h ? bbox[1] - h : bbox[1];
+  ctx.fillStyle = `rgba(${rec.color[0]}, ${rec.color[1]}, ${rec.color[2]}, 0.9)`;
+  ctx.fillRect(x, y, w, h);
+  ctx.fillStyle = "#ffffff";
+  ctx.fillText(text, x + pad, y + pad);
   ctx.restore();
 }

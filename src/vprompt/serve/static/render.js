@@ -1,10 +1,13 @@
-/* render.js: redraws the page from the state: renderAll (canvases, object list, controls),
- * the object list in the side panel (selecting the active object) and which controls are
- * enabled.
+/* render.js: redraws the page from the state: renderAll (canvases, object list, candidates,
+ * controls), the object list in the side panel (selecting the active object; each row with
+ * its label, hide / show and opacity) and which controls are enabled.
  */
+import { setHidden, setOpacity } from "./appearance.js";
+import { renderCandidates } from "./candidates.js";
 import { el, fmtScore } from "./dom.js";
+import { setObjectLabel } from "./labels.js";
 import { renderImage, renderOverlay, renderPrompts } from "./overlay.js";
-import { current, displayed, image, isEmptyState, packs, state } from "./state.js";
+import { current, displayed, image, isEmptyState, labelName, lookOf, packs, state } from "./state.js";
 
 export function renderAll() {
   if (!state.history.length) {
@@ -15,6 +18,7 @@ export function renderAll() {
   renderOverlay();
   renderPrompts();
   renderObjectList();
+  renderCandidates();
   updateControls();
 }
 
@@ -25,13 +29,15 @@ function selectObject(id) {
 
 export function renderObjectList() {
   const focused = document.activeElement;
-  const focusedId = focused && focused.dataset ? focused.dataset.objectId : undefined;
+  const focusKey = focused && focused.dataset ? focused.dataset.focusKey : undefined;
   const items = current().objects.map((rec, index) => {
     const li = document.createElement("li");
+    const look = lookOf(rec.id);
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.objectId = String(rec.id);
     button.dataset.testid = `object-${rec.id}`;
+    button.dataset.focusKey = `object-${rec.id}`;
     button.setAttribute("aria-pressed", String(rec.id === state.activeId));
     const swatch = document.createElement("span");
     swatch.className = "swatch";
@@ -39,6 +45,10 @@ export function renderObjectList() {
     swatch.setAttribute("aria-hidden", "true");
     const name = document.createElement("span");
     name.textContent = `Object ${rec.id}`;
+    const tag = document.createElement("span");
+    tag.className = "tag";
+    tag.dataset.testid = `object-label-${rec.id}`;
+    tag.textContent = labelName(rec.label);
     const meta = document.createElement("span");
     meta.className = "meta";
     const res = displayed(rec);
@@ -50,14 +60,55 @@ export function renderObjectList() {
         (typeof res.score === "number" ? ` · ${fmtScore(res.score)}` : "");
     } else meta.textContent = "no prompts";
     button.title = `Select object ${rec.id} (label ${index + 1} in the exported label image)`;
-    button.append(swatch, name, meta);
+    button.append(swatch, name, tag, meta);
     button.addEventListener("click", () => selectObject(rec.id));
-    li.append(button);
+
+    const controls = document.createElement("div");
+    controls.className = "object-controls";
+    const select = document.createElement("select");
+    select.dataset.testid = `object-label-select-${rec.id}`;
+    select.dataset.focusKey = `label-select-${rec.id}`;
+    select.setAttribute("aria-label", `Label of object ${rec.id}`);
+    select.title = `Label of object ${rec.id}`;
+    for (const label of state.labels) {
+      const option = document.createElement("option");
+      option.value = String(label.id);
+      option.textContent = label.name;
+      option.selected = label.id === rec.label;
+      select.append(option);
+    }
+    select.addEventListener("change", () => setObjectLabel(rec.id, Number(select.value)));
+    const hide = document.createElement("button");
+    hide.type = "button";
+    hide.className = "small";
+    hide.dataset.testid = `object-hide-${rec.id}`;
+    hide.dataset.focusKey = `hide-${rec.id}`;
+    hide.setAttribute("aria-pressed", String(look.hidden));
+    hide.setAttribute("aria-label", `Hide object ${rec.id}`);
+    hide.title = `Hide object ${rec.id} on the image (exports keep it)`;
+    hide.textContent = look.hidden ? "Hidden" : "Hide";
+    hide.addEventListener("click", () => {
+      setHidden(rec.id, !lookOf(rec.id).hidden);
+      renderObjectList();
+    });
+    const opacity = document.createElement("input");
+    opacity.type = "range";
+    opacity.min = "0";
+    opacity.max = "1";
+    opacity.step = "0.05";
+    opacity.value = String(look.opacity);
+    opacity.dataset.testid = `object-opacity-${rec.id}`;
+    opacity.dataset.focusKey = `opacity-${rec.id}`;
+    opacity.setAttribute("aria-label", `Mask opacity of object ${rec.id}`);
+    opacity.title = `Mask opacity of object ${rec.id}`;
+    opacity.addEventListener("input", () => setOpacity(rec.id, opacity.value));
+    controls.append(select, hide, opacity);
+    li.append(button, controls);
     return li;
   });
   el.objectList.replaceChildren(...items);
-  if (focusedId !== undefined) {
-    const again = el.objectList.querySelector(`[data-object-id="${focusedId}"]`);
+  if (focusKey !== undefined) {
+    const again = el.objectList.querySelector(`[data-focus-key="${focusKey}"]`);
     if (again) again.focus();
   }
 }

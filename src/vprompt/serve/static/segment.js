@@ -1,5 +1,5 @@
 /* segment.js: prompted segmentation: sends every object of the current snapshot that has
- * prompts but no result, attaches the decoded masks, and retries once when the server lost
+ * prompts but no result, attaches the decoded masks (with SAM's candidates for lone clicks), and retries once when the server lost
  * the image (re-upload) or the refinement token (resend without `previous`).
  */
 import { postJson, uploadFile } from "./api.js";
@@ -30,7 +30,7 @@ export async function segmentPending() {
     if (objects.length !== recs.length) {
       throw new Error(`the server answered ${objects.length} masks for ${recs.length} objects`);
     }
-    const results = await Promise.all(objects.map((o) => decodeResult(o)));
+    const results = await Promise.all(objects.map((o) => decodeWithCandidates(o)));
     if (generation !== image.generation) return;
     recs.forEach((rec, i) => {
       rec.result = results[i];
@@ -53,11 +53,25 @@ export async function segmentPending() {
   }
 }
 
+/** The object's best mask; with candidates, every candidate knows the others and its index
+ * (candidates.js lets the user pick another one). */
+async function decodeWithCandidates(object) {
+  if (!Array.isArray(object.candidates) || object.candidates.length < 2) return decodeResult(object);
+  const all = await Promise.all(object.candidates.map((c) => decodeResult(c)));
+  all.forEach((res, k) => {
+    res.candidates = all;
+    res.choice = k;
+  });
+  const best = Number.isInteger(object.best) && all[object.best] ? object.best : 0;
+  return all[best];
+}
+
 async function segmentRequest(recs, generation) {
   const body = (withPrevious) => ({
     objects: recs.map((r) => objectRequest(r, withPrevious)),
     multimask: "auto",
     format: "png",
+    candidates: true, // three candidates for lone clicks, to choose from (candidates.js)
   });
   const sentPrevious = recs.some((r) => r.prev);
   try {

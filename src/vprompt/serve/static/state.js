@@ -34,13 +34,21 @@ export const state = {
   activeId: null,
   drag: null, // in-progress box or scribble
   models: null, // GET api/models
+  // Class labels (labels.js): ids are never reused, so COCO category ids stay stable.
+  labels: [{ id: 1, name: "object" }],
+  nextLabelId: 2,
+  activeLabel: 1,
+  // How each object is drawn (appearance.js), by object id: {opacity, hidden}; not undoable.
+  look: new Map(),
+  preview: null, // {id, result}: a mask candidate shown while hovered (candidates.js)
 };
 
 let nextRev = 1;
 
-export function emptyRecord(id) {
+export function emptyRecord(id, label = state.activeLabel) {
   return {
     id,
+    label, // a state.labels id
     color: PALETTE[(id - 1) % PALETTE.length],
     points: [], // [x, y, label]
     box: null, // [x0, y0, x1, y1]
@@ -69,9 +77,23 @@ export function editedRecord(old) {
   };
 }
 
+/** The same object with another result or label, keeping its prompts (a new undo step). */
+export function changedRecord(old, changes) {
+  return { ...old, ...changes, rev: nextRev++ };
+}
+
+export const labelName = (id) => {
+  const found = state.labels.find((l) => l.id === id);
+  return found ? found.name : `label ${id}`;
+};
+
 export const hasPrompt = (rec) =>
   rec.points.length > 0 || rec.box !== null || rec.scribbles.length > 0 || rec.mask !== null;
 export const displayed = (rec) => rec.result || (hasPrompt(rec) ? rec.shown : null);
+/** What the overlay shows for a record: a hovered candidate, else its result. */
+export const shownResult = (rec) =>
+  state.preview && state.preview.id === rec.id ? state.preview.result : displayed(rec);
+export const lookOf = (id) => state.look.get(id) || { opacity: 1, hidden: false };
 export const current = () => state.history[state.historyIndex];
 export const activeRecord = () => current().objects.find((r) => r.id === state.activeId) || null;
 

@@ -1,7 +1,9 @@
-/* tools.js: the prompt tools (positive/negative point, box, scribble) and the pointer input
+/* tools.js: the prompt tools (positive/negative point, box, scribble), the mask brush and
+ * eraser (brush.js) and the pointer input
  * on the prompt canvas: clicks add points, drags draw a box or a scribble (state.drag while in
  * progress), each finished prompt is one undoable edit of the active object.
  */
+import { applyBrush } from "./brush.js";
 import { normBox, toImage, view } from "./canvas.js";
 import { el, setStatus } from "./dom.js";
 import { editActive } from "./history.js";
@@ -54,6 +56,14 @@ export function onPointerDown(event) {
       scribble: { points: [p], positive: !el.scribbleNegative.checked, width: brushWidth() },
     };
     renderPrompts();
+  } else if (tool === "paint" || tool === "erase") {
+    // Mask correction (brush.js): the stroke is drawn like a scribble while in progress.
+    state.drag = {
+      kind: "brush",
+      pointerId: event.pointerId,
+      scribble: { points: [p], positive: tool === "paint", width: brushWidth() },
+    };
+    renderPrompts();
   }
 }
 
@@ -90,6 +100,8 @@ export function onPointerUp(event) {
     editActive((rec) => {
       rec.box = box;
     }, "box");
+  } else if (finished.kind === "brush") {
+    applyBrush(finished.scribble);
   } else {
     const s = finished.scribble;
     editActive((rec) => rec.scribbles.push(s), "scribble");

@@ -3,7 +3,7 @@
  */
 import { apiFetch, uploadFile } from "./api.js";
 import { changePending } from "./busy.js";
-import { layout } from "./canvas.js";
+import { layout, resetZoom } from "./canvas.js";
 import { clearError, el, setStatus, showError } from "./dom.js";
 import { resetHistory } from "./history.js";
 import { updateControls } from "./render.js";
@@ -45,6 +45,7 @@ export async function openFile(file) {
     el.wrap.hidden = false;
     el.classifyResults.replaceChildren();
     el.classifySource.textContent = "";
+    resetZoom();
     layout();
     let note = "";
     if (bitmap.width !== info.width || bitmap.height !== info.height) {
