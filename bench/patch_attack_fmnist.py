@@ -97,9 +97,10 @@ def main() -> None:
         }
         rows.append(row)
         name = f"size{int(size * 100):02d}_{'untargeted' if tgt is None else 'targeted'}"
-        from vprompt.attack.patch_file import save_patch_png
+        from vprompt.attack.patch_file import save_patch, save_patch_png
 
         save_patch_png(trained.patch, args.out / f"{name}.png", transform.shape)
+        save_patch(patch_file, args.out / f"{name}.safetensors")  # for `vprompt defend eval`
         print(markdown_table(report, title=name), file=sys.stderr)
     command = " ".join(["python", *sys.argv])
     result = {
