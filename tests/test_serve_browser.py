@@ -308,6 +308,17 @@ def test_click_undo_redo_box_and_exports(page, photo: Path, tmp_path: Path):
         np.testing.assert_array_equal(two, labels == 2)
         np.testing.assert_array_equal(two, active == 255)
 
+    # One image open: YOLO-seg and Pascal VOC are single files (the ZIP is for several).
+    with page.expect_download() as download:
+        page.click("[data-testid=export-yolo]")
+    assert download.value.suggested_filename == "coffee.txt"
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["0"] * len(coco["annotations"])
+    with page.expect_download() as download:
+        page.click("[data-testid=export-voc]")
+    assert download.value.suggested_filename == "coffee.xml"
+    assert Path(download.value.path()).read_text().count("<object>") == len(coco["annotations"])
+
 
 def test_keyboard_tools_clear_and_scribble(page, photo: Path):
     _open(page, photo)
@@ -644,3 +655,216 @@ def test_classify_panel_hidden_without_a_classifier(browser, server: str):
     page.wait_for_function("document.querySelector('#model-info').textContent.includes('none')")
     assert not page.locator("[data-testid=classify-panel]").is_visible()
     context.close()
+
+
+def _zip_download(page, testid: str) -> dict[str, str]:
+    import io
+    import zipfile
+
+    with page.expect_download() as download:
+        page.click(f"[data-testid={testid}]")
+    data = Path(download.value.path()).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        return {name: archive.read(name).decode() for name in archive.namelist()}
+
+
+def _yolo_polygons(text: str) -> list[tuple[int, np.ndarray]]:
+    out = []
+    for line in text.splitlines():
+        cls, *coords = line.split()
+        xy = np.array([float(v) for v in coords]).reshape(-1, 2)
+        assert len(xy) >= 3
+        assert ((xy >= 0) & (xy <= 1)).all()
+        out.append((int(cls), xy))
+    return out
+
+
+def _drop_files(page, paths: list[Path]) -> None:
+    page.evaluate(
+        """async (files) => {
+          const dt = new DataTransfer();
+          for (const [b64, name] of files) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], name, {type: "image/png"}));
+          }
+          const stage = document.querySelector("[data-testid=stage]");
+          for (const type of ["dragenter", "dragover", "drop"]) {
+            const init = {dataTransfer: dt, bubbles: true, cancelable: true};
+            stage.dispatchEvent(new DragEvent(type, init));
+          }
+        }""",
+        [[base64.b64encode(p.read_bytes()).decode(), p.name] for p in paths],
+    )
+
+
+def test_image_queue_session_save_restore_yolo_and_voc(page, tmp_path: Path):
+    import xml.etree.ElementTree as ET
+
+    from vprompt.segment.outputs import decode_rle
+
+    # Three small generated images and one file the server refuses, opened together.
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, name in enumerate(("a.png", "b.png", "c.png")):
+        pixels = rng.integers(0, 60, (64, 96, 3), dtype=np.uint8)
+        pixels[16:48, 20 + 10 * k : 60 + 10 * k] = (200, 120 + 40 * k, 40)
+        Image.fromarray(pixels).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image\n")
+    chosen = [str(paths[0]), str(broken), *map(str, paths[1:])]
+    page.set_input_files("[data-testid=file-input]", chosen)
+    page.wait_for_function(f"window.vprompt.queue.length === 3 && {IDLE}")
+    assert page.evaluate("window.vprompt.queue") == {
+        "index": 0, "length": 3, "names": ["a.png", "b.png", "c.png"],
+    }  # fmt: skip
+    assert "broken.png" in _alert_text(page)  # its error is shown, the queue goes on
+    position = page.locator("[data-testid=queue-position]")
+    assert position.inner_text() == "1 / 3"
+    assert page.is_disabled("[data-testid=prev-image]")
+    W, H = 96, 64
+
+    # Image a: one click object (label "object"); image b: a "dog" painted with the brush.
+    box = _canvas_box(page)
+    middle = {"x": box["width"] * 0.5, "y": box["height"] * 0.5}
+    page.locator("[data-testid=canvas]").click(position=middle)
+    _wait_overlay(page, 0)
+    a_objects = page.evaluate("window.vprompt.objects()")
+    assert len(a_objects) == 1
+    assert a_objects[0]["area"] > 0
+    page.fill("[data-testid=new-label]", "dog")
+    page.click("[data-testid=add-label]")
+    page.locator("[data-testid=canvas]").focus()
+    page.keyboard.press(".")
+    assert position.inner_text() == "2 / 3"
+    assert page.evaluate("window.vprompt.queue.index") == 1
+    assert _overlay(page) == 0
+    assert [o["area"] for o in page.evaluate("window.vprompt.objects()")] == [0]
+    page.fill("[data-testid=brush-width]", "6")
+    page.click("[data-testid=tool-paint]")
+    box = _canvas_box(page)
+    y = box["y"] + box["height"] * 0.5
+    page.mouse.move(box["x"] + box["width"] * 0.25, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=4)
+    page.mouse.up()
+    (b_object,) = page.evaluate("window.vprompt.objects()")
+    assert b_object["area"] > 0
+    assert (b_object["label"], b_object["labelName"]) == (2, "dog")
+    page.click("[data-testid=tool-positive]")
+
+    # Back and forth: each image keeps its objects (and undo history).
+    page.locator("[data-testid=canvas]").focus()
+    page.keyboard.press(",")
+    assert position.inner_text() == "1 / 3"
+    assert page.evaluate("window.vprompt.objects()") == a_objects
+    assert _overlay(page) > 0
+    page.click("[data-testid=next-image]")
+    page.click("[data-testid=next-image]")
+    assert position.inner_text() == "3 / 3"
+    assert page.is_disabled("[data-testid=next-image]")
+    assert [o["area"] for o in page.evaluate("window.vprompt.objects()")] == [0]
+    page.click("[data-testid=prev-image]")
+    assert page.evaluate("window.vprompt.objects()") == [b_object]
+    assert page.evaluate("window.vprompt.historyLength") == 2  # the empty start + the stroke
+
+    # The session as one COCO file: every image, both masks, the label list.
+    with page.expect_download() as download:
+        page.click("[data-testid=save-session]")
+    session_path = tmp_path / download.value.suggested_filename
+    download.value.save_as(session_path)
+    session = json.loads(session_path.read_text())
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in session["images"]] == [
+        (1, "a.png", W, H), (2, "b.png", W, H), (3, "c.png", W, H),
+    ]  # fmt: skip
+    assert [(c["id"], c["name"]) for c in session["categories"]] == [(1, "object"), (2, "dog")]
+    anns = {a["image_id"]: a for a in session["annotations"]}
+    assert sorted(anns) == [1, 2]
+    assert len(session["annotations"]) == 2
+    assert (anns[1]["category_id"], anns[2]["category_id"]) == (1, 2)
+    for ann, obj in ((anns[1], a_objects[0]), (anns[2], b_object)):
+        mask = decode_rle(ann["segmentation"])
+        assert mask.shape == (H, W)
+        assert ann["area"] == int(mask.sum()) == obj["area"]
+        ys, xs = np.nonzero(mask)
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+    # YOLO-seg: one .txt per image in a ZIP, class = position in the label list, polygons in
+    # [0, 1]; the painted stroke is one component, so its outline spans exactly its bbox.
+    yolo = _zip_download(page, "export-yolo")
+    assert sorted(yolo) == ["a.txt", "b.txt", "c.txt", "classes.txt"]
+    assert yolo["classes.txt"].split() == ["object", "dog"]
+    assert yolo["c.txt"] == ""
+    ((cls_b, poly_b),) = _yolo_polygons(yolo["b.txt"])
+    assert cls_b == 1
+    x, y0, w, h = anns[2]["bbox"]
+    np.testing.assert_allclose(
+        [poly_b[:, 0].min(), poly_b[:, 1].min(), poly_b[:, 0].max(), poly_b[:, 1].max()],
+        [x / W, y0 / H, (x + w) / W, (y0 + h) / H], atol=1e-5,
+    )  # fmt: skip
+    ((cls_a, poly_a),) = _yolo_polygons(yolo["a.txt"])
+    assert cls_a == 0
+    x, y0, w, h = anns[1]["bbox"]  # the largest component lies inside the mask's bbox
+    assert poly_a[:, 0].min() >= x / W - 1e-5
+    assert poly_a[:, 0].max() <= (x + w) / W + 1e-5
+    assert poly_a[:, 1].min() >= y0 / H - 1e-5
+    assert poly_a[:, 1].max() <= (y0 + h) / H + 1e-5
+
+    # Pascal VOC: one XML per image, 1-based inclusive boxes.
+    voc = _zip_download(page, "export-voc")
+    assert sorted(voc) == ["a.xml", "b.xml", "c.xml"]
+    for name, image_id in (("a.xml", 1), ("b.xml", 2), ("c.xml", 3)):
+        root = ET.fromstring(voc[name])
+        assert root.findtext("filename") == name.replace(".xml", ".png")
+        assert (int(root.findtext("size/width")), int(root.findtext("size/height"))) == (W, H)
+        objects = root.findall("object")
+        if image_id == 3:
+            assert objects == []
+            continue
+        (obj,) = objects
+        assert obj.findtext("name") == ("object" if image_id == 1 else "dog")
+        x, y0, w, h = anns[image_id]["bbox"]
+        bndbox = [int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+        assert bndbox == [x + 1, y0 + 1, x + w, y0 + h]
+
+    # A file that is not COCO: a clear message, nothing changes.
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"images": 3}))
+    page.set_input_files("[data-testid=restore-input]", str(bogus))
+    page.wait_for_function("document.querySelector('[data-testid=alert]').hidden === false")
+    assert "bogus.json" in _alert_text(page)
+    assert "Nothing was changed" in _alert_text(page)
+    assert page.evaluate("window.vprompt.objects()") == [b_object]
+
+    # A fresh page: drop the three images, restore the session; objects and labels come back.
+    page.reload()
+    page.wait_for_function("window.vprompt !== undefined")
+    _drop_files(page, paths)
+    page.wait_for_function(f"window.vprompt.queue.length === 3 && {IDLE}")
+    assert [o["area"] for o in page.evaluate("window.vprompt.objects()")] == [0]
+    page.set_input_files("[data-testid=restore-input]", str(session_path))
+    page.wait_for_function("window.vprompt.labels().length === 2")
+    assert not _alert_text(page)
+    assert [(lab["id"], lab["name"]) for lab in page.evaluate("window.vprompt.labels()")] == [
+        (1, "object"), (2, "dog"),
+    ]  # fmt: skip
+    (restored_a,) = page.evaluate("window.vprompt.objects()")
+    assert (restored_a["area"], restored_a["label"]) == (a_objects[0]["area"], 1)
+    assert _overlay(page) > 0
+    page.click("[data-testid=next-image]")
+    (restored_b,) = page.evaluate("window.vprompt.objects()")
+    assert restored_b["area"] == b_object["area"]
+    assert (restored_b["label"], restored_b["labelName"]) == (2, "dog")
+    # Restored masks are mask prompts: a click refines the object on the server.
+    with page.expect_request(lambda r: r.url.endswith("/segment")) as request:
+        page.locator("[data-testid=canvas]").click(
+            position={"x": box["width"] * 0.4, "y": box["height"] * 0.5}
+        )
+    page.wait_for_function(IDLE)
+    (sent,) = request.value.post_data_json["objects"]
+    assert decode_rle(sent["mask"]).sum() == b_object["area"]
+    assert sent["points"][0][2] == 1
+    assert not _alert_text(page)
+    page.keyboard.press("Control+z")
+    assert page.evaluate("window.vprompt.objects()")[0]["area"] == b_object["area"]

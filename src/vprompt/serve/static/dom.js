@@ -50,6 +50,15 @@ export const el = {
   zoomIn: $("zoom-in"),
   zoomOut: $("zoom-out"),
   zoomFit: $("zoom-fit"),
+  prevImage: $("prev-image"),
+  nextImage: $("next-image"),
+  queuePosition: $("queue-position"),
+  queueName: $("queue-name"),
+  queueWaiting: $("queue-waiting"),
+  saveSession: $("save-session"),
+  restoreInput: $("restore-input"),
+  exportYolo: $("export-yolo"),
+  exportVoc: $("export-voc"),
 };
 
 export function setStatus(message) {

@@ -1,13 +1,18 @@
-/* exporters.js: downloads of the current masks: a PNG (label image of all objects, or the
- * active object as 0/255) and COCO JSON with RLE masks (categories: the label list, labels.js). Both wait until no request is in flight.
+/* exporters.js: downloads of the masks: a PNG (label image of all objects, or the active
+ * object as 0/255) and COCO JSON with RLE masks (categories: the label list, labels.js) of the
+ * open image; YOLO-seg and Pascal VOC of every queued image (one file for one image, a ZIP
+ * with one file per image for several). All wait until no request is in flight.
  */
 import { whenIdle } from "./busy.js";
 import { clearError, el, setStatus, showError } from "./dom.js";
 import { encodeGrayPng } from "./png.js";
 import { encodeRle } from "./rle.js";
+import { maskPolygon } from "./polygon.js";
 import { activeRecord, current, displayed, image, state } from "./state.js";
+import { itemObjects, queue } from "./upload.js";
+import { zipBlob } from "./zip.js";
 
-function download(blob, filename) {
+export function download(blob, filename) {
   const url = URL.createObjectURL(blob);
   const a = document.createElement("a");
   a.href = url;
@@ -19,7 +24,8 @@ function download(blob, filename) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
-const stem = () => (image.name || "image").replace(/\.[^.]+$/, "") || "image";
+const stemOf = (name) => (name || "image").replace(/\.[^.]+$/, "") || "image";
+const stem = () => stemOf(image.name);
 
 export async function exportPng() {
   if (!image.id) return;
@@ -92,3 +98,91 @@ export async function exportCoco() {
   download(blob, `${stem()}_coco.json`);
   setStatus(`Exported ${annotations.length} annotation(s) as COCO JSON with RLE masks`);
 }
+
+// ------------------------------------------------------------- YOLO-seg and Pascal VOC
+
+/** One line per object with a mask: `class x1 y1 x2 y2 …`, the class being the label's
+ * position in the label list (0-based) and the polygon (polygon.js: the outline of the
+ * mask's largest component, on pixel corners) divided by the image's width and height. */
+function yoloText(item) {
+  const lines = [];
+  for (const rec of itemObjects(item)) {
+    const res = displayed(rec);
+    if (!res || !res.area) continue;
+    const cls = state.labels.findIndex((l) => l.id === rec.label);
+    if (cls < 0) continue; // a label that is no longer in the list
+    const poly = maskPolygon(res.bits, item.width, item.height);
+    if (!poly) continue;
+    const coords = poly.map(([x, y]) => `${+(x / item.width).toFixed(6)} ${+(y / item.height).toFixed(6)}`);
+    lines.push(`${cls} ${coords.join(" ")}`);
+  }
+  return lines.length ? `${lines.join("\n")}\n` : "";
+}
+
+const xmlEscape = (text) =>
+  String(text).replace(/[<>&'"]/g, (c) => ({ "<": "&lt;", ">": "&gt;", "&": "&amp;", "'": "&apos;", '"': "&quot;" })[c]);
+
+/** Pascal VOC XML. Boxes use VOC's 1-based pixel convention, both ends inclusive: a mask
+ * whose pixels span columns x0..x1 (0-based) has xmin = x0 + 1 and xmax = x1 + 1, so
+ * xmax - xmin + 1 is its width in pixels (likewise for y). */
+function vocXml(item) {
+  const objects = [];
+  for (const rec of itemObjects(item)) {
+    const res = displayed(rec);
+    if (!res || !res.area) continue;
+    const [x, y, w, h] = res.bbox;
+    const name = state.labels.find((l) => l.id === rec.label);
+    objects.push(
+      "  <object>\n" +
+        `    <name>${xmlEscape(name ? name.name : `label ${rec.label}`)}</name>\n` +
+        "    <pose>Unspecified</pose>\n    <truncated>0</truncated>\n    <difficult>0</difficult>\n" +
+        `    <bndbox><xmin>${x + 1}</xmin><ymin>${y + 1}</ymin>` +
+        `<xmax>${x + w}</xmax><ymax>${y + h}</ymax></bndbox>\n` +
+        "  </object>\n"
+    );
+  }
+  return (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<annotation>\n' +
+    "  <folder>images</folder>\n" +
+    `  <filename>${xmlEscape(item.name)}</filename>\n` +
+    "  <source><database>vprompt serve</database></source>\n" +
+    `  <size><width>${item.width}</width><height>${item.height}</height><depth>3</depth></size>\n` +
+    "  <segmented>0</segmented>\n" +
+    objects.join("") +
+    "</annotation>\n"
+  );
+}
+
+/** One file per queued image (`stem.ext`, names made unique); a ZIP when there are several. */
+async function exportPerImage(kind, ext, render, extra) {
+  if (!queue.items.length) return;
+  clearError();
+  await whenIdle();
+  if (!queue.items.some((item) => itemObjects(item).some((r) => displayed(r)))) {
+    showError(`export: no masks to export yet`);
+    return;
+  }
+  const more = extra ? extra() : null;
+  const taken = new Set(more ? [more.name] : []);
+  const files = queue.items.map((item) => {
+    let name = `${stemOf(item.name)}.${ext}`;
+    for (let k = 2; taken.has(name); k++) name = `${stemOf(item.name)}_${k}.${ext}`;
+    taken.add(name);
+    return { name, data: render(item) };
+  });
+  if (files.length === 1) {
+    download(new Blob([files[0].data], { type: ext === "xml" ? "application/xml" : "text/plain" }), files[0].name);
+    setStatus(`Exported ${files[0].name} (${kind})`);
+    return;
+  }
+  download(zipBlob(more ? files.concat([more]) : files), `vprompt_${ext === "xml" ? "voc" : "yolo"}.zip`);
+  setStatus(`Exported ${files.length} images as ${kind}, one file per image in a ZIP`);
+}
+
+export const exportYolo = () =>
+  exportPerImage("YOLO-seg", "txt", yoloText, () => ({
+    name: "classes.txt",
+    data: state.labels.map((l) => l.name).join("\n") + "\n",
+  }));
+
+export const exportVoc = () => exportPerImage("Pascal VOC", "xml", vocXml, null);

@@ -1,4 +1,5 @@
-/* main.js: entry point of the vprompt serve page (docs/serve-api.md): wires the controls,
+/* main.js: entry point of the vprompt serve page (docs/serve-api.md): wires the controls (image
+ * queue, session, exports included),
  * pointer, keyboard shortcuts and drag and drop to the modules beside it, and exposes the
  * read-only `window.vprompt` handle for tests. Plain ES modules, no build step, no external
  * assets.
@@ -8,13 +9,14 @@ import { whenIdle } from "./busy.js";
 import { layout, view } from "./canvas.js";
 import { classify, loadModels, onPackChange } from "./classify.js";
 import { clearError, el } from "./dom.js";
-import { exportCoco, exportPng } from "./exporters.js";
+import { exportCoco, exportPng, exportVoc, exportYolo } from "./exporters.js";
 import { clearAll, deleteObject, newObject, redo, undo } from "./history.js";
 import { chooseLabelByIndex, wireLabels } from "./labels.js";
 import { updateControls } from "./render.js";
 import { current, displayed, image, labelName, lookOf, objectRequest, state } from "./state.js";
 import { cancelDrag, onPointerCancel, onPointerDown, onPointerMove, onPointerUp, setTool } from "./tools.js";
-import { openFile } from "./upload.js";
+import { wireSession } from "./session.js";
+import { nextImage, openFiles, previousImage, queue, renderQueue } from "./upload.js";
 import { panDown, panMove, panUp, setSpaceHeld, wireViewport, zoomFit, zoomIn, zoomOut } from "./viewport.js";
 
 // -------------------------------------------------------------------------- keyboard
@@ -66,6 +68,12 @@ function onKeyDown(event) {
     zoomFit();
     return;
   }
+  if (key === "," || key === ".") {
+    event.preventDefault();
+    if (key === ",") previousImage();
+    else nextImage();
+    return;
+  }
   if (/^[1-9]$/.test(key)) {
     event.preventDefault();
     chooseLabelByIndex(Number(key));
@@ -93,10 +101,9 @@ function onKeyDown(event) {
 // ------------------------------------------------------------------------------ wiring
 
 el.fileInput.addEventListener("change", () => {
-  const file = el.fileInput.files && el.fileInput.files[0];
-  openFile(file).finally(() => {
-    el.fileInput.value = "";
-  });
+  const files = Array.from(el.fileInput.files || []);
+  el.fileInput.value = "";
+  openFiles(files);
 });
 
 for (const button of el.tools) button.addEventListener("click", () => setTool(button.dataset.tool));
@@ -106,6 +113,10 @@ el.clear.addEventListener("click", clearAll);
 el.automatic.addEventListener("click", runAutomatic);
 el.exportPng.addEventListener("click", exportPng);
 el.exportCoco.addEventListener("click", exportCoco);
+el.exportYolo.addEventListener("click", exportYolo);
+el.exportVoc.addEventListener("click", exportVoc);
+el.prevImage.addEventListener("click", previousImage);
+el.nextImage.addEventListener("click", nextImage);
 el.newObject.addEventListener("click", newObject);
 el.deleteObject.addEventListener("click", deleteObject);
 el.alertDismiss.addEventListener("click", clearError);
@@ -143,8 +154,8 @@ window.addEventListener("drop", (event) => {
   event.preventDefault();
   dragDepth = 0;
   el.stage.classList.remove("dragover");
-  const file = event.dataTransfer && event.dataTransfer.files && event.dataTransfer.files[0];
-  if (file) openFile(file);
+  const files = event.dataTransfer && event.dataTransfer.files;
+  if (files && files.length) openFiles(files);
 });
 
 if (typeof ResizeObserver === "function") {
@@ -156,6 +167,8 @@ if (typeof ResizeObserver === "function") {
 setTool("positive");
 wireLabels();
 wireViewport();
+wireSession();
+renderQueue();
 updateControls();
 loadModels();
 
@@ -176,6 +189,10 @@ window.vprompt = {
   },
   prompts() {
     return state.history.length ? current().objects.map((r) => objectRequest(r, false)) : [];
+  },
+  /** The image queue: the shown image's position (0-based), the count and the file names. */
+  get queue() {
+    return { index: queue.index, length: queue.items.length, names: queue.items.map((i) => i.name) };
   },
   get zoom() {
     return view.zoom;

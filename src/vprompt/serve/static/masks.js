@@ -62,9 +62,10 @@ function maskStats(bits, width, height) {
   return { area, bbox };
 }
 
-/** A result made on the page (brush.js): 0/1 bits of the open image, no scores, no logits. */
-export function bitsResult(bits) {
-  return { uid: nextResultUid++, bits, ...maskStats(bits, image.width, image.height), logits: null };
+/** A result made on the page (brush.js, restored sessions): 0/1 bits of the open image (or
+ * of a queued image of the given size), no scores, no logits. */
+export function bitsResult(bits, width = image.width, height = image.height) {
+  return { uid: nextResultUid++, bits, ...maskStats(bits, width, height), logits: null };
 }
 
 export async function decodeResult(object) {

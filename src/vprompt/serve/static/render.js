@@ -123,6 +123,10 @@ export function updateControls() {
   el.automatic.disabled = !ready;
   el.exportPng.disabled = !anyMask;
   el.exportCoco.disabled = !anyMask;
+  // Session save and the per-image exports cover every queued image (exporters.js checks masks).
+  el.saveSession.disabled = !ready;
+  el.exportYolo.disabled = !ready;
+  el.exportVoc.disabled = !ready;
   el.newObject.disabled = !ready;
   el.deleteObject.disabled = !ready || (current().objects.length === 1 && isEmptyState());
   const canClassify =

@@ -50,6 +50,7 @@ export async function segmentPending() {
     for (const rec of recs) rec.pendingRequest = false;
     changePending(-1);
     if (generation === image.generation) renderAll();
+    else segmentPending(); // the shown image changed: its own objects may still need answers
   }
 }
 
