@@ -100,13 +100,14 @@ subsample_option = click.option(
     "--train-subset",
     default=None,
     type=click.IntRange(min=1),
-    help="Train on a seeded random subset of N images.",
+    help="Train on a seeded random subset of N images (of each dataset, with several --data).",
 )
 @click.option(
     "--test-subset",
     default=None,
     type=click.IntRange(min=1),
-    help="Evaluate on a seeded random subset of N test images.",
+    help="Evaluate on a seeded random subset of N test images (of each dataset, with several "
+    "--data).",
 )
 @click.option(
     "--resume/--no-resume",
