@@ -18,7 +18,7 @@ CPU (what bench/results/harden_fmnist_cpu records)::
 
     .venv/bin/python bench/harden_fmnist.py \
         --pack runs/quickstart/visual-prompt/prompt.safetensors --train-size 2000 \
-        --test-size 500 --epochs 3 --patch-steps 10 --attack-epochs 2 \
+        --test-size 10000 --epochs 3 --patch-steps 10 --attack-epochs 2 \
         --out bench/results/harden_fmnist_cpu
 """
 
