@@ -100,6 +100,15 @@ class Placement:
             self.brightness.to(device),
         )
 
+    def repeat(self, index: int, count: int) -> Placement:
+        """Placement ``index`` (e.g. one grid position), repeated for ``count`` images."""
+        return Placement(
+            self.center[index : index + 1].expand(count, 2),
+            self.side[index : index + 1].expand(count),
+            self.angle[index : index + 1].expand(count),
+            self.brightness[index : index + 1].expand(count),
+        )
+
 
 def nominal_side(
     area: float | torch.Tensor, height: int, width: int, shape: PatchShape

@@ -18,7 +18,7 @@ success when any position succeeds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -120,6 +120,36 @@ class RobustReport:
         return result
 
 
+def check_patch_fits(patch_file: PatchFile, victim: Victim) -> None:
+    """Refuse a patch made for other classes than the victim's, naming both."""
+    if list(patch_file.classnames) != list(victim.classnames):
+        raise ConfigError(
+            f"the patch was made for {len(patch_file.classnames)} classes "
+            f"({', '.join(patch_file.classnames[:5])} …) and the victim has "
+            f"{len(victim.classnames)} ({', '.join(victim.classnames[:5])} …)"
+        )
+
+
+def patched_views(
+    images: torch.Tensor,
+    patch_file: PatchFile,
+    config: RobustConfig,
+    generator: torch.Generator,
+) -> Iterator[tuple[Literal["random", "grid"], torch.Tensor]]:
+    """One batch under the patch, as robust accuracy scores it: ``config.placements`` random
+    placements drawn from ``generator`` in turn, then every position of the grid. Anything
+    that scores the same views (a defence's evaluation) sees the very same patched images."""
+    b, _, h, w = images.shape
+    patch = patch_file.patch.to(images.device)
+    transform, s = patch_file.transform, patch.shape[-1]
+    for _ in range(config.placements):
+        where = sample_placements(b, h, w, transform, patch_pixels=s, generator=generator)
+        yield "random", apply_patch(images, patch, where.to(images.device), transform.shape)
+    grid = grid_placements(h, w, transform, patch_pixels=s, grid=config.grid).to(images.device)
+    for g in range(len(grid)):
+        yield "grid", apply_patch(images, patch, grid.repeat(g, b), transform.shape)
+
+
 @torch.no_grad()
 def robust_accuracy(
     victim: Victim,
@@ -133,16 +163,8 @@ def robust_accuracy(
     cfg = config or RobustConfig()
     if len(test) == 0:
         raise DatasetError("the test split is empty")
-    if list(patch_file.classnames) != list(victim.classnames):
-        raise ConfigError(
-            f"the patch was made for {len(patch_file.classnames)} classes "
-            f"({', '.join(patch_file.classnames[:5])} …) and the victim has "
-            f"{len(victim.classnames)} ({', '.join(victim.classnames[:5])} …)"
-        )
+    check_patch_fits(patch_file, victim)
     device = victim.device
-    patch = patch_file.patch.to(device)
-    shape = patch_file.transform.shape
-    s = patch.shape[-1]
     generator = torch.Generator().manual_seed(cfg.seed)
     labels_all, clean_all, random_all, grid_all = [], [], [], []
     shown: dict[str, list[torch.Tensor]] = {"clean": [], "patched": []}
@@ -159,22 +181,16 @@ def robust_accuracy(
     for images, labels in iter_batches(
         test, victim.pixel_transform, batch_size=cfg.batch_size, device=device
     ):
-        b, _, h, w = images.shape
-        grid = grid_placements(h, w, patch_file.transform, patch_pixels=s, grid=cfg.grid).to(device)
+        b = len(images)
         clean = victim(images).argmax(dim=1).cpu()
-        random_preds, first = [], images
-        for k in range(cfg.placements):
-            where = sample_placements(
-                b, h, w, patch_file.transform, patch_pixels=s, generator=generator
-            )
-            patched = apply_patch(images, patch, where.to(device), shape)
-            random_preds.append(victim(patched).argmax(dim=1).cpu())
-            if k == 0:
+        random_preds: list[torch.Tensor] = []
+        grid_preds: list[torch.Tensor] = []
+        first = images
+        for kind, patched in patched_views(images, patch_file, cfg, generator):
+            if kind == "random" and not random_preds:
                 first = patched
-        grid_preds = []
-        for g in range(len(grid)):
-            one = _select(grid, g, b)
-            grid_preds.append(victim(apply_patch(images, patch, one, shape)).argmax(dim=1).cpu())
+            preds = random_preds if kind == "random" else grid_preds
+            preds.append(victim(patched).argmax(dim=1).cpu())
         take = max(0, cfg.examples - len(shown["clean"]))
         for i in range(min(take, b)):
             shown["clean"].append(images[i].cpu())
@@ -205,18 +221,6 @@ def robust_accuracy(
         grid=cfg.grid,
         examples={k: torch.stack(v) for k, v in shown.items() if v},
         captions=clean_captions + captions,
-    )
-
-
-def _select(grid: Any, g: int, b: int) -> Any:
-    """Placement ``g`` of a grid, repeated for ``b`` images."""
-    from vprompt.attack.eot import Placement
-
-    return Placement(
-        grid.center[g : g + 1].expand(b, 2),
-        grid.side[g : g + 1].expand(b),
-        grid.angle[g : g + 1].expand(b),
-        grid.brightness[g : g + 1].expand(b),
     )
 
 

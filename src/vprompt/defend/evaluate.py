@@ -26,20 +26,16 @@ from tqdm.auto import tqdm
 from vprompt.attack.eot import (
     MAX_AREA,
     PatchTransformConfig,
-    Placement,
-    apply_patch,
-    grid_placements,
     half_extent,
     nominal_side,
-    sample_placements,
 )
 from vprompt.attack.patch_file import PatchFile
-from vprompt.attack.robust import RobustConfig
+from vprompt.attack.robust import RobustConfig, check_patch_fits, patched_views
 from vprompt.attack.universal import iter_batches
 from vprompt.attack.victim import Victim
 from vprompt.data.dataset import ClassificationDataset, DataSplits
 from vprompt.defend.base import Defense
-from vprompt.errors import ConfigError, DatasetError
+from vprompt.errors import DatasetError
 from vprompt.utils import jsonio
 
 
@@ -97,16 +93,6 @@ def covering_fraction(
     return min(1.0, extent * extent / (height * width))
 
 
-def _select(grid: Placement, g: int, b: int) -> Placement:
-    """Placement ``g`` of a grid, repeated for ``b`` images."""
-    return Placement(
-        grid.center[g : g + 1].expand(b, 2),
-        grid.side[g : g + 1].expand(b),
-        grid.angle[g : g + 1].expand(b),
-        grid.brightness[g : g + 1].expand(b),
-    )
-
-
 def _plain(victim: Victim, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return victim(images).argmax(dim=1).cpu()
@@ -126,12 +112,8 @@ def defense_accuracy(
     cfg = config or RobustConfig()
     if len(test) == 0:
         raise DatasetError("the test split is empty")
-    if patch_file is not None and list(patch_file.classnames) != list(victim.classnames):
-        raise ConfigError(
-            f"the patch was made for {len(patch_file.classnames)} classes "
-            f"({', '.join(patch_file.classnames[:5])} …) and the victim has "
-            f"{len(victim.classnames)} ({', '.join(victim.classnames[:5])} …)"
-        )
+    if patch_file is not None:
+        check_patch_fits(patch_file, victim)
     device = victim.device
     generator = torch.Generator().manual_seed(cfg.seed)
     rows: dict[str, list[torch.Tensor]] = {}
@@ -204,27 +186,14 @@ def _patched(
     generator: torch.Generator,
     keep: Any,
 ) -> None:
-    """One batch under the patch: random placements (drawn in ``robust_accuracy``'s order)
-    then grid positions, each scored without and with the defence."""
-    b, _, h, w = images.shape
-    patch = patch_file.patch.to(images.device)
-    transform, s = patch_file.transform, patch.shape[-1]
-    plain, defended = [], []
-    for _ in range(cfg.placements):
-        where = sample_placements(b, h, w, transform, patch_pixels=s, generator=generator)
-        patched = apply_patch(images, patch, where.to(images.device), transform.shape)
-        plain.append(_plain(victim, patched))
-        defended.append(defense(patched).prediction)
-    keep("random", torch.stack(plain, dim=1))
-    keep("random_defended", torch.stack(defended, dim=1))
-    grid = grid_placements(h, w, transform, patch_pixels=s, grid=cfg.grid).to(images.device)
-    plain, defended = [], []
-    for g in range(len(grid)):
-        patched = apply_patch(images, patch, _select(grid, g, b), transform.shape)
-        plain.append(_plain(victim, patched))
-        defended.append(defense(patched).prediction)
-    keep("grid", torch.stack(plain, dim=1))
-    keep("grid_defended", torch.stack(defended, dim=1))
+    """One batch under the patch (``robust_accuracy``'s views, in its order), each view
+    scored without and with the defence."""
+    found: dict[str, list[torch.Tensor]] = {}
+    for kind, patched in patched_views(images, patch_file, cfg, generator):
+        found.setdefault(kind, []).append(_plain(victim, patched))
+        found.setdefault(f"{kind}_defended", []).append(defense(patched).prediction)
+    for key in ("random", "random_defended", "grid", "grid_defended"):
+        keep(key, torch.stack(found[key], dim=1))
 
 
 def evaluate_defense_on(
