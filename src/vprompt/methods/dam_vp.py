@@ -50,11 +50,13 @@ from vprompt.errors import ConfigError, PackError
 from vprompt.methods.base import Capabilities, MethodData, MethodExample, MethodOutput, PromptMethod
 from vprompt.methods.config import OptimConfig
 from vprompt.methods.feature_clusters import (
+    MAX_ACTIVE_SAMPLES,
     MAX_CLUSTER_SAMPLES,
     MAX_CLUSTERS,
     active_neurons,
     average_linkage,
     cluster_prototypes,
+    most_active,
     nearest_prototype,
     sample_features,
 )
@@ -147,10 +149,6 @@ class DamVPConfig:
             "auto", "text", "random", "frequency", "iterative", "linear", "active"
         ):  # fmt: skip
             raise ConfigError(f"unknown mapping {self.mapping!r}")
-        if not _is_int(self.active_samples) or not 2 <= self.active_samples <= 8192:
-            raise ConfigError(
-                f"active_samples must be an integer in [2, 8192], got {self.active_samples!r}"
-            )
 
 
 def check_cluster_fields(cfg: Any) -> None:
@@ -192,6 +190,11 @@ def check_cluster_fields(cfg: Any) -> None:
         raise ConfigError(f"prompt_init must be normal or zeros, got {cfg.prompt_init!r}")
     if not cfg.templates or not all(isinstance(t, str) and "{}" in t for t in cfg.templates):
         raise ConfigError(f"templates must be strings with a {{}}: {cfg.templates!r}")
+    if not _is_int(cfg.active_samples) or not 2 <= cfg.active_samples <= MAX_ACTIVE_SAMPLES:
+        raise ConfigError(
+            f"active_samples must be an integer in [2, {MAX_ACTIVE_SAMPLES}], got "
+            f"{cfg.active_samples!r}"
+        )
     if not _is_int(cfg.seed):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
 
@@ -352,12 +355,7 @@ class DamVP(PromptMethod):
                 seed=self.config.seed,
                 device=device,
             )
-            if len(self.classnames) > len(order):
-                raise ConfigError(
-                    f"mapping=active reads one feature per class: {len(self.classnames)} classes, "
-                    f"{len(order)} features"
-                )
-            self.readout_index.copy_(order[: len(self.classnames)].sort().values)
+            self.readout_index.copy_(most_active(order, len(self.classnames), "the data"))
         mapping = self.mapping
         if mapping is not None and mapping.kind == "frequency" and mapping.needs_update(0):
             self._remap(data)

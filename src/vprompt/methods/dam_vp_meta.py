@@ -81,14 +81,13 @@ from vprompt.methods.dam_vp import _is_int, check_cluster_fields, pad_mask, reso
 from vprompt.methods.feature_clusters import (
     active_neurons,
     cluster_prototypes,
+    most_active,
     nearest_prototype,
     sample_features,
 )
 from vprompt.methods.registry import register_method
 
 Readout = Literal["auto", "active", "text"]
-MAX_ACTIVE_SAMPLES = 8192
-"""Most noise images the active-neuron ranking averages over."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +149,6 @@ class DamVPMetaConfig:
         check_cluster_fields(self)
         if self.readout not in ("auto", "active", "text"):
             raise ConfigError(f"readout must be auto, active or text, got {self.readout!r}")
-        if not _is_int(self.active_samples) or not 2 <= self.active_samples <= MAX_ACTIVE_SAMPLES:
-            raise ConfigError(
-                f"active_samples must be an integer in [2, {MAX_ACTIVE_SAMPLES}], got "
-                f"{self.active_samples!r}"
-            )
         if not _is_int(self.inner_steps) or self.inner_steps < 1:
             raise ConfigError(f"inner_steps must be a positive integer, got {self.inner_steps!r}")
         step = self.meta_step_size
@@ -391,12 +385,7 @@ class DamVPMeta(PromptMethod):
             device=self._device(),
         )
         for task, (lo, hi) in zip(tasks, self._task_spans, strict=True):
-            if len(task.classnames) > len(order):
-                raise ConfigError(
-                    f"dam-vp-meta: {task.name} has {len(task.classnames)} classes, more than the "
-                    f"{len(order)} features the active read-out picks from"
-                )
-            self.readout_index[lo:hi] = order[: len(task.classnames)].sort().values
+            self.readout_index[lo:hi] = most_active(order, len(task.classnames), task.name)
 
     def _cluster_features(self, images: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
         """What clustering and routing compare: pooled features, or CLIP's task logits."""

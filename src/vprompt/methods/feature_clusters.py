@@ -18,6 +18,8 @@ MAX_CLUSTER_SAMPLES = 5000
 """Most training images clustered (the distance matrix is N x N)."""
 MAX_CLUSTERS = 256
 """Most clusters (each holds a 3 x canvas² prompt)."""
+MAX_ACTIVE_SAMPLES = 8192
+"""Most noise images the active-neuron ranking averages over."""
 
 
 def average_linkage(
@@ -131,3 +133,14 @@ def active_neurons(
             outs.append(features(noise).float().cpu())
     spread = torch.cat(outs).std(dim=0, unbiased=False)
     return spread.argsort(descending=True, stable=True)
+
+
+def most_active(order: torch.Tensor, count: int, what: str) -> torch.Tensor:
+    """The ``count`` most active feature indices of ``order`` (:func:`active_neurons`), in
+    increasing index order (the reference's ``torch.unique``): one class each for ``what``."""
+    if count > len(order):
+        raise ConfigError(
+            f"{what} has {count} classes, more than the {len(order)} features the active "
+            "read-out picks from"
+        )
+    return order[:count].sort().values
