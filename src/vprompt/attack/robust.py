@@ -235,12 +235,9 @@ def evaluate_patch_on(
 ) -> RobustReport:
     """:func:`robust_accuracy` on ``splits.test`` (a seeded subset of ``test_subset`` images
     when given); the training and validation splits are never read."""
-    from vprompt.data.dataset import Subset
+    from vprompt.engine.experiment import random_subset
 
-    test = splits.test
-    if test_subset is not None and test_subset < len(test):
-        gen = torch.Generator().manual_seed((config or RobustConfig()).seed)
-        test = Subset(test, sorted(torch.randperm(len(test), generator=gen)[:test_subset].tolist()))
+    test = random_subset(splits.test, test_subset, (config or RobustConfig()).seed)
     return robust_accuracy(victim, patch_file, test, config, progress=progress)
 
 

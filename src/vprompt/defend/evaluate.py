@@ -209,10 +209,7 @@ def evaluate_defense_on(
     """:func:`defense_accuracy` on ``splits.test`` (the seeded subset of ``test_subset``
     images that ``vprompt attack eval`` picks, when given); the training and validation
     splits are never read."""
-    from vprompt.data.dataset import Subset
+    from vprompt.engine.experiment import random_subset
 
-    test = splits.test
-    if test_subset is not None and test_subset < len(test):
-        gen = torch.Generator().manual_seed((config or RobustConfig()).seed)
-        test = Subset(test, sorted(torch.randperm(len(test), generator=gen)[:test_subset].tolist()))
+    test = random_subset(splits.test, test_subset, (config or RobustConfig()).seed)
     return defense_accuracy(victim, defense, test, patch_file, config, progress=progress)
