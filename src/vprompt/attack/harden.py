@@ -63,9 +63,9 @@ from vprompt.attack.eot import PatchTransformConfig, apply_patch, sample_placeme
 from vprompt.attack.universal import (
     PatchOptimizer,
     PatchTrainConfig,
-    attack_objective,
     iter_batches,
     patch_pixels_for,
+    patch_step,
 )
 from vprompt.attack.victim import Victim, victim_from_method
 from vprompt.data.dataset import ClassificationDataset
@@ -269,7 +269,6 @@ def adapt_patch(
     device = victim.device
     p = patch.detach().clone().to(device).requires_grad_(True)
     adam = torch.optim.Adam([p], lr=config.step_size) if config.optimizer == "adam" else None
-    s = int(p.shape[-1])
     total, fooled, seen, done = 0.0, 0, 0, 0
     with frozen(victim):
         victim.eval()
@@ -282,24 +281,12 @@ def adapt_patch(
                 if done >= steps:
                     break
                 labels = labels.to(device)
-                b, _, h, w = images.shape
-                where = sample_placements(
-                    b, h, w, config.transform, patch_pixels=s, generator=placements
-                ).to(device)
-                logits = victim(apply_patch(images, p, where, config.transform.shape))
-                loss = attack_objective(logits, labels, None)
-                if adam is not None:
-                    adam.zero_grad(set_to_none=True)
-                    loss.backward()
-                    adam.step()
-                else:
-                    (grad,) = torch.autograd.grad(loss, p)
-                    with torch.no_grad():
-                        p -= config.step_size * grad.sign()
-                with torch.no_grad():
-                    p.clamp_(0, 1)
-                total += float(loss.detach()) * b
-                fooled += int((logits.detach().argmax(dim=1) != labels).sum())
+                b = len(images)
+                loss, hit = patch_step(
+                    victim, p, images, labels, config, adam, placements, target=None
+                )
+                total += float(loss) * b
+                fooled += int(hit.sum())
                 seen += b
                 done += 1
     stats: dict[str, float | None] = {

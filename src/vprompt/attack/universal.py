@@ -145,6 +145,46 @@ def attack_objective(
     return F.cross_entropy(logits, torch.full_like(labels, target))
 
 
+def patch_step(
+    victim: Victim,
+    patch: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: PatchTrainConfig,
+    adam: torch.optim.Optimizer | None,
+    placements: torch.Generator,
+    *,
+    target: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of the leaf ``patch`` on a batch: the patch pasted at EOT placements drawn
+    from ``placements``, the attack objective, an ``adam`` step (or a signed step of
+    ``config.step_size``), then clipped to [0, 1].
+
+    Returns:
+        The objective (detached) and, per image, whether the attack hit (untargeted: a wrong
+        prediction; targeted: the target).
+    """
+    b, _, h, w = images.shape
+    where = sample_placements(
+        b, h, w, config.transform, patch_pixels=int(patch.shape[-1]), generator=placements
+    ).to(images.device)
+    logits = victim(apply_patch(images, patch, where, config.transform.shape))
+    loss = attack_objective(logits, labels, target)
+    if adam is not None:
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+    else:
+        (grad,) = torch.autograd.grad(loss, patch)
+        with torch.no_grad():
+            patch -= config.step_size * grad.sign()
+    with torch.no_grad():
+        patch.clamp_(0, 1)
+        pred = logits.argmax(dim=1)
+        hit = pred != labels if target is None else pred == target
+    return loss.detach(), hit
+
+
 def train_patch(
     victim: Victim,
     train: ClassificationDataset,
@@ -189,28 +229,14 @@ def train_patch(
         )  # fmt: skip
         for images, labels in batches:
             labels = labels.to(device)
-            where = sample_placements(
-                len(images), h, w, config.transform, patch_pixels=s, generator=placements
-            ).to(device)
-            logits = victim(apply_patch(images, patch, where, config.transform.shape))
-            loss = attack_objective(logits, labels, config.target)
-            if adam is not None:
-                adam.zero_grad(set_to_none=True)
-                loss.backward()
-                adam.step()
-            else:
-                (grad,) = torch.autograd.grad(loss, patch)
-                with torch.no_grad():
-                    patch -= config.step_size * grad.sign()
-            with torch.no_grad():
-                patch.clamp_(0, 1)
-                pred = logits.argmax(dim=1)
-                hit = pred != labels if config.target is None else pred == config.target
-            total += float(loss.detach()) * len(images)
+            loss, hit = patch_step(
+                victim, patch, images, labels, config, adam, placements, target=config.target
+            )
+            total += float(loss) * len(images)
             fooled += int(hit.sum())
             seen += len(images)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(loss):.3f}")
         history.append(
             {"epoch": float(epoch + 1), "objective": total / seen, "train_fooled": fooled / seen}
         )
