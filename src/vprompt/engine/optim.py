@@ -57,11 +57,19 @@ def build_optimizer(params: Sequence[Any], optim: OptimConfig) -> torch.optim.Op
         )
     if optim.optimizer == "adam":
         return torch.optim.Adam(
-            torch_groups, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay
+            torch_groups,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
         )
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(
-            torch_groups, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay
+            torch_groups,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
         )
     raise ConfigError(f"unknown optimizer {optim.optimizer!r}; expected sgd, adam or adamw")
 

@@ -356,7 +356,9 @@ def _prompt_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.o
             params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
         )
     kind = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
-    return kind(params, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay)
+    return kind(
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
 
 
 def _gather(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:

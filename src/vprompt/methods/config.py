@@ -39,6 +39,8 @@ class OptimConfig:
         step_unit: ``iteration`` (rate updated every step) or ``epoch`` (Dassl's schedule).
         eps: Adam's / AdamW's epsilon.
         drop_last: Skip each epoch's last partial batch when a full one exists.
+        betas: Adam's / AdamW's moment coefficients (torch's default; AnomalyCLIP trains with
+            (0.5, 0.999)).
     """
 
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -54,8 +56,15 @@ class OptimConfig:
     step_unit: Literal["iteration", "epoch"] = "iteration"
     eps: float = 1e-8
     drop_last: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
         if self.warmup_type not in ("linear", "constant"):
             raise ConfigError(f"optim.warmup_type must be linear or constant: {self.warmup_type!r}")
         if self.step_unit not in ("iteration", "epoch"):

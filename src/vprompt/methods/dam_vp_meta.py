@@ -346,7 +346,9 @@ class DamVPMeta(PromptMethod):
             fast = theta.expand(len(proto) if proto is not None else 1, -1, -1, -1).clone()
             fast.requires_grad_(True)
             optim = self.config.optim
-            opt = torch.optim.Adam([fast], lr=lr, weight_decay=optim.weight_decay, eps=optim.eps)
+            opt = torch.optim.Adam(
+                [fast], lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
+            )
             with torch.enable_grad():
                 for _ in range(self.config.inner_steps):
                     loss = F.cross_entropy(
