@@ -170,6 +170,11 @@ class ClipBackbone(nn.Module):
         """B x L x D after the last block → B x D_embed, equal to :meth:`encode_image`."""
         return clip_vision.pool_tokens(self.model.visual, self._require_vit(), tokens)
 
+    def project_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B x L x D tokens → B x L x E joint-space features: the final norm and projection
+        applied to every token, so patch tokens compare with text features."""
+        return clip_vision.project_tokens(self.model.visual, self._require_vit(), tokens)
+
     def _require_vit(self) -> clip_vision.VisionLayout:
         if self._vision_layout is None:
             visual = self.model.visual

@@ -112,6 +112,16 @@ def pool_tokens(visual: Any, layout: VisionLayout, tokens: torch.Tensor) -> torc
     return pooled
 
 
+def project_tokens(visual: Any, layout: VisionLayout, tokens: torch.Tensor) -> torch.Tensor:
+    """B x L x D tokens (from any block) → B x L x E in the joint space: the final norm and
+    projection the pooled token gets, applied to every token (the anomaly references' patch
+    features: WinCLIP, AnomalyCLIP)."""
+    if layout == "timm-trunk-vit":
+        return visual.head(visual.trunk.norm(tokens))
+    x = visual.ln_post(tokens)
+    return x @ visual.proj if visual.proj is not None else x
+
+
 def _pool(visual: Any, x: torch.Tensor) -> torch.Tensor:
     # open_clip VisionTransformer._pool (pooled output only).
     if getattr(visual, "attn_pool", None) is not None:

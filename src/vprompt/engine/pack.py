@@ -311,18 +311,19 @@ def _metadata_fields(path: Path, info: dict[str, Any]) -> dict[str, Any]:
 _JSON_KIND: dict[type, str] = {dict: "JSON object", list: "JSON list", str: "string"}
 
 
-def _pack_backbone(
-    pack: PromptPack,
+def pack_backbone(
+    ref: BackboneRef,
+    where: str,
     weights: str | None,
     device: str | torch.device | None,
     allow_download: bool,
 ) -> FrozenModel:
-    """The pack's backbone. A weight source the pack names that is neither ``none`` nor a
-    path on this machine (a tag, a hub repo) loads only from this machine's caches."""
+    """The backbone an artifact (``where``: its file, for messages) names. A weight source it
+    names that is neither ``none`` nor a path on this machine (a tag, a hub repo) loads only
+    from this machine's caches unless ``weights`` or ``allow_download`` say otherwise."""
     from vprompt.backbones.downloads import needed_a_download, no_downloads
 
-    where = pack.source or "prompt pack"
-    name, named = pack.backbone.name, pack.backbone.weights
+    name, named = ref.name, ref.weights
     local = named == "none" or Path(named).expanduser().exists()
     if weights is not None or allow_download or local:
         try:
@@ -405,7 +406,9 @@ def build_from_pack(
             preprocessing differ from the pack's.
     """
     if backbone is None:
-        backbone = _pack_backbone(pack, weights, device, allow_download)
+        backbone = pack_backbone(
+            pack.backbone, pack.source or "prompt pack", weights, device, allow_download
+        )
     if backbone.name != pack.backbone.name:
         raise PackError(f"pack was made for backbone {pack.backbone.name!r}, got {backbone.name!r}")
     fp = backbone.fingerprint()
