@@ -11,7 +11,10 @@
 * :mod:`~vprompt.anomaly.find_similar`: "circle a defect, find all similar".
 """
 
-from vprompt.anomaly import patch_memory  # noqa: F401  (registers the method)
+from vprompt.anomaly import (  # noqa: F401  (registers the methods)
+    patch_memory,
+    winclip,
+)
 from vprompt.anomaly.base import (
     ANOMALY_METHODS,
     AnomalyCapabilities,
