@@ -12,6 +12,7 @@
 """
 
 from vprompt.anomaly import (  # noqa: F401  (registers the methods)
+    anomalyclip,
     patch_memory,
     winclip,
 )
