@@ -13,6 +13,7 @@
 
 from vprompt.anomaly import (  # noqa: F401  (registers the methods)
     anomalyclip,
+    bayes_pfl,
     patch_memory,
     winclip,
 )
