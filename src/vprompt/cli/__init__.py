@@ -4,6 +4,7 @@ Importing this package registers every command on :func:`main`.
 """
 
 from vprompt.cli import (  # noqa: F401  (registers)
+    anomaly,
     attack,
     classify,
     data,
