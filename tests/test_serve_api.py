@@ -145,9 +145,11 @@ def test_health_models_and_openapi(client: TestClient, image_id: str) -> None:
         },
         "classifier": {"name": "clip:tiny", "weights": "none"},
         "packs": ["flowers"],
+        # Named at start-up, loaded by the first /api/find-similar (tests/test_serve_inspect.py).
+        "inspector": {"name": "torchvision:mobilenet_v2", "weights": "default", "loaded": False},
     }
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("health", "models", "images", "images/{image_id}", "classify"):
+    for path in ("health", "models", "images", "images/{image_id}", "classify", "find-similar"):
         assert f"/api/{path}" in paths, path
     for path in ("segment", "automatic"):
         assert f"/api/images/{{image_id}}/{path}" in paths, path

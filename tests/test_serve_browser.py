@@ -105,6 +105,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         sys.executable, "-m", "vprompt", "serve",
         "--model", "sam:tiny", "--weights", "none", "--device", "cpu",
         "--classifier", "clip:tiny", "--classifier-weights", "none",
+        "--inspect-model", "torchvision:tiny", "--inspect-weights", "none", "--inspect-size", "128",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log_path.open("wb") as log:
@@ -868,3 +869,70 @@ def test_image_queue_session_save_restore_yolo_and_voc(page, tmp_path: Path):
     assert not _alert_text(page)
     page.keyboard.press("Control+z")
     assert page.evaluate("window.vprompt.objects()")[0]["area"] == b_object["area"]
+
+
+def test_inspect_marks_a_defect_and_finds_it_in_the_other_image(page, tmp_path: Path):
+    """Two images with the same magenta blob (grey noise around it): mark it on the first,
+    find similar, and the region is drawn on the second image's thumbnail, on the blob."""
+    rng = np.random.default_rng(0)
+    w, h, side = 128, 96, 32
+    paths = []
+    for name, (bx, by) in (("example.png", (12, 12)), ("target.png", (80, 50))):
+        pixels = (128 + rng.normal(0, 8, (h, w, 3))).clip(0, 255)
+        pixels[by : by + side, bx : bx + side] = (230, 30, 200)
+        paths.append(tmp_path / name)
+        Image.fromarray(pixels.astype(np.uint8)).save(paths[-1])
+    page.set_input_files("[data-testid=file-input]", [str(p) for p in paths])
+    page.wait_for_function("window.vprompt.queue.length === 2")
+    page.wait_for_function(IDLE)
+    assert page.evaluate("window.vprompt.queue.index") == 0
+
+    page.click("[data-testid=tool-inspect]")
+    assert page.get_attribute("[data-testid=tool-inspect]", "aria-pressed") == "true"
+    box = _canvas_box(page)
+    k = box["width"] / w  # screen px per image px
+    x0, y0 = box["x"] + 10 * k, box["y"] + 10 * k
+    x1, y1 = box["x"] + 46 * k, box["y"] + 46 * k
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+    # A mark is not a prompt: no object, no segment request.
+    assert page.evaluate("window.vprompt.prompts()") in ([], [{}])
+    assert page.is_enabled("[data-testid=clear-marks]")
+
+    page.fill("[data-testid=inspect-threshold]", "0.1")
+    page.click("[data-testid=find-similar]")
+    page.wait_for_function("window.vprompt.inspect() !== null")
+    page.wait_for_function(IDLE)
+    assert not _alert_text(page)
+    found = page.evaluate("window.vprompt.inspect()")
+    assert found["example"] == "example.png"
+    top = found["regions"][0]
+    assert top["name"] == "target.png"
+    bx0, by0, bx1, by1 = top["box"]
+    assert 74 <= bx0 < bx1 <= 118, top["box"]
+    assert 44 <= by0 < by1 <= 88, top["box"]
+    assert "target.png" in page.inner_text("[data-testid=inspect-results]")
+    thumb = page.locator("[data-testid=inspect-thumb]")
+    assert thumb.count() == 1
+    assert int(thumb.get_attribute("data-regions") or 0) >= 1
+    # The region's orange overlay is on the thumbnail, over the blob.
+    orange = page.evaluate(
+        """([cx, cy]) => {
+          const c = document.querySelector('[data-testid=inspect-thumb]');
+          const s = c.width / 128;
+          const ctx = c.getContext('2d');
+          const d = ctx.getImageData(Math.round(cx * s), Math.round(cy * s), 1, 1).data;
+          return [d[0], d[1], d[2]];
+        }""",
+        [(bx0 + bx1) / 2, (by0 + by1) / 2],
+    )
+    assert orange[1] > 60, orange  # magenta (230, 30, 200) blended with orange gains green
+    page.check("[data-testid=inspect-heatmap]")
+    page.wait_for_function(IDLE)
+    _screenshot(page, tmp_path, "inspect.png")
+
+    # Clicking the result opens the target image.
+    page.click("[data-testid=inspect-results] button")
+    page.wait_for_function("window.vprompt.queue.index === 1")

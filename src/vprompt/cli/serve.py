@@ -47,6 +47,26 @@ def _is_loopback(host: str) -> bool:
     metavar="NAME=PATH",
     help="A prompt pack clients may use by NAME (repeatable).",
 )
+@click.option(
+    "--inspect-model",
+    default="torchvision:mobilenet_v2",
+    show_default=True,
+    help="Frozen backbone of the inspect mode (/api/find-similar), loaded on first use.",
+)
+@click.option("--inspect-weights", default=None, help="Weight source of --inspect-model.")
+@click.option(
+    "--inspect-size",
+    default=None,
+    type=click.IntRange(32, 1024),
+    help="Frame side inspect embeds images at (default: the backbone's input size).",
+)
+@click.option(
+    "--max-inspect-targets",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Target images one /api/find-similar request may search.",
+)
 @device_option
 @precision_option
 @click.option(
@@ -128,6 +148,10 @@ def serve_cmd(
     classifier: str | None,
     classifier_weights: str | None,
     packs: tuple[str, ...],
+    inspect_model: str,
+    inspect_weights: str | None,
+    inspect_size: int | None,
+    max_inspect_targets: int,
     device: str,
     precision: str,
     max_upload_mb: float,
@@ -176,6 +200,10 @@ def serve_cmd(
         allowed_hosts=(*default_allowed_hosts(host), *allowed_hosts),
         max_automatic_prompts=max_automatic_prompts,
         allow_pack_downloads=allow_download,
+        inspect_model=inspect_model,
+        inspect_weights=inspect_weights,
+        inspect_image_size=inspect_size,
+        max_inspect_targets=max_inspect_targets,
     )
     click.echo(f"vprompt: loading {model} …", err=True)
     app = create_app(settings)

@@ -19,12 +19,15 @@ from vprompt.errors import ConfigError, PromptError
 from vprompt.segment.automatic import AutomaticMaskConfig, GenerationStopped
 from vprompt.serve.classify import predict_image
 from vprompt.serve.errors import ApiError
+from vprompt.serve.inspection import found_regions, heatmap_rows, marked_region
 from vprompt.serve.runner import ThreadSlots, in_thread
 from vprompt.serve.schemas import (
     AutomaticRequest,
     AutomaticResponse,
     ClassifyResponse,
     ErrorResponse,
+    FindSimilarRequest,
+    FindSimilarResponse,
     Health,
     ImageInfo,
     ModelsInfo,
@@ -38,6 +41,7 @@ from vprompt.serve.segment_ops import (
     segmented_objects,
 )
 from vprompt.serve.service import Service
+from vprompt.serve.store import StoredImage
 from vprompt.serve.uploads import decode_upload
 
 _DISCONNECT_POLL_S = 0.2
@@ -222,5 +226,67 @@ def build_router(service: Service) -> APIRouter:
             "predictions": [{"label": p.label, "score": round(p.score, 6)} for p in predictions],
             "source": source,
         }
+
+    def _named(field: str, image_id: str) -> StoredImage:
+        try:
+            return store.get(image_id)
+        except ApiError as exc:
+            raise ApiError(exc.status_code, exc.code, f"{field}: {exc.message}") from None
+
+    @router.post("/find-similar", response_model=FindSimilarResponse)
+    async def find_similar(body: FindSimilarRequest) -> dict[str, Any]:
+        """Inspect mode: regions like the one marked on ``image_id`` in the target images,
+        ranked over all of them, with one heat map per target."""
+        example = _named("image_id", body.image_id)
+        if body.targets is None:
+            ids = [i for i in store.ids() if i != body.image_id]
+            if not ids:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "targets: no other uploaded image to search (upload more images or list "
+                    "the targets)",
+                )
+        else:
+            ids = list(body.targets)
+            if not ids:
+                raise ApiError(422, "invalid_request", "targets: empty list (give image ids)")
+            seen: set[str] = set()
+            for i, image_id in enumerate(ids):
+                if image_id in seen:
+                    raise ApiError(
+                        422, "invalid_request", f"targets[{i}]: {image_id[:64]!r} is given twice"
+                    )
+                seen.add(image_id)
+        limit = settings.max_inspect_targets
+        if len(ids) > limit:
+            raise ApiError(
+                422,
+                "too_much_work",
+                f"targets: {len(ids)} images; this server searches at most {limit} per request",
+            )
+        targets = [_named(f"targets[{i}]", image_id) for i, image_id in enumerate(ids)]
+        region = await in_thread(
+            lambda: marked_region(body, example.size, max_parts=settings.max_objects)
+        )
+        result = await service.runner.run(
+            lambda: service.inspector.search(
+                example.image,
+                region,
+                [t.image for t in targets],
+                top_k=body.top_k,
+                threshold=body.threshold,
+            )
+        )
+
+        def encode() -> dict[str, Any]:
+            return {
+                "image_id": body.image_id,
+                "targets": ids,
+                "regions": found_regions(result, ids, body.format),
+                "heatmaps": heatmap_rows(result.heatmaps, ids) if body.heatmaps else [],
+            }
+
+        return await in_thread(encode)
 
     return router

@@ -44,10 +44,17 @@ class ClassifierInfo(BaseModel):
     weights: str
 
 
+class InspectorInfo(BaseModel):
+    name: str
+    weights: str = Field(description="the weight source, or 'default'")
+    loaded: bool = Field(description="whether the first inspect request has loaded it yet")
+
+
 class ModelsInfo(BaseModel):
     segmenter: SegmenterInfo
     classifier: ClassifierInfo | None
     packs: list[str]
+    inspector: InspectorInfo
 
 
 class ImageInfo(BaseModel):
@@ -167,3 +174,56 @@ class Label(BaseModel):
 class ClassifyResponse(BaseModel):
     predictions: list[Label]
     source: str
+
+
+class FindSimilarRequest(BaseModel):
+    """A marked region on one uploaded image (the union of its boxes, scribbles and mask) and
+    the uploaded images to search for regions like it."""
+
+    image_id: str = Field(description="the example image (already uploaded)")
+    boxes: list[tuple[float, float, float, float]] = Field(
+        default_factory=list, description="[[x0, y0, x1, y1], ...] around the defect"
+    )
+    scribbles: list[ScribbleIn] = Field(
+        default_factory=list, description="painted strokes; each pixel within width/2 counts"
+    )
+    mask: RleIn | None = Field(default=None, description="COCO RLE of the example's size")
+    targets: list[str] | None = Field(
+        default=None, description="image ids to search (default: every other uploaded image)"
+    )
+    top_k: int = Field(default=10, ge=1, le=100, description="regions returned, best first")
+    threshold: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="margin (nearest marked patch minus nearest unmarked patch, cosine) above "
+        "which a pixel belongs to a found region",
+    )
+    format: MaskFormat = "rle"
+    heatmaps: bool = Field(default=True, description="also return one heat map per target")
+
+
+class FoundRegionOut(BaseModel):
+    image_id: str
+    box: list[float] = Field(description="[x0, y0, x1, y1] in that image's pixels")
+    score: float = Field(description="peak margin inside the region")
+    area: int = Field(description="pixels in the region's mask")
+    mask: MaskData
+
+
+class HeatmapOut(BaseModel):
+    image_id: str
+    width: int = Field(description="the grid's width (the image's, scaled down)")
+    height: int
+    png: str = Field(
+        description="data:image/png;base64 grayscale map: 0 is `min`, 255 is `max` (margins)"
+    )
+    min: float
+    max: float
+
+
+class FindSimilarResponse(BaseModel):
+    image_id: str
+    targets: list[str]
+    regions: list[FoundRegionOut]
+    heatmaps: list[HeatmapOut]

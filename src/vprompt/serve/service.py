@@ -15,6 +15,7 @@ from vprompt.segment.automatic import AutomaticMaskConfig, AutomaticMaskGenerato
 from vprompt.segment.cache import EmbeddingCache
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, lone_click
 from vprompt.serve.classify import Classifiers
+from vprompt.serve.inspection import Inspector
 from vprompt.serve.runner import ModelRunner
 from vprompt.serve.settings import ServeSettings
 from vprompt.serve.store import ImageStore, StoredImage
@@ -29,6 +30,7 @@ class Service:
         settings: The configuration.
         segmenter: The promptable segmenter, with a memory-bounded embedding cache.
         classifiers: Zero-shot classifier and packs.
+        inspector: The defect-search backbone (loaded on the first inspect request).
         store: Uploaded images and their refinement logits.
         runner: The model lock.
     """
@@ -52,6 +54,12 @@ class Service:
             zeroshot_cache=settings.zeroshot_cache,
             allow_downloads=settings.allow_pack_downloads,
         )
+        self.inspector = Inspector(
+            model=settings.inspect_model,
+            weights=settings.inspect_weights,
+            device=settings.device,
+            image_size=settings.inspect_image_size,
+        )
         self.store = ImageStore(
             max_images=settings.max_images,
             max_bytes=settings.max_store_bytes,
@@ -71,6 +79,7 @@ class Service:
             },
             "classifier": self.classifiers.info(),
             "packs": sorted(self.classifiers.packs),
+            "inspector": self.inspector.info(),
         }
 
     def check_image(self, image: Image.Image) -> None:

@@ -62,6 +62,12 @@ class ServeSettings:
         max_automatic_crops: Image crops one ``/automatic`` request may encode.
         allow_pack_downloads: Let packs download the weights they name when those are not
             on this machine (off: a pack's weights load from local files and caches only).
+        inspect_model: Frozen backbone of ``/api/find-similar`` (any CNN or ViT), loaded on
+            the first inspect request and kept.
+        inspect_weights: Its weight source (None: the architecture's default).
+        inspect_image_size: Side of the frame the defect search embeds images at (None: the
+            backbone's own input size).
+        max_inspect_targets: Target images one ``/api/find-similar`` request may search.
     """
 
     model: str = "sam:vit-base"
@@ -88,6 +94,10 @@ class ServeSettings:
     max_automatic_prompts: int = 4096
     max_automatic_crops: int = 5
     allow_pack_downloads: bool = False
+    inspect_model: str = "torchvision:mobilenet_v2"
+    inspect_weights: str | None = None
+    inspect_image_size: int | None = None
+    max_inspect_targets: int = 32
 
     def __post_init__(self) -> None:
         for name in (
@@ -104,6 +114,7 @@ class ServeSettings:
             "max_concurrent_decodes",
             "max_automatic_prompts",
             "max_automatic_crops",
+            "max_inspect_targets",
         ):
             _positive_int(name, getattr(self, name))
         hosts = tuple(self.allowed_hosts)
@@ -118,6 +129,13 @@ class ServeSettings:
             raise ConfigError(
                 f"serve setting logits_per_image ({self.logits_per_image}) must be at least "
                 f"max_objects ({self.max_objects}), or one response's tokens would expire at once"
+            )
+        if self.inspect_image_size is not None and not (
+            isinstance(self.inspect_image_size, int) and 32 <= self.inspect_image_size <= 1024
+        ):
+            raise ConfigError(
+                "serve setting inspect_image_size: expected None or an int from 32 to 1024, "
+                f"got {self.inspect_image_size!r}"
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(

@@ -126,6 +126,12 @@ class ImageStore:
             self._images.move_to_end(image_id)
             return record
 
+    def ids(self) -> list[str]:
+        """Every kept image's id, least recently used first."""
+        with self._lock:
+            self._expire()
+            return list(self._images)
+
     def delete(self, image_id: str) -> None:
         """Forget the image (404 ``image_not_found`` when there is none)."""
         with self._lock:

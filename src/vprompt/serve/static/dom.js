@@ -59,6 +59,13 @@ export const el = {
   restoreInput: $("restore-input"),
   exportYolo: $("export-yolo"),
   exportVoc: $("export-voc"),
+  findSimilar: $("find-similar"),
+  clearMarks: $("clear-marks"),
+  inspectTopk: $("inspect-topk"),
+  inspectThreshold: $("inspect-threshold"),
+  inspectHeatmap: $("inspect-heatmap"),
+  inspectResults: $("inspect-results"),
+  inspectStrip: $("inspect-strip"),
 };
 
 export function setStatus(message) {

@@ -11,6 +11,7 @@ import { classify, loadModels, onPackChange } from "./classify.js";
 import { clearError, el } from "./dom.js";
 import { exportCoco, exportPng, exportVoc, exportYolo } from "./exporters.js";
 import { clearAll, deleteObject, newObject, redo, undo } from "./history.js";
+import { clearInspectBoxes, findSimilar, inspectSummary, renderInspect } from "./inspect.js";
 import { chooseLabelByIndex, wireLabels } from "./labels.js";
 import { updateControls } from "./render.js";
 import { current, displayed, image, labelName, lookOf, objectRequest, state } from "./state.js";
@@ -79,7 +80,7 @@ function onKeyDown(event) {
     chooseLabelByIndex(Number(key));
     return;
   }
-  const tools = { p: "positive", n: "negative", b: "box", s: "scribble", a: "paint", x: "erase" };
+  const tools = { p: "positive", n: "negative", b: "box", s: "scribble", a: "paint", x: "erase", i: "inspect" };
   if (tools[key] && !event.shiftKey) {
     event.preventDefault();
     setTool(tools[key]);
@@ -122,6 +123,9 @@ el.deleteObject.addEventListener("click", deleteObject);
 el.alertDismiss.addEventListener("click", clearError);
 el.classifyForm.addEventListener("submit", classify);
 el.classifyPack.addEventListener("change", onPackChange);
+el.findSimilar.addEventListener("click", findSimilar);
+el.clearMarks.addEventListener("click", clearInspectBoxes);
+el.inspectHeatmap.addEventListener("change", renderInspect);
 
 // Pan drags (viewport.js) come first; everything else goes to the prompt tools.
 el.prompt.addEventListener("pointerdown", (e) => panDown(e) || onPointerDown(e));
@@ -196,6 +200,11 @@ window.vprompt = {
   },
   get zoom() {
     return view.zoom;
+  },
+  /** Inspect mode: the last find-similar search ({example, regions: [{name, score, box, area,
+   * rank}]}) or null. */
+  inspect() {
+    return inspectSummary();
   },
   labels() {
     return state.labels.map((l) => ({ ...l, active: l.id === state.activeLabel }));

@@ -8,6 +8,7 @@ import { activeRecord, current, displayed, image, labelName, lookOf, shownResult
 
 const POS_COLOR = "#1a9e3a";
 const NEG_COLOR = "#d62828";
+const INSPECT_COLOR = "#ff8c00";
 const MASK_ALPHA = 128; // ~0.5
 const EDGE_ALPHA = 235;
 
@@ -127,13 +128,21 @@ export function renderPrompts() {
     const res = displayed(rec);
     if (res && res.area && !lookOf(rec.id).hidden) drawTag(ctx, rec, res.bbox, u, px);
   }
+  // Inspect mode's defect marks (inspect.js), in their own colour.
+  const marks = state.inspect.owner === image.file ? state.inspect.boxes : [];
+  for (const [x0, y0, x1, y1] of marks) {
+    ctx.setLineDash([]);
+    ctx.lineWidth = 3 * px * u;
+    ctx.strokeStyle = INSPECT_COLOR;
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  }
   const drag = state.drag;
-  if (drag && drag.kind === "box" && drag.end) {
+  if (drag && (drag.kind === "box" || drag.kind === "inspect") && drag.end) {
     const rec = activeRecord();
     const [x0, y0, x1, y1] = normBox(drag.start, drag.end);
     ctx.setLineDash([6 * px * u, 4 * px * u]);
     ctx.lineWidth = 2 * px * u;
-    ctx.strokeStyle = rec ? rgb(rec.color) : "#ffffff";
+    ctx.strokeStyle = drag.kind === "inspect" ? INSPECT_COLOR : rec ? rgb(rec.color) : "#ffffff";
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     ctx.setLineDash([]);
   } else if (drag && (drag.kind === "scribble" || drag.kind === "brush")) {

@@ -132,4 +132,7 @@ export function updateControls() {
   const canClassify =
     Boolean(image.file) && Boolean(models) && (Boolean(models.classifier) || packs().length > 0);
   el.classifyButton.disabled = !canClassify;
+  // Inspect mode (inspect.js): marks belong to the open image's file.
+  el.findSimilar.disabled = !ready;
+  el.clearMarks.disabled = !(state.inspect.owner === image.file && state.inspect.boxes.length);
 }

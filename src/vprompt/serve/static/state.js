@@ -41,6 +41,8 @@ export const state = {
   // How each object is drawn (appearance.js), by object id: {opacity, hidden}; not undoable.
   look: new Map(),
   preview: null, // {id, result}: a mask candidate shown while hovered (candidates.js)
+  // Inspect mode (inspect.js): defect boxes marked on one image, kept with its File.
+  inspect: { owner: null, boxes: [] },
 };
 
 let nextRev = 1;

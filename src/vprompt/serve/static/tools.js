@@ -7,6 +7,7 @@ import { applyBrush } from "./brush.js";
 import { normBox, toImage, view } from "./canvas.js";
 import { el, setStatus } from "./dom.js";
 import { editActive } from "./history.js";
+import { addInspectBox } from "./inspect.js";
 import { renderPrompts } from "./overlay.js";
 import { image, state } from "./state.js";
 
@@ -47,8 +48,8 @@ export function onPointerDown(event) {
   }
   if (event.button !== 0) return;
   el.prompt.setPointerCapture(event.pointerId);
-  if (tool === "box") {
-    state.drag = { kind: "box", pointerId: event.pointerId, start: p, end: null, client: [event.clientX, event.clientY] };
+  if (tool === "box" || tool === "inspect") {
+    state.drag = { kind: tool === "box" ? "box" : "inspect", pointerId: event.pointerId, start: p, end: null, client: [event.clientX, event.clientY] };
   } else if (tool === "scribble") {
     state.drag = {
       kind: "scribble",
@@ -71,7 +72,7 @@ export function onPointerMove(event) {
   const drag = state.drag;
   if (!drag || event.pointerId !== drag.pointerId) return;
   const p = toImage(event);
-  if (drag.kind === "box") {
+  if (drag.kind === "box" || drag.kind === "inspect") {
     drag.end = p;
   } else {
     const pts = drag.scribble.points;
@@ -88,13 +89,17 @@ export function onPointerUp(event) {
   const finished = state.drag;
   state.drag = null;
   if (el.prompt.hasPointerCapture(event.pointerId)) el.prompt.releasePointerCapture(event.pointerId);
-  if (finished.kind === "box") {
+  if (finished.kind === "box" || finished.kind === "inspect") {
     const end = toImage(event);
     const moved = Math.hypot(event.clientX - finished.client[0], event.clientY - finished.client[1]);
     const box = normBox(finished.start, end);
     if (moved < 4 || box[2] - box[0] <= 0 || box[3] - box[1] <= 0) {
       renderPrompts();
       setStatus("Drag on the image to draw a box");
+      return;
+    }
+    if (finished.kind === "inspect") {
+      addInspectBox(box); // a defect mark for inspect mode, not a prompt
       return;
     }
     editActive((rec) => {
