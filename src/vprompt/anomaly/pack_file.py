@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vprompt.anomaly.base import ANOMALY_METHODS, AnomalyMethod, InputFrame
-from vprompt.engine.pack import BackboneRef, pack_backbone
+from vprompt.engine.pack import BackboneRef, matching_backbone
 from vprompt.errors import ConfigError, PackError
 from vprompt.methods.config import config_from_dict, config_to_dict
 from vprompt.utils import jsonio
@@ -167,16 +167,18 @@ def method_from_pack(
             weights are not on this machine, or the tensors do not fit the method.
     """
     where = pack.source or "anomaly pack"
-    if backbone is None:
-        backbone = pack_backbone(pack.backbone, where, weights, device, allow_download)
-    if backbone.name != pack.backbone.name:
-        raise PackError(f"{where}: made for backbone {pack.backbone.name!r}, got {backbone.name!r}")
-    fp = backbone.fingerprint()
-    if fp != pack.backbone.fingerprint:
-        raise PackError(
-            f"{where}: backbone weights do not match the pack's ({pack.backbone.name} weights "
-            f"{pack.backbone.weights!r}, fingerprint {pack.backbone.fingerprint}; these have {fp})"
+    try:
+        backbone = matching_backbone(
+            pack.backbone,
+            where,
+            backbone=backbone,
+            weights=weights,
+            device=device,
+            allow_download=allow_download,
         )
+    except PackError as exc:
+        message = str(exc)
+        raise PackError(message if message.startswith(where) else f"{where}: {message}") from None
     cls = ANOMALY_METHODS.get(pack.method)
     try:
         config = config_from_dict(cls.Config, pack.config)

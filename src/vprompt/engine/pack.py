@@ -348,6 +348,36 @@ def pack_backbone(
         ) from None
 
 
+def matching_backbone(
+    ref: BackboneRef,
+    where: str,
+    *,
+    backbone: FrozenModel | None,
+    weights: str | None,
+    device: str | torch.device | None,
+    allow_download: bool,
+) -> FrozenModel:
+    """``backbone`` (loaded by :func:`pack_backbone` when None), refused unless its name and
+    weights fingerprint are the ones ``ref`` records.
+
+    Raises:
+        PackError: Another model, other weights, or weights not on this machine.
+    """
+    if backbone is None:
+        backbone = pack_backbone(ref, where, weights, device, allow_download)
+    if backbone.name != ref.name:
+        raise PackError(f"pack was made for backbone {ref.name!r}, got {backbone.name!r}")
+    fp = backbone.fingerprint()
+    if fp != ref.fingerprint:
+        raise PackError(
+            f"backbone weights do not match the pack: pack was made with "
+            f"{ref.name} weights {ref.weights!r} (fingerprint "
+            f"{ref.fingerprint}), these weights {backbone.weights!r} have "
+            f"fingerprint {fp}"
+        )
+    return backbone
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Within: nothing reaches stdout, stderr or the log (below CRITICAL)."""
@@ -405,20 +435,14 @@ def build_from_pack(
             ``allow_download`` was given), or the backbone's name, weights fingerprint or
             preprocessing differ from the pack's.
     """
-    if backbone is None:
-        backbone = pack_backbone(
-            pack.backbone, pack.source or "prompt pack", weights, device, allow_download
-        )
-    if backbone.name != pack.backbone.name:
-        raise PackError(f"pack was made for backbone {pack.backbone.name!r}, got {backbone.name!r}")
-    fp = backbone.fingerprint()
-    if fp != pack.backbone.fingerprint:
-        raise PackError(
-            f"backbone weights do not match the pack: pack was made with "
-            f"{pack.backbone.name} weights {pack.backbone.weights!r} (fingerprint "
-            f"{pack.backbone.fingerprint}), these weights {backbone.weights!r} have "
-            f"fingerprint {fp}"
-        )
+    backbone = matching_backbone(
+        pack.backbone,
+        pack.source or "prompt pack",
+        backbone=backbone,
+        weights=weights,
+        device=device,
+        allow_download=allow_download,
+    )
     if not isinstance(backbone, Backbone):
         raise PackError(
             f"the pack's backbone {pack.backbone.name} is not a classifier or image-text model "
