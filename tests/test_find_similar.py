@@ -54,7 +54,7 @@ def test_the_planted_twin_ranks_first_and_empty_scenes_stay_quiet(backbone):
     assert all(r.score < top.score for r in result.regions if r.image != 1)
 
 
-def test_margins_are_nearest_positive_minus_nearest_negative(backbone):
+def test_margins_are_nearest_positive_minus_nearest_clean_cell(backbone):
     example = _scene(0, [(40, 40)])
     mask = region_mask(example.size, boxes=[(20, 20, 60, 60)])
     search = DefectSearch(backbone, CONFIG)
@@ -65,9 +65,29 @@ def test_margins_are_nearest_positive_minus_nearest_negative(backbone):
     cover = F.adaptive_avg_pool2d(
         torch.from_numpy(mask.astype(np.float32))[None, None], ex.shape[:2]
     )[0, 0]
-    pos, neg = ex[cover >= 0.5], ex[cover == 0]
+    pos = ex[cover >= 0.5 * cover.max()]  # relative coverage
+    h, w = cover.shape
+    marked = [(y, x) for y in range(h) for x in range(w) if cover[y, x] > 0]
+    clean = torch.tensor(
+        [
+            [all(max(abs(y - my), abs(x - mx)) > 2 for my, mx in marked) for x in range(w)]
+            for y in range(h)
+        ]
+    )  # two cells of guard around the mark
+    neg = ex[clean]
+    assert 0 < len(neg) < h * w - len(marked)
     want = (feats @ pos.T).max(1).values - (feats @ neg.T).max(1).values
     torch.testing.assert_close(search.margins([target]).reshape(-1), want)
+
+
+def test_a_thin_mark_still_has_positive_cells(backbone):
+    """A 3 px stroke covers no 8 px cell by half: the cells it covers best are the positives."""
+    example = _scene(0, [])
+    thin = region_mask(example.size, scribbles=[Scribble([(20, 60), (100, 60)], width=3)])
+    search = DefectSearch(backbone, CONFIG)
+    search.add_examples([(example, thin)])
+    assert search.positives is not None
+    assert 8 <= search.positives.shape[0] <= 24  # about one cell per 8 px along the stroke
 
 
 def test_scribbles_and_masks_mark_regions():
@@ -96,6 +116,8 @@ def test_bad_marks_are_refused_in_one_line(kwargs, message):
 def test_bad_settings_and_missing_examples(backbone):
     with pytest.raises(ConfigError):
         FindSimilarConfig(threshold=5)
+    with pytest.raises(ConfigError, match="guard"):
+        FindSimilarConfig(guard=-1)
     search = DefectSearch(backbone, CONFIG)
     with pytest.raises(PromptError, match="add_examples"):
         search.margins([_scene(0, [])])

@@ -3,9 +3,11 @@
 The user marks defect regions (boxes, masks or scribbles, as an H x W mask) on example images.
 Every image — examples and targets — is embedded into locally aggregated patch features of a
 frozen backbone (:func:`~vprompt.anomaly.patch_features.patch_embeddings`, any CNN or ViT).
-Patch cells covered at least half by a marked region are the *positives*; the examples' other
-cells are *negatives* (what the surface looks like without the defect). A target patch's score
-is a nearest-neighbour margin,
+Patch cells the mark covers at least half as much as its best-covered cell are the
+*positives* (relative, so a thin scratch still has cells); the examples' cells at least
+``guard`` cells away from the mark are the *negatives* (what the surface looks like without
+the defect; nearer cells mix the defect in through the local aggregation). A target patch's
+score is a nearest-neighbour margin,
 
     margin(p) = max_pos cos(p, pos) − max_neg cos(p, neg),
 
@@ -56,7 +58,10 @@ class FindSimilarConfig:
         threshold: Margin above which a pixel belongs to a found region.
         min_area: Smallest region kept, as a fraction of the frame's area.
         top_k: Regions returned, best first, over all images.
-        coverage: Fraction of a patch cell a marked region must cover to be a positive.
+        coverage: A marked cell is a candidate positive when the mark covers at least this
+            fraction of what it covers in its best-covered cell (relative, so thin marks work).
+        guard: Cells within this many cells of the mark are neither positives nor negatives
+            (the local aggregation mixes them with the defect).
         seed: Seeds the negatives' subsampling.
     """
 
@@ -69,6 +74,7 @@ class FindSimilarConfig:
     min_area: float = 0.0005
     top_k: int = 20
     coverage: float = 0.5
+    guard: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +84,7 @@ class FindSimilarConfig:
         check_int(self.target_dim, "target_dim", 1, 8192)
         check_int(self.top_k, "top_k", 1, 10_000)
         check_int(self.seed, "seed", 0, 2**63 - 1)
+        check_int(self.guard, "guard", 0, 64)
         if self.image_size is not None:
             check_int(self.image_size, "image_size", 8, 4096)
         if not -2 <= float(self.threshold) <= 2:
@@ -146,7 +153,8 @@ class DefectSearch:
         """Take example images with their H x W defect masks (image pixels)."""
         if not examples:
             raise PromptError("find-similar needs at least one marked example")
-        pos, neg = [], []
+        cfg = self.config
+        candidates, neg = [], []
         for i, (image, mask) in enumerate(examples):
             m = np.asarray(mask, dtype=bool)
             if m.shape != (image.size[1], image.size[0]):
@@ -158,18 +166,22 @@ class DefectSearch:
                 raise PromptError(f"example {i + 1}: the marked region is empty")
             feats = self._embed([image])[0]  # h x w x D
             cover = self._coverage(m, (int(feats.shape[0]), int(feats.shape[1])))
-            chosen = cover >= self.config.coverage
-            if not chosen.any():  # a region smaller than a cell: its best-covered cell
-                chosen = cover == cover.max()
-            pos.append(feats[chosen])
-            neg.append(feats[cover == 0])
-        self.positives = torch.cat(pos)
+            if not bool((cover > 0).any()):
+                raise PromptError(f"example {i + 1}: the marked region lies outside the frame")
+            # Relative coverage: a thin scratch covers no cell by half, but its best cells.
+            candidates.append(feats[cover >= cfg.coverage * cover.max()])
+            # Aggregated features see their neighbours: cells near the mark are not clean.
+            near = F.max_pool2d(
+                (cover > 0).float()[None, None], 2 * cfg.guard + 1, stride=1, padding=cfg.guard
+            )[0, 0]
+            neg.append(feats[near == 0])
         negatives = torch.cat(neg)
         if negatives.shape[0] > MAX_NEGATIVES:
-            gen = torch.Generator().manual_seed(self.config.seed)
+            gen = torch.Generator().manual_seed(cfg.seed)
             keep = torch.randperm(negatives.shape[0], generator=gen)[:MAX_NEGATIVES]
             negatives = negatives[keep.to(negatives.device)]
         self.negatives = negatives
+        self.positives = torch.cat(candidates)
 
     def _coverage(self, mask: NDArray[np.bool_], grid: tuple[int, int]) -> torch.Tensor:
         """Fraction of each patch cell the mask covers, in the frame (h x w)."""
