@@ -183,3 +183,24 @@ def test_fitting_on_nothing_is_refused():
     )
     with pytest.raises(ConfigError, match="at least one"):
         method.fit_normal([])
+
+
+def test_the_run_seed_drives_the_coreset_unless_set_explicitly():
+    refs = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))]
+
+    def bank(seed, extra=()):
+        m = build_anomaly_method(
+            "patch-memory",
+            model="torchvision:tiny",
+            weights="none",
+            overrides=[*SMALL, "coreset=0.2", *extra],
+            seed=seed,
+        )
+        m.fit_normal(refs)
+        return m.config.seed, m.bank
+
+    (s1, a), (_, b), (_, c) = bank(1), bank(1), bank(2)
+    assert s1 == 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert bank(2, ["seed=1"])[0] == 1  # --set seed= wins

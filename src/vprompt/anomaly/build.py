@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +28,9 @@ def build_anomaly_method(
 ) -> AnomalyMethod:
     """The method ``name`` (``--set`` ``overrides`` applied) on ``model`` (default: the method's).
 
-    ``seed`` seeds the initial values of learned prompts, so the same seed builds the same
-    method bit for bit.
+    ``seed`` seeds the initial values of learned prompts and, unless ``overrides`` set it, the
+    config's own ``seed`` (coreset draws, test-time samples), so the same seed builds the same
+    method bit for bit and another seed another one.
 
     Raises:
         UnknownNameError: No such method or model.
@@ -36,6 +38,10 @@ def build_anomaly_method(
     """
     cls = ANOMALY_METHODS.get(name)
     config = apply_overrides(cls.Config(), list(overrides))
+    seeded = any(o.split("=", 1)[0].strip() == "seed" for o in overrides)
+    if "seed" in {f.name for f in dataclasses.fields(cls.Config)} and not seeded:
+        # The run's seed also drives the method's own draws (coreset, test-time samples).
+        config = dataclasses.replace(config, seed=seed)
     if backbone is None:
         backbone = load_backbone(model or cls.default_model, weights, device=device)
     check_family(cls, backbone)
