@@ -127,7 +127,7 @@ def test_anomalyclip_trains_on_one_set_and_applies_zero_shot(inspection, tmp_pat
 
 
 def test_find_similar_ranks_regions_and_writes_heat_maps(inspection, tmp_path):
-    example = inspection / "brick" / "test" / "hole" / "0.png"
+    example = inspection / "brick" / "test" / "hole" / "000.png"
     out = tmp_path / "found"
     result = _cli(
         "find-similar", inspection / "brick" / "test", "--example", example, "--box", "10,10,40,40",
