@@ -95,6 +95,45 @@ def _int_list(value: str, what: str) -> list[int]:
 @feature_cache_options
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
 @device_option
+@click.option(
+    "--executor",
+    "executor_spec",
+    default="local",
+    show_default=True,
+    metavar="SPEC",
+    help="Where jobs run: local (this process), ray (a local Ray instance), ray:ADDRESS (a Ray "
+    "cluster, e.g. ray:auto), slurm[:PARTITION] (SLURM through submitit) or submitit-local. "
+    "Needs the ray or slurm extra; see docs/scaling.md.",
+)
+@click.option(
+    "--cpus-per-job",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="CPUs each job asks of Ray or SLURM.",
+)
+@click.option(
+    "--gpus-per-job",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="GPUs each job asks of Ray (fractions share a GPU) or SLURM (rounded up).",
+)
+@click.option(
+    "--max-retries",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Ray: retries of a job whose worker died; SLURM: resubmissions and requeues. A retry "
+    "resumes from the job's last epoch checkpoint.",
+)
+@click.option(
+    "--timeout-min",
+    default=24 * 60,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="SLURM time limit per job (minutes); a job reaching it is requeued and resumes.",
+)
 @click.option("--dry-run", is_flag=True, help="List the jobs (and which are done) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json's table data.")
 @friendly_errors
@@ -118,6 +157,11 @@ def protocol_cmd(
     no_feature_cache: bool,
     workers: int,
     device: str,
+    executor_spec: str,
+    cpus_per_job: float,
+    gpus_per_job: float,
+    max_retries: int,
+    timeout_min: int,
     dry_run: bool,
     as_json: bool,
     overwrite: bool,
@@ -125,9 +169,12 @@ def protocol_cmd(
     """Run a paper protocol: every (dataset x shots x seed) job, skipping finished ones.
 
     Writes OUT/jobs/<dataset>/shots_K/seed_S/result.json per job, then OUT/results.json,
-    OUT/table.md and OUT/table.csv laid out like the papers' tables.
+    OUT/table.md and OUT/table.csv laid out like the papers' tables. With --executor ray or
+    slurm the jobs run as Ray tasks or SLURM jobs writing into the same OUT (on a filesystem
+    every worker shares); this process shows the progress and writes the table.
     """
     from vprompt.data.sources import resolve_data_root
+    from vprompt.engine.executors import make_executor
     from vprompt.engine.protocol import (
         RESULT_FILE,
         ProtocolRun,
@@ -186,7 +233,18 @@ def protocol_cmd(
             text += f", {name} {100 * value:.2f}"
         click.echo(f"{'skipped (done)' if skipped else 'finished'}  {job.key}: {text}", err=True)
 
-    summary = run_protocol(run, jobs, on_job=report)
+    executor = make_executor(
+        executor_spec,
+        cpus_per_job=cpus_per_job,
+        gpus_per_job=gpus_per_job,
+        max_retries=max_retries,
+        log_dir=out / "submitit",
+        timeout_min=timeout_min,
+    )
+    try:
+        summary = run_protocol(run, jobs, on_job=report, executor=executor)
+    finally:
+        executor.close()
     if as_json:
         click.echo(jsonio.dumps(summary["table"], ensure_ascii=False))
         return

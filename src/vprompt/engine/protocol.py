@@ -8,7 +8,9 @@
 
 Each (dataset x shots x seed) is a :class:`Job` with its own folder and ``result.json``; a job
 whose result exists is skipped, and an interrupted one resumes from its last epoch checkpoint,
-so jobs can be spread over processes or machines sharing one output folder. As in the reference
+so jobs can be spread over processes or machines sharing one output folder: the runner hands
+the unfinished ones to an executor (:mod:`vprompt.engine.executors`: this process, Ray tasks or
+SLURM jobs), each running :func:`run_one_job`. As in the reference
 code, the prompt of the *last* epoch is kept (``select="last"``); ``select="best-val"`` picks
 the epoch on the few-shot validation split. The test split never selects anything.
 """
@@ -17,16 +19,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from vprompt.data.suite import SUITE, get_suite
 from vprompt.data.tasks import SuiteTask, load_suite_task
 from vprompt.engine.evaluate import evaluate
+from vprompt.engine.executors import Executor, LocalExecutor
 from vprompt.engine.experiment import Experiment, train_and_test
 from vprompt.engine.fit import Selection
 from vprompt.engine.protocol_table import (
@@ -235,8 +237,14 @@ class _Runner:
             from vprompt.data.feature_cache import FeatureCache
 
             self.cache = FeatureCache(run.feature_cache)
+        self._identity: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = self._compute_identity()
+        return self._identity
+
+    def _compute_identity(self) -> dict[str, Any]:
         identity = {
             "method": self.run.method,
             "config": config_to_dict(self.experiment.base_config()),
@@ -362,12 +370,22 @@ def run_protocol(
     jobs: Sequence[Job],
     *,
     on_job: Callable[[Job, dict[str, Any], bool], None] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run (or skip, when finished) every job, then write ``results.json``, ``table.md``,
     ``table.csv`` and, for few-shot, ``few_shot.png`` into ``run.out_dir``.
 
+    Finished jobs are skipped here; the others go to ``executor`` (default: this process, in
+    order), each as :func:`run_one_job`, which writes the job's folder and ``result.json``
+    exactly as a local run does. The report is written here from every job's record.
+
     Args:
-        on_job: Called after each job with ``(job, record, skipped)``.
+        on_job: Called with ``(job, record, skipped)``: first for each finished job, then for
+            each job as it completes.
+        executor: Where the unfinished jobs run (:func:`~vprompt.engine.executors.
+            make_executor`); the caller closes it. With an executor other than ``local`` this
+            process builds the backbone on the CPU only to identify the run, and the workers
+            run without progress bars.
 
     Returns:
         ``{"records": [...], "table": {...}}`` as written to ``results.json``.
@@ -378,32 +396,105 @@ def run_protocol(
     _check_folders(jobs, run.data_root)
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(run)
-    identity = runner.identity()
-    plan = {"identity": identity, "preset": run.preset, "jobs": [j.to_dict() for j in jobs]}
-    _write_json(out / "protocol.json", plan)
-    records = []
-    bar = tqdm(jobs, desc=f"{run.protocol} jobs", unit="job", disable=not run.progress)
-    for job in bar:
-        folder = out / "jobs" / job.key
-        record = _finished(folder, job, identity, overwrite=run.overwrite)
-        skipped = record is not None
-        if record is None:
-            torch.manual_seed(job.seed)
-            started = time.perf_counter()
-            outcome = runner.execute(job, folder)
-            record = {
-                "job": job.to_dict(),
-                "identity": identity,
-                **outcome,
-                "seconds": time.perf_counter() - started,
-            }
-            _write_json(folder / RESULT_FILE, record)
-        records.append(record)
-        if on_job is not None:
-            on_job(job, record, skipped)
-    bar.close()
-    return write_report(run.protocol, records, out, method=run.method)
+    executor = executor or LocalExecutor()
+    in_process = executor.name == "local"
+    # In this process the driver's runner serves the jobs; elsewhere each worker builds its own
+    # (on its device) and this one only identifies the run, on the CPU.
+    runner = _runner_for(run) if in_process else _Runner(replace(run, device="cpu"))
+    try:
+        identity = runner.identity()
+        plan = {"identity": identity, "preset": run.preset, "jobs": [j.to_dict() for j in jobs]}
+        _write_json(out / "protocol.json", plan)
+        records: list[dict[str, Any] | None] = [None] * len(jobs)
+        todo: list[int] = []
+        for i, job in enumerate(jobs):
+            record = _finished(out / "jobs" / job.key, job, identity, overwrite=run.overwrite)
+            if record is None:
+                todo.append(i)
+                continue
+            records[i] = record
+            if on_job is not None:
+                on_job(job, record, True)
+        worker_run = run if in_process else replace(run, progress=False)
+        payloads = [JobPayload(worker_run, jobs[i], identity) for i in todo]
+        if not in_process:
+            del runner  # the workers build their own
+        results = executor.map(
+            run_one_job, payloads, desc=f"{run.protocol} jobs", progress=run.progress
+        )
+        for k, record in results:
+            i = todo[k]
+            records[i] = record
+            if on_job is not None:
+                on_job(jobs[i], record, False)
+    finally:
+        if in_process:
+            _RUNNERS.pop(run, None)
+    done = [r for r in records if r is not None]
+    if len(done) != len(jobs):
+        raise VPromptError(f"the {executor.name} executor returned {len(done)} of {len(jobs)} jobs")
+    return write_report(run.protocol, done, out, method=run.method)
+
+
+@dataclass(frozen=True, eq=False)
+class JobPayload:
+    """What a worker needs to run one job: the run (which it rebuilds once per process), the
+    job, and the run's identity as the driver computed it (written into the result)."""
+
+    run: ProtocolRun
+    job: Job
+    identity: dict[str, Any]
+
+    def __str__(self) -> str:
+        return f"job {self.job.key}"
+
+
+#: The runner of the run this process works for (a worker builds the backbone once).
+_RUNNERS: dict[ProtocolRun, _Runner] = {}
+
+
+def _runner_for(run: ProtocolRun) -> _Runner:
+    runner = _RUNNERS.get(run)
+    if runner is None:
+        _RUNNERS.clear()  # one run (one backbone) per process at a time
+        runner = _RUNNERS[run] = _Runner(run)
+    return runner
+
+
+def run_one_job(payload: JobPayload) -> dict[str, Any]:
+    """Run one job into ``OUT/jobs/<key>`` and write its ``result.json`` atomically; on any
+    process or machine that sees the output folder and the data. A rerun resumes from the
+    job's last epoch checkpoint.
+
+    Returns:
+        The job's record (as in ``result.json``).
+
+    Raises:
+        ConfigError: This worker's run differs from the driver's (method, config or weights;
+            the weight fingerprint may differ in its last bits across devices, so it is not
+            compared here).
+    """
+    run, job = payload.run, payload.job
+    runner = _runner_for(run)
+    mine = {k: v for k, v in runner.identity().items() if k != "fingerprint"}
+    theirs = {k: v for k, v in payload.identity.items() if k != "fingerprint"}
+    if mine != theirs:
+        raise ConfigError(
+            "this worker builds a different run than the driver (method, config or weights "
+            "differ; is the same vprompt version installed everywhere?)"
+        )
+    folder = Path(run.out_dir) / "jobs" / job.key
+    torch.manual_seed(job.seed)
+    started = time.perf_counter()
+    outcome = runner.execute(job, folder)
+    record = {
+        "job": job.to_dict(),
+        "identity": payload.identity,
+        **outcome,
+        "seconds": time.perf_counter() - started,
+    }
+    _write_json(folder / RESULT_FILE, record)
+    return record
 
 
 def missing_datasets(job: Job, data_root: Path) -> list[str]:
