@@ -151,9 +151,51 @@ def train_cmd(
     as_json: bool,
     overwrite: bool,
 ) -> None:
-    """Learn a prompt for a frozen model on a dataset; writes the pack, metrics and plots to OUT."""
+    """Learn a prompt for a frozen model on a dataset; writes the pack, metrics and plots to OUT.
+
+    Under ``torchrun --nproc_per_node N -m vprompt train …`` the N processes train one prompt
+    data-parallel (``optim.batch_size`` is the global batch); rank 0 writes and reports.
+    """
+    from vprompt.engine import distributed
+
+    # Joined before anything is written, so no rank writes before every rank checked --out.
+    with distributed.process_group(device) as rank_device:
+        _train(
+            method_name, preset_name, model, weights, data_spec, data_root, shots, subsample,
+            out_dir, overrides, descriptions, unlabeled, seed, train_subset, test_subset, resume,
+            workers, feature_cache, no_feature_cache, str(rank_device), as_json, overwrite,
+        )  # fmt: skip
+
+
+def _train(
+    method_name: str | None,
+    preset_name: str | None,
+    model: str | None,
+    weights: str | None,
+    data_spec: tuple[str, ...],
+    data_root: str | None,
+    shots: int | None,
+    subsample: str,
+    out_dir: str,
+    overrides: tuple[str, ...],
+    descriptions: str | None,
+    unlabeled: str | None,
+    seed: int,
+    train_subset: int | None,
+    test_subset: int | None,
+    resume: bool,
+    workers: int,
+    feature_cache: str | None,
+    no_feature_cache: bool,
+    device: str,
+    as_json: bool,
+    overwrite: bool,
+) -> None:
+    from vprompt.engine import distributed
     from vprompt.engine.experiment import Experiment, run
     from vprompt.methods.presets import get_preset
+
+    main = distributed.is_main()
 
     preset = get_preset(preset_name) if preset_name else None
     overrides = with_descriptions(overrides, descriptions)
@@ -164,9 +206,9 @@ def train_cmd(
         raise click.UsageError(
             f"method {experiment.method!r} has nothing to train; see `vprompt zeroshot`"
         )
-    for note in experiment.config(shots=shots)[1]:
+    for note in experiment.config(shots=shots)[1] if main else ():
         click.echo(f"vprompt: {note}", err=True)
-    if not cls.capabilities.is_prompt_method:
+    if main and not cls.capabilities.is_prompt_method:
         click.echo(
             f"vprompt: note: {experiment.method} is a reference baseline, not a prompt method "
             "(it changes a copy of the backbone's weights)",
@@ -192,7 +234,10 @@ def train_cmd(
         feature_cache=feature_cache_dir(feature_cache, no_feature_cache),
         device=device,
         unlabeled=unlabeled,
+        progress=main,
     )
+    if not main:
+        return
     if as_json:
         click.echo(jsonio.dumps(report.summary, ensure_ascii=False))
         return

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset
+from vprompt.engine import distributed
 from vprompt.engine.events import Callback, FitEvent, notify
 from vprompt.engine.features import FeatureTable
 from vprompt.engine.optim import flat_params, set_lr
@@ -45,6 +46,10 @@ def train_one_epoch(
     With ``features`` (this epoch's view of the cached training features), batches of features
     go through ``method.forward_features``, shuffled by the same generator as images would be.
 
+    Under ``torchrun`` (:mod:`vprompt.engine.distributed`) every rank walks the same global
+    batches and trains on its slice of each; the gradients and the step's loss and hits are
+    summed over the ranks, so the record is the global batch's, as one process would log it.
+
     Returns:
         The epoch's history record (``epoch``, ``step`` after the epoch, ``train_loss``,
         ``train_acc``, ``lr`` of the last step, ``images_per_s``); no validation metrics.
@@ -72,6 +77,7 @@ def train_one_epoch(
     num_classes = len(method.classnames)
     # Methods that learn without labels take unlabelled images (label -1) and no cross-entropy.
     supervised = method.capabilities.uses_labels
+    data_parallel = distributed.world_size() > 1
     method.train()
     step = start_step
     loss_sum, correct, seen, lr = 0.0, 0, 0, schedule(step)
@@ -96,7 +102,7 @@ def train_one_epoch(
         if not pending:
             return
         values = torch.stack([p[3] for p in pending]).tolist()
-        hits = torch.stack([p[4] for p in pending]).tolist()
+        hits = [int(h) for h in torch.stack([p[4] for p in pending]).tolist()]
         for (at, n, step_lr, _, _), value, hit in zip(pending, values, hits, strict=True):
             if not math.isfinite(value):
                 raise VPromptError(
@@ -115,30 +121,41 @@ def train_one_epoch(
                 break
             # Checked before the copy: no device sync.
             check_labels(labels, num_classes, "training", unlabeled_ok=not supervised)
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
             lr = schedule(step)
             set_lr(optimizer, lr)
-            with autocast_for(device):
-                out = forward(inputs)
-            logits = out.logits.float()  # B x C
-            if supervised:
-                loss = F.cross_entropy(logits, labels)
-                for term in out.aux_loss.values():
-                    loss = loss + term.float()
+            total = len(labels)
+            if data_parallel:
+                optimizer.zero_grad(set_to_none=True)
+                loss, hits = _shard_step(
+                    forward, inputs, labels, total, device=device, supervised=supervised
+                )
+                # One all-reduce: every rank then holds the global batch's gradient, loss, hits.
+                summed = distributed.all_reduce_gradients(params, torch.stack([loss, hits]))
+                loss, hits = summed[0], summed[1]
             else:
-                loss = sum((t.float() for t in out.aux_loss.values()), logits.new_zeros(()))
-            optimizer.zero_grad(set_to_none=True)
-            if custom_backward:
-                method.backward(loss, out, labels)
-            else:
-                loss.backward()
+                inputs = inputs.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast_for(device):
+                    out = forward(inputs)
+                logits = out.logits.float()  # B x C
+                if supervised:
+                    loss = F.cross_entropy(logits, labels)
+                    for term in out.aux_loss.values():
+                        loss = loss + term.float()
+                else:
+                    loss = sum((t.float() for t in out.aux_loss.values()), logits.new_zeros(()))
+                optimizer.zero_grad(set_to_none=True)
+                if custom_backward:
+                    method.backward(loss, out, labels)
+                else:
+                    loss.backward()
+                # Unlabelled images (-1) never count as hits; train_acc is then a lower bound.
+                hits = (logits.detach().argmax(dim=1) == labels).sum()
+                loss = loss.detach().float()
             if optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()
-            # Unlabelled images (-1) never count as hits; train_acc is then a lower bound.
-            hits = (logits.detach().argmax(dim=1) == labels).sum()
-            pending.append((step, len(labels), lr, loss.detach().float(), hits))
+            pending.append((step, total, lr, loss, hits))
             step += 1
             window_end = (index + 1) % every == 0 or index + 1 == steps_per_epoch
             if window_end or callbacks:
@@ -161,3 +178,43 @@ def train_one_epoch(
         "images_per_s": seen / elapsed if elapsed > 0 else None,
         "curve": curve,  # [epoch position, window train loss, window train acc]
     }
+
+
+def _shard_step(
+    forward: Callable[[torch.Tensor], MethodOutput],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    total: int,
+    *,
+    device: torch.device,
+    supervised: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward this rank's slice of a global batch of ``total`` images.
+
+    The loss is this rank's share of the global mean loss: cross-entropy summed over its
+    images / ``total``, each auxiliary term (a per-image mean, or batch-independent) weighted
+    by its share of the images; so the ranks' gradients sum to the global batch's.
+
+    Returns:
+        This rank's (detached) share of the loss and its hits, as float scalars on ``device``.
+    """
+    part = distributed.shard(total)
+    inputs, labels = inputs[part], labels[part]
+    n = len(labels)
+    if n == 0:  # fewer images than ranks in the last batch: only the all-reduce to join
+        zero = torch.zeros((), device=device)
+        return zero, zero.clone()
+    inputs = inputs.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    with autocast_for(device):
+        out = forward(inputs)
+    logits = out.logits.float()  # b x C
+    share = n / total
+    aux = sum((t.float() for t in out.aux_loss.values()), logits.new_zeros(()))
+    if supervised:
+        loss = F.cross_entropy(logits, labels, reduction="sum") / total + aux * share
+    else:
+        loss = aux * share
+    loss.backward()
+    hits = (logits.detach().argmax(dim=1) == labels).sum().float()
+    return loss.detach().float(), hits

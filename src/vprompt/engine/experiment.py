@@ -35,6 +35,7 @@ import torch
 
 from vprompt.data.dataset import ClassificationDataset, DataSplits
 from vprompt.data.feature_cache import FeatureCache
+from vprompt.engine.distributed import is_main
 from vprompt.engine.evaluate import EvalResult, evaluate
 from vprompt.engine.fit import TEST_METRICS_FILE, FitResult, Selection, fit
 from vprompt.engine.runtime import seed_everything
@@ -383,9 +384,10 @@ def run(
         "best_epoch": fitted.best_epoch if fitted else None,
         "pack": str(fitted.pack_path) if fitted else None,
     }
-    atomic_write_text(
-        out / TEST_METRICS_FILE, jsonio.dumps(summary, indent=1, ensure_ascii=False) + "\n"
-    )
+    if is_main():  # under torchrun every rank tests the same pack; one writes
+        atomic_write_text(
+            out / TEST_METRICS_FILE, jsonio.dumps(summary, indent=1, ensure_ascii=False) + "\n"
+        )
     return RunReport(built, fitted, scores, summary, notes)
 
 

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from vprompt.data.dataset import ClassificationDataset, as_dataset
 from vprompt.data.feature_cache import FeatureCache
+from vprompt.engine import distributed
 from vprompt.engine.checkpoint import (
     CHECKPOINT_FILE,
+    CHECKPOINT_JSON,
     Checkpoint,
     check_same_run,
-    clear_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -130,6 +131,15 @@ def fit(
     4. **Finish**: ``method.finish(data)`` in eval mode (e.g. a hyper-parameter search on the
        validation data), then the pack, config and plots are written.
 
+    Under ``torchrun`` (a process group of several ranks, see
+    :mod:`vprompt.engine.distributed`) the same call on every rank trains one prompt
+    data-parallel: ``optim.batch_size`` is the global batch, split across the ranks, and the
+    result matches one process with that batch (up to float summation order, for methods whose
+    training transform and forward draw no random numbers). Hooks run on every rank and rank
+    0's prompt is broadcast after each; rank 0 alone validates and writes files; every rank
+    resumes from the same checkpoint. Methods with ``custom_backward`` or batch statistics in
+    their prompt are refused there.
+
     ``data`` (:class:`~vprompt.engine.fit_data.FitData`) serves the training set (plain or an
     augmented view) and the validation set; an ``image-features`` method gets features, from
     ``feature_cache`` when the dataset's images have identities (every needed view is encoded
@@ -164,9 +174,13 @@ def fit(
         VPromptError: The loss became NaN or infinite.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    progress = progress and main
     dev = torch.device(device)
     caps = method.capabilities
+    distributed.check_data_parallel(method)
     train = as_dataset(train)  # torchvision-style datasets (``classes``) too
     val = as_dataset(val) if val is not None else None
     selection: Selection = select or ("best-val" if val is not None else "last")
@@ -208,7 +222,7 @@ def fit(
         progress=progress,
     )
 
-    ckpt = _open_checkpoint(
+    ckpt, stale = _open_checkpoint(
         method,
         out,
         run,
@@ -216,10 +230,18 @@ def fit(
         overwrite=overwrite,
         epochs=optim.epochs if optim is not None else None,
     )
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
+    if main:
+        for path in stale:
+            path.unlink(missing_ok=True)
+    if distributed.world_size() > 1:
+        # Rank 0 fills the feature cache; the others then only read it.
+        with distributed.main_first():
+            _prepare_sources(method, ckpt, optim, train_source, val_source, selection)
     if not ckpt.setup_done:
         _run_hook(dev, derived_seed(seed, "setup"), lambda: method.setup(data), method)
         ckpt.setup_done, ckpt.prompt = True, _prompt_state(method)
-        save_checkpoint(out, ckpt)
+        _save(out, ckpt)
 
     if optim is not None and not ckpt.finished:
         _train(
@@ -253,21 +275,23 @@ def fit(
                 method.load_prompt_state(ckpt.best_prompt)
             _run_hook(dev, derived_seed(seed, "finish"), lambda: method.finish(data), method)
             ckpt.prompt = _prompt_state(method)
-        _finalize(
-            method,
-            train,
-            val,
-            out,
-            ckpt,
-            selected=selected,
-            run=run,
-            device=dev,
-            validate=lambda show: _validate(
-                method, val, val_source, _FINAL_EVAL_BATCH, dev, show, 0
-            ),
-        )
+        if main:
+            _finalize(
+                method,
+                train,
+                val,
+                out,
+                ckpt,
+                selected=selected,
+                run=run,
+                device=dev,
+                validate=lambda show: _validate(
+                    method, val, val_source, _FINAL_EVAL_BATCH, dev, show, 0
+                ),
+            )
         ckpt.finished, ckpt.selected = True, selected
-        save_checkpoint(out, ckpt)
+        _save(out, ckpt)
+    distributed.barrier()  # the pack exists on return, on every rank
     method.eval()
     return _result(ckpt, out, selected)
 
@@ -281,14 +305,16 @@ def _open_checkpoint(
     resume: bool,
     overwrite: bool,
     epochs: int | None,
-) -> Checkpoint:
-    """The run's checkpoint (its prompt loaded into ``method``), or a fresh one.
+) -> tuple[Checkpoint, list[Path]]:
+    """The run's checkpoint (its prompt loaded into ``method``), or a fresh one, and the
+    files to remove before the run writes (removed by the caller, once every rank has read).
 
     Only this run's own checkpoint is resumed (or, with ``resume=False``, started over), with
     or without ``overwrite``; another run's, a damaged one, or run files without a checkpoint
     are refused unless ``overwrite``, which removes them.
     """
     fresh = Checkpoint(run=json.loads(jsonio.dumps(run)))
+    checkpoint_files = [out / CHECKPOINT_FILE, out / CHECKPOINT_JSON]
     try:
         ckpt = load_checkpoint(out)
         if ckpt is None:
@@ -298,11 +324,10 @@ def _open_checkpoint(
                     f"{out} holds a run's files ({', '.join(leftovers)}) but no checkpoint "
                     "to tell which run"
                 )
-            return fresh
+            return fresh, []
         check_same_run(_with_defaults(ckpt.run, method), run, out)
         if not resume:
-            clear_checkpoint(out)
-            return fresh
+            return fresh, checkpoint_files
         damaged = f"{out / CHECKPOINT_FILE}: damaged checkpoint"
         if epochs is not None and ckpt.epochs_done > epochs:
             raise ConfigError(f"{damaged}: {ckpt.epochs_done} epochs done of {epochs}")
@@ -311,27 +336,26 @@ def _open_checkpoint(
                 method.load_prompt_state(ckpt.prompt)  # checks everything before copying
             except PackError as exc:
                 raise ConfigError(f"{damaged}: {exc}") from None
-        return ckpt
+        return ckpt, []
     except ConfigError as exc:
         if not overwrite:
             raise ConfigError(
                 f"{exc}; pass --overwrite (overwrite=True) to start over there, or choose a "
                 "new out dir"
             ) from None
-        clear_checkpoint(out)
-        for name in (*RUN_FILES, TEST_METRICS_FILE):
-            (out / name).unlink(missing_ok=True)
-        return fresh
+        return fresh, [*checkpoint_files, *(out / n for n in (*RUN_FILES, TEST_METRICS_FILE))]
 
 
 def _run_hook(
     device: torch.device, seed: int, hook: Callable[[], None], method: PromptMethod
 ) -> None:
-    """Run a lifecycle hook in eval mode, seeded, under the run's autocast."""
+    """Run a lifecycle hook in eval mode, seeded, under the run's autocast (on every rank
+    of a data-parallel run, which then all take rank 0's prompt)."""
     seed_everything(seed)
     method.eval()
     with autocast_for(device):
         hook()
+    distributed.broadcast_prompt(method)
 
 
 def _train(
@@ -358,7 +382,7 @@ def _train(
         if ckpt.epochs_done == 0 and not ckpt.history:
             _run_hook(device, epoch_seed(seed, 0), lambda: method.before_epoch(0, data), method)
             ckpt.prompt = _prompt_state(method)
-            save_checkpoint(out, ckpt)
+            _save(out, ckpt)
         return
     if ckpt.epochs_done >= optim.epochs:
         return
@@ -415,11 +439,11 @@ def _train(
         )
         record["val_acc"] = record["val_loss"] = None
         if select == "best-val":
-            result = validate(progress)
-            record["val_acc"], record["val_loss"] = result.accuracy, result.loss
-            if _better(result.accuracy, result.loss, ckpt.best_metric):
+            acc, loss = _validated(validate, progress)
+            record["val_acc"], record["val_loss"] = acc, loss
+            if _better(acc, loss, ckpt.best_metric):
                 ckpt.best_epoch = epoch
-                ckpt.best_metric = {"val_acc": result.accuracy, "val_loss": result.loss}
+                ckpt.best_metric = {"val_acc": acc, "val_loss": loss}
                 ckpt.best_prompt = _prompt_state(method)
         ckpt.global_step = record["step"]
         record["seconds"] = time.perf_counter() - started
@@ -427,11 +451,37 @@ def _train(
         ckpt.epochs_done = epoch + 1
         ckpt.prompt = _prompt_state(method)
         ckpt.optimizer_tensors, ckpt.optimizer_scalars = optimizer_state(optimizer)
-        save_checkpoint(out, ckpt)
-        _write_metrics(out, ckpt.history)
+        _save(out, ckpt)
+        if distributed.is_main():
+            _write_metrics(out, ckpt.history)
         notify(callbacks, FitEvent("epoch", epoch, ckpt.global_step, dict(record)))
         if progress:
             tqdm.write(_summary(record, optim.epochs), file=sys.stderr)
+
+
+def _validated(validate: Callable[[bool], EvalResult], show: bool) -> tuple[float, float]:
+    """Validation accuracy and loss: computed by rank 0 alone, the same on every rank."""
+    result = validate(show) if distributed.is_main() else None
+    values = None if result is None else (result.accuracy, result.loss)
+    acc, loss = distributed.broadcast_floats(values, 2)
+    return acc, loss
+
+
+def _prepare_sources(
+    method: PromptMethod,
+    ckpt: Checkpoint,
+    optim: OptimConfig | None,
+    train_source: FeatureSource | None,
+    val_source: FeatureSource | None,
+    select: Selection,
+) -> None:
+    """Encode into the feature cache the views the epochs will read (what ``_train``
+    prepares), so that the ranks do not encode them side by side."""
+    if train_source is not None and optim is not None:
+        epochs = range(ckpt.epochs_done, optim.epochs)
+        train_source.prepare(view_for_epoch(method, e) for e in epochs)
+    if val_source is not None and select == "best-val":
+        val_source.prepare([None])
 
 
 def epoch_steps(n: int, optim: OptimConfig) -> int:
@@ -635,6 +685,11 @@ def _with_defaults(saved: dict[str, Any], method: PromptMethod) -> dict[str, Any
     with contextlib.suppress(ConfigError, TypeError, ValueError):
         filled["config"] = config_to_dict(config_from_dict(type(method.config), config))
     return filled
+
+
+def _save(out: Path, ckpt: Checkpoint) -> None:
+    if distributed.is_main():  # one writer per run folder
+        save_checkpoint(out, ckpt)
 
 
 def _prompt_state(method: PromptMethod) -> dict[str, torch.Tensor]:
