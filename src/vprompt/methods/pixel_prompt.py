@@ -97,9 +97,12 @@ class PixelPrompt(nn.Module):
             y, x = (int(v) for v in torch.randint(0, c - s + 1, (2,)))
         else:
             y = x = 0
-        out = canvas.clone()
-        out[:, :, y : y + s, x : x + s] = self._pixels().expand(len(out), -1, -1, -1)
-        return out
+        # Pad the patch to the canvas and blend with a 0/1 window rather than writing into a
+        # slice: the same values, and an exported graph keeps its batch size free.
+        patch = nn.functional.pad(self._pixels(), (x, c - s - x, y, c - s - y))  # 1 x 3 x c x c
+        window = torch.zeros(1, 1, c, c, dtype=canvas.dtype, device=canvas.device)
+        window[..., y : y + s, x : x + s] = 1
+        return canvas * (1 - window) + patch * window
 
     def _pixels(self) -> torch.Tensor:
         assert self.prompt is not None

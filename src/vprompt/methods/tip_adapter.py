@@ -270,7 +270,8 @@ class TipAdapter(PromptMethod):
     def zero_shot_logits(self, unit: torch.Tensor) -> torch.Tensor:
         """B x D unit features → B x C zero-shot logits (zeros without a text tower)."""
         if not self.clip:
-            return unit.new_zeros(len(unit), len(self.classnames))
+            # B x C zeros whose batch size stays a tensor dimension (exportable graphs).
+            return torch.zeros_like(unit[:, :1]).expand(-1, len(self.classnames))
         scale = self.config.logit_scale
         s = self.backbone.logit_scale.float() if scale is None else float(scale)
         return s * unit @ self.text_features.T

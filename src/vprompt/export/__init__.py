@@ -1,0 +1,1 @@
+"""Exports of frozen models to other runtimes (ONNX)."""
