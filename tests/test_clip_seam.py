@@ -650,3 +650,34 @@ def test_deep_prompts_that_do_not_fit_are_refused(tiny_clip: ClipBackbone) -> No
         tiny_clip.encode_image_prompted(images, [torch.zeros(2, vwidth)] * 3)
     with pytest.raises(ValueError, match="same n"):
         tiny_clip.encode_image_prompted(images, [torch.zeros(2, vwidth), torch.zeros(3, vwidth)])
+
+
+def test_fingerprint_does_not_depend_on_the_thread_count() -> None:
+    """A pack trained on a 16-core machine must meet the same fingerprint on a 2-core one (and
+    in a 1-thread Ray worker): the hash may not depend on a reduction's summation order."""
+    from vprompt.backbones.fingerprint import weights_fingerprint
+
+    backbone = load_backbone("clip:tiny", "none")
+    threads = torch.get_num_threads()
+    try:
+        prints = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            prints.add(weights_fingerprint(backbone.model))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(prints) == 1
+
+
+def test_a_pack_with_the_earlier_fingerprint_still_loads(tmp_path) -> None:
+    """Packs written before the order-independent fingerprint keep loading on their weights."""
+    from vprompt.backbones.fingerprint import legacy_weights_fingerprint
+    from vprompt.engine.pack import BackboneRef, matching_backbone
+
+    backbone = load_backbone("clip:tiny", "none")
+    old = BackboneRef(backbone.name, "none", legacy_weights_fingerprint(backbone.model))
+    assert old.fingerprint != backbone.fingerprint()
+    got = matching_backbone(
+        old, "old.safetensors", backbone=backbone, weights=None, device=None, allow_download=False
+    )
+    assert got is backbone

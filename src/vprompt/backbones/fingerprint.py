@@ -7,13 +7,16 @@ import hashlib
 import torch
 from torch import nn
 
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """Hash every state-dict key, shape and dtype, each tensor's float64 sum and L2 norm, and
-    16 evenly spaced values per tensor.
+    """Hash every state-dict key, shape and dtype, 16 evenly spaced values per tensor, and the
+    sums of each floating-point tensor's bit patterns over blocks of 4096 values.
 
-    The sums change when any single weight changes; sampling adds position sensitivity. One
-    pass over the weights keeps this well under a second for ViT-B sized models.
+    Integer addition is exact and associative, so the block sums do not depend on how a
+    reduction splits the work — the thread count, CPU or GPU — where float sums do. Any change
+    of a single weight changes its block's sum. One pass over the weights.
 
     Returns:
         16 lowercase hex characters.
@@ -23,11 +26,40 @@ def weights_fingerprint(module: nn.Module) -> str:
         flat = tensor.detach().reshape(-1)
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         if flat.numel() and flat.is_floating_point():
-            k = min(16, flat.numel())
-            idx = (torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)).to(flat.device)
-            h.update(flat[idx].float().cpu().numpy().tobytes())
+            h.update(_samples(flat))
+            h.update(_checksums(flat))
+    return h.hexdigest()[:16]
+
+
+def _checksums(flat: torch.Tensor, block: int = 4096) -> bytes:
+    """Per-block sums of the bit patterns in int64: exact, so independent of how the
+    reduction is split, and position-sensitive at block granularity."""
+    bits = flat.contiguous().view(_INT_VIEW[flat.element_size()])
+    full = bits.numel() // block * block
+    sums = [bits[:full].view(-1, block).sum(dim=1, dtype=torch.int64)] if full else []
+    if full < bits.numel():
+        sums.append(bits[full:].sum(dtype=torch.int64).reshape(1))
+    return bytes(torch.cat(sums).cpu().numpy().tobytes())
+
+
+def legacy_weights_fingerprint(module: nn.Module) -> str:
+    """The fingerprint vprompt wrote into packs before 0.1.0's order-independent one: float64
+    sums and L2 norms, which vary with the reduction's thread count. Only read to recognise
+    the backbone of an older pack."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if flat.numel() and flat.is_floating_point():
+            h.update(_samples(flat))
             sums = torch.stack(
                 [flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)]
             )
             h.update(sums.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _samples(flat: torch.Tensor) -> bytes:
+    k = min(16, flat.numel())
+    idx = (torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)).to(flat.device)
+    return bytes(flat[idx].float().cpu().numpy().tobytes())

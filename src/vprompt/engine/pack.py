@@ -368,7 +368,7 @@ def matching_backbone(
     if backbone.name != ref.name:
         raise PackError(f"pack was made for backbone {ref.name!r}, got {backbone.name!r}")
     fp = backbone.fingerprint()
-    if fp != ref.fingerprint:
+    if fp != ref.fingerprint and not _legacy_match(backbone, ref.fingerprint):
         raise PackError(
             f"backbone weights do not match the pack: pack was made with "
             f"{ref.name} weights {ref.weights!r} (fingerprint "
@@ -376,6 +376,15 @@ def matching_backbone(
             f"fingerprint {fp}"
         )
     return backbone
+
+
+def _legacy_match(backbone: FrozenModel, fingerprint: str) -> bool:
+    """Whether ``fingerprint`` is the backbone's in the form packs carried before the
+    order-independent fingerprint (so older packs keep loading on their weights)."""
+    from vprompt.backbones.fingerprint import legacy_weights_fingerprint
+
+    model = getattr(backbone, "model", None)
+    return isinstance(model, torch.nn.Module) and legacy_weights_fingerprint(model) == fingerprint
 
 
 @contextlib.contextmanager
