@@ -10,6 +10,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     data,
     data_setup,
     defend,
+    features,
     pack,
     presets,
     protocol,
