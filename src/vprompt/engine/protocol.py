@@ -470,15 +470,12 @@ def run_one_job(payload: JobPayload) -> dict[str, Any]:
         The job's record (as in ``result.json``).
 
     Raises:
-        ConfigError: This worker's run differs from the driver's (method, config or weights;
-            the weight fingerprint may differ in its last bits across devices, so it is not
-            compared here).
+        ConfigError: This worker's run differs from the driver's (method, config, weights source
+            or the weights' fingerprint, which is exact on any device and thread count).
     """
     run, job = payload.run, payload.job
     runner = _runner_for(run)
-    mine = {k: v for k, v in runner.identity().items() if k != "fingerprint"}
-    theirs = {k: v for k, v in payload.identity.items() if k != "fingerprint"}
-    if mine != theirs:
+    if runner.identity() != payload.identity:
         raise ConfigError(
             "this worker builds a different run than the driver (method, config or weights "
             "differ; is the same vprompt version installed everywhere?)"
