@@ -10,6 +10,12 @@ What one click costs once the image is embedded, and what the embedding itself c
    keeping the best of the three candidates (``best_only``: only that one is upsampled), with
    its stability score.
 
+3. **vprompt + ONNX** (``--onnx``): the same ``Segmenter.decode`` with the prompt encoder +
+   mask decoder exported by ``vprompt export onnx`` and run by onnxruntime on CPU
+   (:class:`~vprompt.segment.onnx_runtime.OnnxSamDecoder`, all objects in one run); the
+   image encoder stays in PyTorch.
+
+Rows: 1, 4, 16 and 64 objects (``--objects-list``), ms per click and per object.
 Both decode with ``multimask_output=True``. Embedding time is the encoder forward on one
 preprocessed image. Weights are random (``--weights none``): timings do not depend on them.
 Every timing is the median of ``--repeats`` after ``--warmup`` untimed runs.
@@ -18,7 +24,7 @@ CPU (what bench/results/sam_click_latency_cpu records)::
 
     .venv/bin/python bench/sam_click_latency.py --device cpu --threads 2 \
         --model sam:vit-base --image-size 1024x768 --repeats 20 --warmup 3 \
-        --embed-repeats 2 --out bench/results/sam_click_latency_cpu
+        --embed-repeats 2 --onnx --out bench/results/sam_click_latency_cpu
 
 GPU (the issue's speed goals: embedding <= 12 ms, one object <= 2 ms, 64 objects <= 8 ms)::
 
@@ -81,6 +87,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--image-size", default="1024x768", help="WxH of the test image")
     parser.add_argument("--objects", type=int, default=64)
+    parser.add_argument("--objects-list", default="1,4,16,64", help="object counts timed")
+    parser.add_argument("--onnx", action="store_true", help="also time the ONNX decoder")
+    parser.add_argument("--onnx-decoder", default=None, help="exported decoder (default: export)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--embed-repeats", type=int, default=3)
@@ -110,9 +119,9 @@ def main() -> None:
     embed_ms = _median_ms(embed, device, args.embed_repeats, 1)
     emb = seg.embed_image(image)
     rng = np.random.default_rng(1)
-    clicks = [(float(x), float(y)) for x, y in rng.uniform(0, 1, (args.objects, 2)) * (w, h)]
-    inputs_one = processor(images=image, input_points=[[[clicks[0]]]], return_tensors="pt")
-    inputs_many = processor(images=image, input_points=[[[c] for c in clicks]], return_tensors="pt")
+    counts = [int(v) for v in args.objects_list.split(",")]
+    n_max = max([args.objects, *counts])
+    clicks = [(float(x), float(y)) for x, y in rng.uniform(0, 1, (n_max, 2)) * (w, h)]
     emb_ref = emb.parts["embeddings"]
 
     def reference(points_inputs: Any) -> Callable[[], Any]:
@@ -131,24 +140,45 @@ def main() -> None:
 
         return run
 
-    def ours(n: int) -> Callable[[], Any]:
+    def ours(n: int, segmenter: Segmenter) -> Callable[[], Any]:
         def run() -> Any:
             # Building and validating the prompts is part of a click's cost.
             prompts = PromptSet(
                 [ObjectPrompt(points=[Point(*c)]) for c in clicks[:n]], image_size=(w, h)
             )
-            return seg.decode(emb, prompts, multimask=True, best_only=True)
+            return segmenter.decode(emb, prompts, multimask=True, best_only=True)
 
         return run
 
+    onnx_seg: Segmenter | None = None
+    if args.onnx:
+        from vprompt.segment.onnx_runtime import OnnxSamDecoder
+
+        decoder = OnnxSamDecoder.for_backbone(
+            backbone, path=args.onnx_decoder, threads=torch.get_num_threads()
+        )
+        onnx_seg = Segmenter(backbone, cache=seg.cache, precision=args.precision, decoder=decoder)
+
     rows = {}
-    for label, n, ref_inputs in (
-        ("1 object", 1, inputs_one),
-        ("64 objects", args.objects, inputs_many),
-    ):
+    for n in counts:
+        label = f"{n} object" + ("s" if n > 1 else "")
+        ref_inputs = processor(
+            images=image, input_points=[[[c] for c in clicks[:n]]], return_tensors="pt"
+        )
+        # Interleaved, so that load from other processes hits every contender alike.
         ref_ms = _median_ms(reference(ref_inputs), device, args.repeats, args.warmup)
-        our_ms = _median_ms(ours(n), device, args.repeats, args.warmup)
-        rows[label] = {"reference_ms": ref_ms, "vprompt_ms": our_ms, "speedup": ref_ms / our_ms}
+        our_ms = _median_ms(ours(n, seg), device, args.repeats, args.warmup)
+        row = {
+            "objects": n,
+            "reference_ms": ref_ms,
+            "vprompt_ms": our_ms,
+            "speedup": ref_ms / our_ms,
+        }
+        if onnx_seg is not None:
+            onnx_ms = _median_ms(ours(n, onnx_seg), device, args.repeats, args.warmup)
+            row.update(onnx_ms=onnx_ms, onnx_speedup=ref_ms / onnx_ms)
+        rows[label] = row
+        print(label, {k: round(v, 2) for k, v in row.items()}, flush=True)
     result = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "vprompt": vprompt.__version__,
@@ -174,14 +204,30 @@ def main() -> None:
         "",
         f"Image embedding (encoder forward): **{embed_ms:.1f} ms**",
         "",
-        "| click → mask (cached embedding) | plain transformers | vprompt | ratio |",
-        "|---|---|---|---|",
+        "| click → mask (cached embedding) | plain transformers | vprompt (torch) | ratio |"
+        " vprompt (ONNX) | ratio | ONNX per object |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
+        onnx = (
+            f" {r['onnx_ms']:.1f} ms | {r['onnx_speedup']:.2f}x | "
+            f"{r['onnx_ms'] / r['objects']:.1f} ms |"
+            if "onnx_ms" in r
+            else " – | – | – |"
+        )
         lines.append(
             f"| {label} | {r['reference_ms']:.1f} ms | {r['vprompt_ms']:.1f} ms | "
-            f"{r['speedup']:.2f}x |"
+            f"{r['speedup']:.2f}x |{onnx}"
         )
+    lines += [
+        "",
+        "Ratios: plain transformers ÷ vprompt. Per object: ONNX ms ÷ objects.",
+        "",
+        "GPU (not run here): `python bench/sam_click_latency.py --device cuda --precision bf16 "
+        "--model sam:vit-base --image-size 1024x768 --repeats 100 --warmup 10 "
+        "--embed-repeats 20 --out bench/results/sam_click_latency_h100` "
+        "(the ONNX decoder is a CPU runtime; --onnx adds it on CPU only)",
+    ]
     text = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(text)
     print(text)

@@ -214,3 +214,21 @@ def test_pickle_pack_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "pickle" in str(info.value)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_onnx_command_writes_a_pack_graph(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vprompt.cli import main
+
+    pack_path = _pack("coop", 0, tmp_path)
+    out = tmp_path / "coop.onnx"
+    result = CliRunner().invoke(
+        main, ["export", "onnx", "--what", "pack", "--pack", str(pack_path), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["method"] == "coop"
+    assert out.is_file()
+    missing = CliRunner().invoke(main, ["export", "onnx", "--what", "pack", "--out", str(out)])
+    assert missing.exit_code != 0
+    assert "--pack" in missing.output

@@ -253,3 +253,28 @@ def test_random_init_is_deterministic_and_frozen():
     a, b = load_backbone("sam:tiny", "none"), load_backbone("sam:tiny", "none")
     assert a.fingerprint() == b.fingerprint()
     assert not any(p.requires_grad for p in a.parameters())
+
+
+def _upsample_reference(logits: torch.Tensor, plan) -> torch.Tensor:
+    """SAM's post-processing as written: padded square, crop, resize to the original."""
+    import torch.nn.functional as F
+
+    up = F.interpolate(logits, plan.padded, mode="bilinear", align_corners=False)
+    up = up[..., : plan.crop[0], : plan.crop[1]]
+    return F.interpolate(up, plan.original, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (640, 480), (1500, 300), (37, 1024)])
+def test_upsample_logits_and_fast_stability_equal_the_plain_computation(size):
+    from vprompt.prompts.resize import ResizeLongestSide
+    from vprompt.segment.segmenter import _masks_and_stability, upsample_logits
+
+    plan = ResizeLongestSide().postprocess_sizes(size)
+    logits = torch.randn(2, 3, *plan.low_res, generator=torch.Generator().manual_seed(0)) * 4
+    ref = _upsample_reference(logits, plan)
+    got = upsample_logits(logits, plan)
+    assert torch.equal(got, ref)  # bit-identical, not just close
+    masks = np.empty(tuple(ref.shape), dtype=bool)
+    stab = _masks_and_stability(got.contiguous().numpy(), masks)
+    np.testing.assert_array_equal(masks, (ref > 0).numpy())
+    np.testing.assert_array_equal(stab, stability_score(ref).numpy())

@@ -10,6 +10,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     data,
     data_setup,
     defend,
+    export,
     features,
     pack,
     presets,

@@ -96,6 +96,34 @@ def build_segmenter(**seg_opts: Any) -> Any:
     return Segmenter.from_options(segmenter_options_from(**seg_opts))
 
 
+def runtime_options(fn: F) -> F:
+    """``--runtime torch|onnx`` and ``--onnx-decoder PATH``."""
+    fn = click.option(
+        "--onnx-decoder",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Decoder from `vprompt export onnx` for --runtime onnx (default: exported to "
+        "$VPROMPT_CACHE/onnx on first use).",
+    )(fn)
+    return click.option(
+        "--runtime",
+        type=click.Choice(["torch", "onnx"]),
+        default="torch",
+        show_default=True,
+        help="What decodes prompts: PyTorch, or onnxruntime on CPU (the image encoder stays "
+        "in PyTorch).",
+    )(fn)
+
+
+def use_runtime(segmenter: Any, runtime: str, onnx_decoder: str | None) -> None:
+    """Swap the segmenter's decoder for the ONNX one when ``runtime`` is ``onnx``."""
+    if runtime != "onnx":
+        return
+    from vprompt.segment.onnx_runtime import OnnxSamDecoder
+
+    segmenter.decoder = OnnxSamDecoder.for_backbone(segmenter.backbone, path=onnx_decoder)
+
+
 def _explain_no_masks(counts: dict[str, int], config: AutomaticMaskConfig) -> None:
     """Which filter removed every candidate, and the option that sets it."""
     decoded, iou, stable = counts.get("decoded", 0), counts.get("pred_iou", 0), counts.get(
@@ -166,6 +194,7 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
 @mask_format_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print result.json on stdout.")
+@runtime_options
 @segmenter_options
 @friendly_errors
 @output_folder("segment")
@@ -182,6 +211,8 @@ def segment_cmd(
     form: str,
     out: str,
     as_json: bool,
+    runtime: str,
+    onnx_decoder: str | None,
     **seg_opts: Any,
 ) -> None:
     """Segment objects in IMAGE from points, boxes, scribbles or masks.
@@ -200,6 +231,7 @@ def segment_cmd(
     from vprompt.utils.npy import ArrayFileError, read_npy
 
     segmenter = build_segmenter(**seg_opts)
+    use_runtime(segmenter, runtime, onnx_decoder)
     pil = segmenter.open_image(image)
     object_prompts = objects_from_cli(
         points=points,

@@ -134,6 +134,21 @@ def _is_loopback(host: str) -> bool:
     help="Point prompts one /automatic request may cost (points_per_side² over its crops).",
 )
 @click.option(
+    "--runtime",
+    type=click.Choice(["torch", "onnx"]),
+    default="torch",
+    show_default=True,
+    help="What decodes segment prompts: PyTorch, or onnxruntime on CPU (the image encoder "
+    "stays in PyTorch).",
+)
+@click.option(
+    "--onnx-decoder",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Decoder from `vprompt export onnx` for --runtime onnx (default: exported to "
+    "$VPROMPT_CACHE/onnx on first use).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -163,6 +178,8 @@ def serve_cmd(
     allow_download: bool,
     allowed_hosts: tuple[str, ...],
     max_automatic_prompts: int,
+    runtime: str,
+    onnx_decoder: str | None,
     log_level: str,
 ) -> None:
     """Serve the segmentation / classification API and the web page.
@@ -204,6 +221,8 @@ def serve_cmd(
         inspect_weights=inspect_weights,
         inspect_image_size=inspect_size,
         max_inspect_targets=max_inspect_targets,
+        runtime="onnx" if runtime == "onnx" else "torch",
+        onnx_decoder=onnx_decoder,
     )
     click.echo(f"vprompt: loading {model} …", err=True)
     app = create_app(settings)

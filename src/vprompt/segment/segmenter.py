@@ -107,7 +107,33 @@ def stability_score(
     """
     inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int32)
     union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int32)
+    return _stability_ratio(inter, union)
+
+
+def _stability_ratio(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """int32 pixel counts → :func:`stability_score`."""
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter.float()))
+
+
+def _masks_and_stability(
+    full: NDArray[np.float32], masks: NDArray[np.bool_]
+) -> NDArray[np.float32]:
+    """Threshold N x K x H x W CPU logits into ``masks`` (same shape) and return their
+    stability scores, equal to :func:`stability_score`'s.
+
+    numpy's whole-array ``count_nonzero`` counts a bool plane several times faster than a
+    reduction over two axes (torch's or numpy's).
+    """
+    np.greater(full, MASK_THRESHOLD, out=masks)
+    n, k = full.shape[:2]
+    counts = np.zeros((2, n, k), dtype=np.int32)
+    for i in range(n):
+        for j in range(k):
+            plane = full[i, j]
+            counts[0, i, j] = np.count_nonzero(plane > MASK_THRESHOLD + STABILITY_OFFSET)
+            counts[1, i, j] = np.count_nonzero(plane > MASK_THRESHOLD - STABILITY_OFFSET)
+    ratio = _stability_ratio(torch.from_numpy(counts[0]), torch.from_numpy(counts[1]))
+    return np.asarray(ratio.numpy(), dtype=np.float32)
 
 
 def lone_click(obj: ObjectPrompt) -> bool:
@@ -123,8 +149,18 @@ def upsample_logits(logits: torch.Tensor, plan: MaskPostprocess) -> torch.Tensor
     """
     if plan.direct:
         return F.interpolate(logits, plan.original, mode="bilinear", align_corners=False)
-    up = F.interpolate(logits, plan.padded, mode="bilinear", align_corners=False)
-    up = up[..., : plan.crop[0], : plan.crop[1]]
+    (lh, lw), (ph, pw) = logits.shape[-2:], plan.padded
+    if ph % lh == 0 and pw % lw == 0:
+        # Only the cropped part of the padded square: given the padded square's scale, the
+        # kernel samples every kept pixel exactly as the full-size resize does.
+        up = torch.ops.aten.upsample_bilinear2d.default(
+            logits, list(plan.crop), False, float(ph // lh), float(pw // lw)
+        )
+    else:
+        up = F.interpolate(logits, plan.padded, mode="bilinear", align_corners=False)
+        up = up[..., : plan.crop[0], : plan.crop[1]]
+    if tuple(plan.crop) == tuple(plan.original):
+        return up  # a bilinear resize to the same size is the identity
     return F.interpolate(up, plan.original, mode="bilinear", align_corners=False)
 
 
@@ -136,6 +172,9 @@ class Segmenter:
         cache: Embedding cache; a private in-memory one by default.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``bf16`` or ``fp32``.
         max_pixels: Largest image (in pixels) accepted from files.
+        decoder: What decodes prompts (``decode`` with :meth:`SamBackbone.decode`'s
+            contract): the backbone itself by default, or an
+            :class:`~vprompt.segment.onnx_runtime.OnnxSamDecoder`.
     """
 
     def __init__(
@@ -145,8 +184,10 @@ class Segmenter:
         cache: EmbeddingCache | None = None,
         precision: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decoder: Any | None = None,
     ) -> None:
         self.backbone = backbone
+        self.decoder: Any = decoder if decoder is not None else backbone
         self.cache = cache if cache is not None else EmbeddingCache()
         self.precision = resolve_precision(precision, backbone.device)
         self.max_pixels = max_pixels
@@ -255,7 +296,7 @@ class Segmenter:
                 lone_click(group.prompts.objects[0]) if multimask == "auto" else bool(multimask)
             )
             with self._autocast():
-                logits, iou = self.backbone.decode(
+                logits, iou = self.decoder.decode(
                     emb.parts,
                     arrays,
                     multimask=group_multi,
@@ -272,6 +313,16 @@ class Segmenter:
             for start in range(0, len(idx), _CHUNK):
                 rows = idx[start : start + _CHUNK]
                 full = upsample_logits(logits[start : start + _CHUNK], plan)
+                if full.device.type == "cpu" and full.dtype == torch.float32:
+                    chunk = full.detach().contiguous().numpy()
+                    if np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):  # in place
+                        span = slice(int(rows[0]), int(rows[-1]) + 1)
+                        out_stab[span] = _masks_and_stability(chunk, out_masks[span])
+                    else:
+                        masks = np.empty(chunk.shape, dtype=bool)
+                        out_stab[rows] = _masks_and_stability(chunk, masks)
+                        out_masks[rows] = masks
+                    continue
                 out_masks[rows] = (full > MASK_THRESHOLD).cpu().numpy()
                 out_stab[rows] = stability_score(full).cpu().numpy()
         return Segmentation(masks=out_masks, logits=out_logits, iou=out_iou, stability=out_stab)

@@ -45,6 +45,12 @@ class Service:
             precision=settings.precision,
             max_pixels=settings.max_pixels,
         )
+        if settings.runtime == "onnx":
+            from vprompt.segment.onnx_runtime import OnnxSamDecoder
+
+            self.segmenter.decoder = OnnxSamDecoder.for_backbone(
+                self.segmenter.backbone, path=settings.onnx_decoder
+            )
         self.classifiers = Classifiers(
             classifier=settings.classifier,
             classifier_weights=settings.classifier_weights,

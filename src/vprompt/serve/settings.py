@@ -68,6 +68,10 @@ class ServeSettings:
         inspect_image_size: Side of the frame the defect search embeds images at (None: the
             backbone's own input size).
         max_inspect_targets: Target images one ``/api/find-similar`` request may search.
+        runtime: What decodes segment prompts: ``torch``, or ``onnx`` (onnxruntime on CPU;
+            the image encoder stays in PyTorch).
+        onnx_decoder: The ``.onnx`` decoder for ``runtime="onnx"`` (None: exported into
+            ``$VPROMPT_CACHE/onnx`` on first use).
     """
 
     model: str = "sam:vit-base"
@@ -98,6 +102,8 @@ class ServeSettings:
     inspect_weights: str | None = None
     inspect_image_size: int | None = None
     max_inspect_targets: int = 32
+    runtime: Literal["torch", "onnx"] = "torch"
+    onnx_decoder: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,6 +123,10 @@ class ServeSettings:
             "max_inspect_targets",
         ):
             _positive_int(name, getattr(self, name))
+        if self.runtime not in ("torch", "onnx"):
+            raise ConfigError(
+                f"serve setting runtime: expected torch or onnx, got {self.runtime!r}"
+            )
         hosts = tuple(self.allowed_hosts)
         if not hosts or not all(isinstance(h, str) and h.strip() for h in hosts):
             raise ConfigError(
