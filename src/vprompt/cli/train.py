@@ -156,15 +156,12 @@ def train_cmd(
     Under ``torchrun --nproc_per_node N -m vprompt train …`` the N processes train one prompt
     data-parallel (``optim.batch_size`` is the global batch); rank 0 writes and reports.
     """
+    options = dict(locals())  # every option, by name (no positional list to keep in order)
     from vprompt.engine import distributed
 
     # Joined before anything is written, so no rank writes before every rank checked --out.
     with distributed.process_group(device) as rank_device:
-        _train(
-            method_name, preset_name, model, weights, data_spec, data_root, shots, subsample,
-            out_dir, overrides, descriptions, unlabeled, seed, train_subset, test_subset, resume,
-            workers, feature_cache, no_feature_cache, str(rank_device), as_json, overwrite,
-        )  # fmt: skip
+        _train(**{**options, "device": str(rank_device)})
 
 
 def _train(
