@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 import click
@@ -47,6 +49,20 @@ subsample_option = click.option(
     type=click.Choice(["all", "base", "new"]),
     help="Benchmark datasets: keep the base or new half of the classes.",
 )
+
+
+def _data_parallel(fn: Callable[..., None]) -> Callable[..., None]:
+    """Run the command inside torchrun's process group when torchrun launched it, on this
+    rank's device. Joined after --out was checked and before anything is written there."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        from vprompt.engine import distributed
+
+        with distributed.process_group(kwargs["device"]) as rank_device:
+            fn(*args, **{**kwargs, "device": str(rank_device)})
+
+    return run
 
 
 @main.command("train")
@@ -127,6 +143,7 @@ subsample_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the final test metrics as JSON.")
 @friendly_errors
 @output_folder("train", param="out_dir", by_inputs=False, pass_overwrite=True)
+@_data_parallel
 def train_cmd(
     method_name: str | None,
     preset_name: str | None,
@@ -156,38 +173,6 @@ def train_cmd(
     Under ``torchrun --nproc_per_node N -m vprompt train …`` the N processes train one prompt
     data-parallel (``optim.batch_size`` is the global batch); rank 0 writes and reports.
     """
-    options = dict(locals())  # every option, by name (no positional list to keep in order)
-    from vprompt.engine import distributed
-
-    # Joined before anything is written, so no rank writes before every rank checked --out.
-    with distributed.process_group(device) as rank_device:
-        _train(**{**options, "device": str(rank_device)})
-
-
-def _train(
-    method_name: str | None,
-    preset_name: str | None,
-    model: str | None,
-    weights: str | None,
-    data_spec: tuple[str, ...],
-    data_root: str | None,
-    shots: int | None,
-    subsample: str,
-    out_dir: str,
-    overrides: tuple[str, ...],
-    descriptions: str | None,
-    unlabeled: str | None,
-    seed: int,
-    train_subset: int | None,
-    test_subset: int | None,
-    resume: bool,
-    workers: int,
-    feature_cache: str | None,
-    no_feature_cache: bool,
-    device: str,
-    as_json: bool,
-    overwrite: bool,
-) -> None:
     from vprompt.engine import distributed
     from vprompt.engine.experiment import Experiment, run
     from vprompt.methods.presets import get_preset
