@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,13 +22,25 @@ def weights_fingerprint(module: nn.Module) -> str:
     Returns:
         16 lowercase hex characters.
     """
+    return _fingerprint(module, _checksums)
+
+
+def legacy_weights_fingerprint(module: nn.Module) -> str:
+    """The fingerprint vprompt wrote into packs before 0.1.0's order-independent one: float64
+    sums and L2 norms, which vary with the reduction's thread count. Only read to recognise
+    the backbone of an older pack."""
+    return _fingerprint(module, _float_sums)
+
+
+def _fingerprint(module: nn.Module, sums: Callable[[torch.Tensor], bytes]) -> str:
+    """Keys, shapes, dtypes, 16 samples and ``sums(flat)`` of every floating-point tensor."""
     h = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         if flat.numel() and flat.is_floating_point():
             h.update(_samples(flat))
-            h.update(_checksums(flat))
+            h.update(sums(flat))
     return h.hexdigest()[:16]
 
 
@@ -36,27 +49,18 @@ def _checksums(flat: torch.Tensor, block: int = 4096) -> bytes:
     reduction is split, and position-sensitive at block granularity."""
     bits = flat.contiguous().view(_INT_VIEW[flat.element_size()])
     full = bits.numel() // block * block
-    sums = [bits[:full].view(-1, block).sum(dim=1, dtype=torch.int64)] if full else []
+    parts = [bits[:full].view(-1, block).sum(dim=1, dtype=torch.int64)] if full else []
     if full < bits.numel():
-        sums.append(bits[full:].sum(dtype=torch.int64).reshape(1))
-    return bytes(torch.cat(sums).cpu().numpy().tobytes())
+        parts.append(bits[full:].sum(dtype=torch.int64).reshape(1))
+    return bytes(torch.cat(parts).cpu().numpy().tobytes())
 
 
-def legacy_weights_fingerprint(module: nn.Module) -> str:
-    """The fingerprint vprompt wrote into packs before 0.1.0's order-independent one: float64
-    sums and L2 norms, which vary with the reduction's thread count. Only read to recognise
-    the backbone of an older pack."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        if flat.numel() and flat.is_floating_point():
-            h.update(_samples(flat))
-            sums = torch.stack(
-                [flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)]
-            )
-            h.update(sums.cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def _float_sums(flat: torch.Tensor) -> bytes:
+    """The float64 sum and L2 norm (the earlier fingerprint's, thread-count dependent)."""
+    sums = torch.stack(
+        [flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)]
+    )
+    return bytes(sums.cpu().numpy().tobytes())
 
 
 def _samples(flat: torch.Tensor) -> bytes:
