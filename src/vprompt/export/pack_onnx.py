@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from vprompt.errors import ConfigError, VPromptError
+from vprompt.export.onnx_graph import trace_to_onnx
 from vprompt.methods.base import PromptMethod
 
 ONNX_FORMAT = "vprompt-onnx-pack"
@@ -87,31 +86,6 @@ def input_spec(method: PromptMethod) -> dict[str, Any]:
         return {**method.backbone.preprocess.to_dict(), "range": "normalised"}
     shape = transform(Image.new("RGB", (64, 64))).shape
     return {"size": [int(shape[-2]), int(shape[-1])], "range": "method-specific"}
-
-
-def _export(graph: PackGraph, example: torch.Tensor, path: Path, opset: int, dynamic: bool) -> None:
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    with warnings.catch_warnings(), torch.no_grad():
-        # Tracer warnings name Python values the trace keeps; the parity check below is what
-        # decides whether the graph is right.
-        warnings.simplefilter("ignore")
-        # nn.MultiheadAttention's fused inference kernel has no ONNX form; its plain path does.
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            torch.onnx.export(
-                graph,
-                (example,),
-                str(path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _check_parity(
@@ -184,8 +158,6 @@ def export_pack_onnx(
         ConfigError: A method that cannot be a static graph (with the reason), or a graph that
             does not reproduce PyTorch's logits.
     """
-    import onnx
-
     from vprompt import __version__
     from vprompt.engine.pack import build_from_pack, load_pack
     from vprompt.utils.io import atomic_path
@@ -203,18 +175,6 @@ def export_pack_onnx(
     with torch.no_grad():
         graph(example)  # fills the method's once-per-prompt caches: traced as constants
 
-    with tempfile.TemporaryDirectory(prefix="vprompt-onnx-") as tmp:
-        raw = Path(tmp) / "graph.onnx"
-        try:
-            _export(graph, example, raw, opset, batch_dynamic)
-        except VPromptError:
-            raise
-        except Exception as exc:  # the exporter's many error types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-            raise ConfigError(
-                f"cannot export a {pack.method} pack to ONNX (opset {opset}): {first}"
-            ) from exc
-        model = onnx.load(str(raw))
     props = {
         "format": ONNX_FORMAT,
         "method": pack.method,
@@ -227,9 +187,24 @@ def export_pack_onnx(
         "vprompt_version": __version__,
         "pack_vprompt_version": pack.vprompt_version,
     }
-    onnx.helper.set_model_props(model, props)
-    model.producer_name = "vprompt"
-    model.producer_version = __version__
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if batch_dynamic else None
+    try:
+        model = trace_to_onnx(
+            graph,
+            [example],
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=axes,
+            opset=opset,
+            props=props,
+        )
+    except VPromptError:
+        raise
+    except Exception as exc:  # the exporter's many error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        raise ConfigError(
+            f"cannot export a {pack.method} pack to ONNX (opset {opset}): {first}"
+        ) from exc
     model_bytes = model.SerializeToString()
     max_diff: float | None = None
     try:

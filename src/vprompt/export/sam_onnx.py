@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from vprompt.errors import ConfigError
+from vprompt.export.onnx_graph import trace_to_onnx
 from vprompt.export.sam_decoder_graph import (
     MaskSelection,
     SamDecoderGraph,
@@ -229,25 +229,17 @@ def _write(
     """Trace ``module`` to an ONNX file at ``path`` (atomically) carrying ``meta``."""
     import onnx
 
+    model = trace_to_onnx(
+        module,
+        inputs,
+        input_names=names,
+        output_names=outputs,
+        dynamic_axes=dynamic,
+        opset=opset,
+        props=meta.props(),
+    )
     with atomic_path(Path(path)) as tmp:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(
-                module,
-                tuple(inputs),
-                str(tmp),
-                input_names=names,
-                output_names=outputs,
-                dynamic_axes=dynamic,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        proto = onnx.load(str(tmp))
-        for key, value in meta.props().items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
+        onnx.save(model, str(tmp))
 
 
 def cache_path(backbone: Any, cache_dir: str | os.PathLike[str]) -> Path:
