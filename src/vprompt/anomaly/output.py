@@ -73,30 +73,36 @@ def score_images(
     device = next((p.device for p in method.backbone.parameters()), torch.device("cpu"))
     stems = unique_stems(paths)
     rows: list[dict[str, Any]] = []
-    maps_all: list[tuple[Image.Image, NDArray[np.float32], str]] = []
+    # Only the S x S maps stay in memory: the images and their full-size maps are rebuilt for
+    # the overlays, which need the run's colour scale and so wait for the last image.
+    framed: list[NDArray[np.float32]] = []
+    low, high = math.inf, -math.inf
     for start in tqdm(range(0, len(paths), batch_size), desc="scoring", unit="batch", leave=False):
         chunk = paths[start : start + batch_size]
         images = [load_image(p, max_pixels=max_pixels) for p in chunk]
         with torch.no_grad():
             res = method.score(batch_to_frame(images, frame).to(device))
         for i, (p, im) in enumerate(zip(chunk, images, strict=True)):
-            full = map_to_image(res.maps[i].float().cpu().numpy(), frame, im.size)
+            small = res.maps[i].float().cpu().numpy()
+            full = map_to_image(small, frame, im.size)
+            low, high = min(low, float(full.min())), max(high, float(full.max()))
+            stem = stems[start + i]
             row: dict[str, Any] = {"image": str(p), "score": float(res.image_scores[i])}
             if threshold is not None:
                 row["defect"] = bool(full.max() > threshold)
                 row["defect_fraction"] = float((full > threshold).mean())
+            row["heatmap"] = f"heatmaps/{stem}.png"
+            if threshold is not None:
+                mask = Image.fromarray(((full > threshold) * 255).astype(np.uint8))
+                _save_png(mask, out / "masks" / f"{stem}.png")
+                row["mask"] = f"masks/{stem}.png"
             rows.append(row)
-            maps_all.append((im, full, stems[start + i]))
+            framed.append(small)
     # One colour scale for the whole run, so heat maps compare across images.
-    low = min(float(m.min()) for _, m, _ in maps_all)
-    high = max(float(m.max()) for _, m, _ in maps_all)
-    for (im, full, stem), row in zip(maps_all, rows, strict=True):
-        _save_png(overlay(im, full, low, high), out / "heatmaps" / f"{stem}.png")
-        row["heatmap"] = f"heatmaps/{stem}.png"
-        if threshold is not None:
-            mask = Image.fromarray(((full > threshold) * 255).astype(np.uint8))
-            _save_png(mask, out / "masks" / f"{stem}.png")
-            row["mask"] = f"masks/{stem}.png"
+    for p, small, row in zip(paths, framed, rows, strict=True):
+        im = load_image(p, max_pixels=max_pixels)
+        full = map_to_image(small, frame, im.size)
+        _save_png(overlay(im, full, low, high), out / row["heatmap"])
     summary = {
         "method": method.name,
         "model": method.backbone.name,
