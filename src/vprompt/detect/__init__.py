@@ -12,21 +12,59 @@ from vprompt.backbones.detection import (
     Exemplar,
     register_detector,
 )
+from vprompt.detect.coco_data import (
+    CocoDataError,
+    CocoDetectionSet,
+    check_coco_detection,
+    read_coco_detection,
+)
+from vprompt.detect.evaluate import (
+    EVAL_FILTER,
+    CocoMetrics,
+    DetectionReport,
+    evaluate_detection,
+    run_cocoeval,
+)
 from vprompt.detect.export import coco_detections, draw_detections, write_detections
+from vprompt.detect.find_all import (
+    ExemplarChoice,
+    FindAllReport,
+    choose_exemplars,
+    evaluate_find_all,
+)
 from vprompt.detect.finder import Finder
+from vprompt.detect.refcoco import GroundingReport, Ref, check_refs, evaluate_grounding, read_refs
 from vprompt.detect.result import DetectionFilter, Detections, box_iou
 
 __all__ = [
     "DETECTORS",
+    "EVAL_FILTER",
+    "CocoDataError",
+    "CocoDetectionSet",
+    "CocoMetrics",
     "DetectionFilter",
+    "DetectionReport",
     "Detections",
     "DetectorCapabilities",
     "DetectorSpec",
     "Exemplar",
+    "ExemplarChoice",
+    "FindAllReport",
     "Finder",
+    "GroundingReport",
+    "Ref",
     "box_iou",
+    "check_coco_detection",
+    "check_refs",
+    "choose_exemplars",
     "coco_detections",
     "draw_detections",
+    "evaluate_detection",
+    "evaluate_find_all",
+    "evaluate_grounding",
+    "read_coco_detection",
+    "read_refs",
     "register_detector",
+    "run_cocoeval",
     "write_detections",
 ]
