@@ -10,6 +10,8 @@ from vprompt.cli import (  # noqa: F401  (registers)
     data,
     data_setup,
     defend,
+    detect,
+    detect_eval,
     export,
     features,
     pack,
