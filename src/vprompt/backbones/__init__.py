@@ -1,6 +1,7 @@
 """Frozen backbones: the only package that imports open_clip / transformers / timm / torchvision.
 
-Every family registers itself here on import, so ``load_backbone`` knows every name.
+Every family registers itself here on import (detector families register in their own
+module, with their detector entry), so ``load_backbone`` knows every name.
 """
 
 from vprompt.backbones.classifier import ClassifierBackbone
@@ -24,6 +25,7 @@ from vprompt.backbones.registry import (
     split_name,
 )
 from vprompt.backbones.sam import SAM_FAMILY, SamBackbone
+from vprompt.backbones.sam3 import SAM3_FAMILY, Sam3Backbone
 from vprompt.backbones.seggpt import SEGGPT_FAMILY, SegGptBackbone
 from vprompt.backbones.timm_family import TIMM_FAMILY
 from vprompt.backbones.torchvision_family import TORCHVISION_FAMILY
@@ -37,6 +39,7 @@ register_family(SEGGPT_FAMILY)
 __all__ = [
     "FAMILIES",
     "RANDOM_INIT",
+    "SAM3_FAMILY",
     "SAM_FAMILY",
     "SEGGPT_FAMILY",
     "Backbone",
@@ -48,6 +51,7 @@ __all__ = [
     "NotAViTError",
     "Preprocess",
     "PromptableSegmenter",
+    "Sam3Backbone",
     "SamBackbone",
     "SegGptBackbone",
     "TokenBackbone",

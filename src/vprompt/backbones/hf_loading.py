@@ -75,14 +75,20 @@ def random_init(name: str, build_config: Callable[[], Any], model_cls: Any) -> n
 
 
 def load_pretrained(
-    name: str, weights: str, *, model_cls: Any, model_type: str, tags: list[str]
+    name: str,
+    weights: str,
+    *,
+    model_cls: Any,
+    model_type: str | tuple[str, ...],
+    tags: list[str],
 ) -> nn.Module:
     """Load ``model_cls`` from a hub id or a local folder, strictly.
 
     Args:
         name: The ``family:arch`` name, for messages.
         weights: The source as the user gave it.
-        model_type: The ``model_type`` the checkpoint's config must carry.
+        model_type: The ``model_type`` the checkpoint's config must carry (or one of several,
+            for releases that wrap the model in a larger one, e.g. SAM 3's video model).
         tags: Registered tags, for suggestions when the source is neither a folder nor an id.
     """
     source = weights.removeprefix("hf-hub:")
@@ -108,9 +114,11 @@ def load_pretrained(
 
         config = tf.AutoConfig.from_pretrained(where, local_files_only=local)
         found = getattr(config, "model_type", None)
-        if found != model_type:
+        accepted = (model_type,) if isinstance(model_type, str) else model_type
+        if found not in accepted:
+            wanted = " or ".join(repr(t) for t in accepted)
             raise WeightsError(
-                f"{weights}: holds a {found!r} model, but {name} needs a {model_type!r} checkpoint"
+                f"{weights}: holds a {found!r} model, but {name} needs a {wanted} checkpoint"
             )
         model, info = model_cls.from_pretrained(
             where,
