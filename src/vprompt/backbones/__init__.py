@@ -6,6 +6,7 @@ module, with their detector entry), so ``load_backbone`` knows every name.
 
 from vprompt.backbones.classifier import ClassifierBackbone
 from vprompt.backbones.clip import CLIP_FAMILY, ClipBackbone
+from vprompt.backbones.owl import OWLV2_FAMILY, OWLVIT_FAMILY, OwlBackbone
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import (
     Backbone,
@@ -38,6 +39,8 @@ register_family(SEGGPT_FAMILY)
 
 __all__ = [
     "FAMILIES",
+    "OWLV2_FAMILY",
+    "OWLVIT_FAMILY",
     "RANDOM_INIT",
     "SAM3_FAMILY",
     "SAM_FAMILY",
@@ -49,6 +52,7 @@ __all__ = [
     "DeepPromptBackbone",
     "ImageTextBackbone",
     "NotAViTError",
+    "OwlBackbone",
     "Preprocess",
     "PromptableSegmenter",
     "Sam3Backbone",

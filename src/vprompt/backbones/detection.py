@@ -188,6 +188,8 @@ class DetectorSpec:
         tiny_model: The test architecture (random init, builds in well under a second).
         score_threshold: The reference's default score threshold for this model.
         nms_iou: Default NMS IoU (1.0: the model's output needs none, e.g. DETR-style sets).
+        exemplar_nms_iou: Default NMS IoU when only exemplars are given (None: ``nms_iou``);
+            OWL's image-guided post-processing suppresses at 0.3 where its text path does not.
     """
 
     family: str
@@ -197,6 +199,7 @@ class DetectorSpec:
     tiny_model: str
     score_threshold: float
     nms_iou: float = 0.5
+    exemplar_nms_iou: float | None = None
 
 
 DETECTORS: Registry[DetectorSpec] = Registry("detector")

@@ -65,6 +65,16 @@ def box_prompts(detections: Detections) -> PromptSet:
     return PromptSet(objects, image_size=(w, h))
 
 
+def segment_boxes(segmenter: Segmenter, image: Image.Image, detections: Detections) -> Detections:
+    """Masks for every detection's box, all objects in one decode of the image's (cached)
+    embedding: grounded segmentation's second half."""
+    w, h = image.size
+    if len(detections) == 0:
+        return detections.with_masks(np.zeros((0, h, w), dtype=bool))
+    seg = segmenter.segment(image, box_prompts(detections), multimask=False)
+    return detections.with_masks(seg.masks[:, 0])
+
+
 class Finder:
     """A frozen detector, its reference post-processing and an optional box-to-mask segmenter.
 
@@ -119,9 +129,16 @@ class Finder:
             )
         return cls(detector=detector, spec=spec, segmenter=segmenter, max_pixels=max_pixels)
 
-    def default_filter(self, **overrides: Any) -> DetectionFilter:
-        """The detector's reference defaults, with any field overridden (None: keep)."""
-        base = DetectionFilter(score_threshold=self.spec.score_threshold, nms_iou=self.spec.nms_iou)
+    def default_filter(self, *, exemplars_only: bool = False, **overrides: Any) -> DetectionFilter:
+        """The detector's reference defaults, with any field overridden (None: keep).
+
+        Args:
+            exemplars_only: The defaults of an exemplar-only call (image-guided NMS).
+        """
+        nms = self.spec.nms_iou
+        if exemplars_only and self.spec.exemplar_nms_iou is not None:
+            nms = self.spec.exemplar_nms_iou
+        base = DetectionFilter(score_threshold=self.spec.score_threshold, nms_iou=nms)
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **given)
 
@@ -163,7 +180,7 @@ class Finder:
         names = query_names(cleaned, exemplars, self.detector)
         output = self.detector.detect(rgb, queries=cleaned, exemplars=list(exemplars))
         found = Detections.from_output(output, queries=names, image_size=rgb.size)
-        found = found.filtered(filter or self.default_filter())
+        found = found.filtered(filter or self.default_filter(exemplars_only=not cleaned))
         if masks and self.segmenter is not None:
             found = self.segment(rgb, found)
         return found
@@ -173,8 +190,4 @@ class Finder:
         the image's (cached) embedding."""
         if self.segmenter is None:
             raise ConfigError("no segmenter attached (load the Finder with masks='sam:…')")
-        w, h = image.size
-        if len(detections) == 0:
-            return detections.with_masks(np.zeros((0, h, w), dtype=bool))
-        seg = self.segmenter.segment(image, box_prompts(detections), multimask=False)
-        return detections.with_masks(seg.masks[:, 0])
+        return segment_boxes(self.segmenter, image, detections)
