@@ -67,6 +67,25 @@ def _is_loopback(host: str) -> bool:
     type=click.IntRange(min=1),
     help="Target images one /api/find-similar request may search.",
 )
+@click.option(
+    "--detector",
+    default=None,
+    help="Open-vocabulary detector for /api/images/{id}/find and the page's find tools "
+    "(a registered detector as FAMILY:ARCH or FAMILY; see `vprompt models`). Default: none.",
+)
+@click.option("--detector-weights", default=None, help="Weight source of --detector.")
+@click.option(
+    "--detector-masks",
+    is_flag=True,
+    help="Turn found boxes into masks with the server's segmenter (--model).",
+)
+@click.option(
+    "--max-queries",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Text queries one find request may carry.",
+)
 @device_option
 @precision_option
 @click.option(
@@ -167,6 +186,10 @@ def serve_cmd(
     inspect_weights: str | None,
     inspect_size: int | None,
     max_inspect_targets: int,
+    detector: str | None,
+    detector_weights: str | None,
+    detector_masks: bool,
+    max_queries: int,
     device: str,
     precision: str,
     max_upload_mb: float,
@@ -188,6 +211,7 @@ def serve_cmd(
     vprompt serve                                   # http://127.0.0.1:8000/
     vprompt serve --model sam:tiny --weights none   # tiny random model, for trying it out
     vprompt serve --classifier clip:ViT-B-16 --pack flowers=flowers.safetensors
+    vprompt serve --detector owlv2 --detector-masks  # find objects from words or examples
     """
     try:
         import uvicorn
@@ -223,8 +247,13 @@ def serve_cmd(
         max_inspect_targets=max_inspect_targets,
         runtime="onnx" if runtime == "onnx" else "torch",
         onnx_decoder=onnx_decoder,
+        detector=detector,
+        detector_weights=detector_weights,
+        detector_masks=detector_masks,
+        max_queries=max_queries,
     )
-    click.echo(f"vprompt: loading {model} …", err=True)
+    loading = model if detector is None else f"{model} and {detector}"
+    click.echo(f"vprompt: loading {loading} …", err=True)
     app = create_app(settings)
     if not _is_loopback(host):
         click.echo(

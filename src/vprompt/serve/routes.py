@@ -18,6 +18,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from vprompt.errors import ConfigError, PromptError
 from vprompt.segment.automatic import AutomaticMaskConfig, GenerationStopped
 from vprompt.serve.classify import predict_image
+from vprompt.serve.detection import detection_rows
 from vprompt.serve.errors import ApiError
 from vprompt.serve.inspection import found_regions, heatmap_rows, marked_region
 from vprompt.serve.runner import ThreadSlots, in_thread
@@ -26,6 +27,8 @@ from vprompt.serve.schemas import (
     AutomaticResponse,
     ClassifyResponse,
     ErrorResponse,
+    FindRequest,
+    FindResponse,
     FindSimilarRequest,
     FindSimilarResponse,
     Health,
@@ -49,6 +52,7 @@ _E = {"model": ErrorResponse}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: _E,
     404: _E,
+    409: _E,
     413: _E,
     415: _E,
     422: _E,
@@ -89,9 +93,11 @@ def build_router(service: Service) -> APIRouter:
             "cache_limit_bytes": cache.max_bytes,
         }
 
-    @router.get("/models", response_model=ModelsInfo)
+    # exclude_unset: "detector" is left out, not null, on a server without one.
+    @router.get("/models", response_model=ModelsInfo, response_model_exclude_unset=True)
     async def models() -> dict[str, Any]:
-        """The segmenter, the zero-shot classifier (or null) and the loaded pack names."""
+        """The segmenter, the zero-shot classifier (or null), the loaded pack names, the
+        inspect backbone and, on a server started with one, the detector of ``/find``."""
         return service.models_info()
 
     @router.post("/images", status_code=201, response_model=ImageInfo)
@@ -288,5 +294,23 @@ def build_router(service: Service) -> APIRouter:
             }
 
         return await in_thread(encode)
+
+    @router.post(
+        "/images/{image_id}/find", response_model=FindResponse, response_model_exclude_none=True
+    )
+    async def find(image_id: str, body: FindRequest) -> dict[str, Any]:
+        """Every object on the image matching the text queries and / or the example boxes
+        (on this or other uploaded images), best first, with masks on request."""
+        host = service.require_detector()
+        host.check_counts(body)  # before any lookup: an oversized request is refused as such
+        record = store.get(image_id)
+        plan = host.plan(body, lambda i, ref: _named(f"exemplars[{i}].image_id", ref).image)
+        found = await service.runner.run(host.find, record.image, plan)
+        rows = await in_thread(detection_rows, found, body.format)
+        return {
+            "detections": rows,
+            "queries": list(found.queries),
+            "image": _info(image_id, record.size),
+        }
 
     return router

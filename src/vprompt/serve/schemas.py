@@ -50,11 +50,35 @@ class InspectorInfo(BaseModel):
     loaded: bool = Field(description="whether the first inspect request has loaded it yet")
 
 
+class DetectorCapabilitiesOut(BaseModel):
+    text: bool = Field(description="takes text queries")
+    exemplars: bool = Field(description="takes example boxes (image-guided queries)")
+    negative_exemplars: bool = Field(description="example boxes may be negative")
+    masks: bool = Field(
+        description="can return masks (its own, or from the server's segmenter with "
+        "--detector-masks)"
+    )
+
+
+class DetectorInfo(BaseModel):
+    name: str
+    weights: str
+    description: str
+    capabilities: DetectorCapabilitiesOut
+    score_threshold: float = Field(description="default score threshold (the model's reference)")
+    nms_iou: float = Field(description="default NMS IoU (1.0: no NMS)")
+    max_queries: int = Field(description="text queries one find request may carry")
+    max_exemplars: int = Field(description="example boxes one find request may carry")
+
+
 class ModelsInfo(BaseModel):
     segmenter: SegmenterInfo
     classifier: ClassifierInfo | None
     packs: list[str]
     inspector: InspectorInfo
+    detector: DetectorInfo | None = Field(
+        default=None, description="only present when the server was started with --detector"
+    )
 
 
 class ImageInfo(BaseModel):
@@ -227,3 +251,49 @@ class FindSimilarResponse(BaseModel):
     targets: list[str]
     regions: list[FoundRegionOut]
     heatmaps: list[HeatmapOut]
+
+
+class ExemplarIn(BaseModel):
+    """An example object: a box on an uploaded image (this one or another)."""
+
+    image_id: str = Field(description="the image the box is on (already uploaded)")
+    box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in its pixels")
+    positive: bool = Field(
+        default=True, description="false: an object not to find (detectors with negatives)"
+    )
+
+
+class FindRequest(BaseModel):
+    """What to find on the image: text queries and/or example boxes, and the post-processing
+    (defaults: the detector's reference settings, see ``/api/models``)."""
+
+    queries: list[str] = Field(
+        default_factory=list, description="class names, phrases or expressions to find"
+    )
+    exemplars: list[ExemplarIn] = Field(default_factory=list)
+    score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    nms_iou: float | None = Field(default=None, ge=0.0, le=1.0, description="1.0: no NMS")
+    class_agnostic: bool = Field(
+        default=False, description="suppress overlapping boxes across queries too"
+    )
+    top_k: int | None = Field(default=None, ge=1, le=1000, description="most detections kept")
+    masks: bool = Field(default=False, description="also return an instance mask per detection")
+    format: MaskFormat = "rle"
+
+
+class DetectionOut(BaseModel):
+    box: list[float] = Field(description="[x0, y0, x1, y1] in the image's pixels")
+    score: float
+    label: int = Field(description="index into the response's `queries`")
+    query: str
+    area: int | float = Field(description="pixels in the mask with masks, else the box's area")
+    mask: MaskData | None = Field(default=None, description="only with `masks: true`")
+
+
+class FindResponse(BaseModel):
+    detections: list[DetectionOut] = Field(description="best score first")
+    queries: list[str] = Field(
+        description="what each label stands for: the text queries, then `exemplar K` (or "
+        "one `exemplars` concept)"
+    )
+    image: ImageInfo

@@ -15,6 +15,7 @@ from vprompt.segment.automatic import AutomaticMaskConfig, AutomaticMaskGenerato
 from vprompt.segment.cache import EmbeddingCache
 from vprompt.segment.segmenter import ImageEmbedding, Segmentation, Segmenter, lone_click
 from vprompt.serve.classify import Classifiers
+from vprompt.serve.detection import DetectorHost, no_detector_error
 from vprompt.serve.inspection import Inspector
 from vprompt.serve.runner import ModelRunner
 from vprompt.serve.settings import ServeSettings
@@ -31,6 +32,7 @@ class Service:
         segmenter: The promptable segmenter, with a memory-bounded embedding cache.
         classifiers: Zero-shot classifier and packs.
         inspector: The defect-search backbone (loaded on the first inspect request).
+        detector: The find endpoint's detector (None without ``settings.detector``).
         store: Uploaded images and their refinement logits.
         runner: The model lock.
     """
@@ -66,6 +68,20 @@ class Service:
             device=settings.device,
             image_size=settings.inspect_image_size,
         )
+        self.detector = (
+            None
+            if settings.detector is None
+            else DetectorHost(
+                model=settings.detector,
+                weights=settings.detector_weights,
+                device=settings.device,
+                segmenter=self.segmenter if settings.detector_masks else None,
+                max_pixels=settings.max_pixels,
+                max_queries=settings.max_queries,
+                max_exemplars=settings.max_exemplars,
+                max_masks=settings.max_objects,
+            )
+        )
         self.store = ImageStore(
             max_images=settings.max_images,
             max_bytes=settings.max_store_bytes,
@@ -77,6 +93,8 @@ class Service:
     def models_info(self) -> dict[str, object]:
         """The ``/api/models`` body."""
         backbone = self.segmenter.backbone
+        # "detector" only when there is one: clients written before it see the same body.
+        extra = {} if self.detector is None else {"detector": self.detector.info()}
         return {
             "segmenter": {
                 "name": backbone.name,
@@ -86,7 +104,14 @@ class Service:
             "classifier": self.classifiers.info(),
             "packs": sorted(self.classifiers.packs),
             "inspector": self.inspector.info(),
+            **extra,
         }
+
+    def require_detector(self) -> DetectorHost:
+        """The detector, or the 409 saying how to start the server with one."""
+        if self.detector is None:
+            raise no_detector_error()
+        return self.detector
 
     def check_image(self, image: Image.Image) -> None:
         """Raise PromptError for an image the segmenter cannot take (too elongated for its

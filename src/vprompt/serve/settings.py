@@ -72,6 +72,13 @@ class ServeSettings:
             the image encoder stays in PyTorch).
         onnx_decoder: The ``.onnx`` decoder for ``runtime="onnx"`` (None: exported into
             ``$VPROMPT_CACHE/onnx`` on first use).
+        detector: Open-vocabulary detector of ``/api/images/{id}/find`` (a registered
+            detector, ``family:arch`` or a bare family), loaded at start-up; None: no find.
+        detector_weights: Its weight source (None: the architecture's default).
+        detector_masks: Turn found boxes into masks with the server's segmenter (sharing its
+            embedding cache).
+        max_queries: Text queries in one find request.
+        max_exemplars: Example boxes in one find request.
     """
 
     model: str = "sam:vit-base"
@@ -104,6 +111,11 @@ class ServeSettings:
     max_inspect_targets: int = 32
     runtime: Literal["torch", "onnx"] = "torch"
     onnx_decoder: str | None = None
+    detector: str | None = None
+    detector_weights: str | None = None
+    detector_masks: bool = False
+    max_queries: int = 16
+    max_exemplars: int = 16
 
     def __post_init__(self) -> None:
         for name in (
@@ -121,12 +133,16 @@ class ServeSettings:
             "max_automatic_prompts",
             "max_automatic_crops",
             "max_inspect_targets",
+            "max_queries",
+            "max_exemplars",
         ):
             _positive_int(name, getattr(self, name))
         if self.runtime not in ("torch", "onnx"):
             raise ConfigError(
                 f"serve setting runtime: expected torch or onnx, got {self.runtime!r}"
             )
+        if self.detector_masks and self.detector is None:
+            raise ConfigError("serve setting detector_masks: needs a detector (--detector MODEL)")
         hosts = tuple(self.allowed_hosts)
         if not hosts or not all(isinstance(h, str) and h.strip() for h in hosts):
             raise ConfigError(

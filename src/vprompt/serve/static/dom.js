@@ -66,6 +66,20 @@ export const el = {
   inspectHeatmap: $("inspect-heatmap"),
   inspectResults: $("inspect-results"),
   inspectStrip: $("inspect-strip"),
+  findPanel: $("find-panel"),
+  findForm: $("find-form"),
+  findQueries: $("find-queries"),
+  findExamples: $("find-examples"),
+  clearExamples: $("clear-examples"),
+  exampleNegative: $("example-negative"),
+  exampleNegativeLabel: $("example-negative-label"),
+  findThreshold: $("find-threshold"),
+  findTopk: $("find-topk"),
+  findMasks: $("find-masks"),
+  findMasksLabel: $("find-masks-label"),
+  findResults: $("find-results"),
+  findToObjects: $("find-to-objects"),
+  findClear: $("find-clear"),
 };
 
 export function setStatus(message) {

@@ -10,6 +10,7 @@ import { layout, view } from "./canvas.js";
 import { classify, loadModels, onPackChange } from "./classify.js";
 import { clearError, el } from "./dom.js";
 import { exportCoco, exportPng, exportVoc, exportYolo } from "./exporters.js";
+import { findSummary, hasDetector, setupFind, wireFind } from "./find.js";
 import { clearAll, deleteObject, newObject, redo, undo } from "./history.js";
 import { clearInspectBoxes, findSimilar, inspectSummary, renderInspect } from "./inspect.js";
 import { chooseLabelByIndex, wireLabels } from "./labels.js";
@@ -81,7 +82,11 @@ function onKeyDown(event) {
     return;
   }
   const tools = { p: "positive", n: "negative", b: "box", s: "scribble", a: "paint", x: "erase", i: "inspect" };
-  if (tools[key] && !event.shiftKey) {
+  if (hasDetector()) tools.g = "example";
+  if (key === "f" && hasDetector() && !event.shiftKey && !el.findQueries.closest("[hidden]")) {
+    event.preventDefault();
+    el.findQueries.focus();
+  } else if (tools[key] && !event.shiftKey) {
     event.preventDefault();
     setTool(tools[key]);
   } else if (key === "o" && !event.shiftKey) {
@@ -126,6 +131,7 @@ el.classifyPack.addEventListener("change", onPackChange);
 el.findSimilar.addEventListener("click", findSimilar);
 el.clearMarks.addEventListener("click", clearInspectBoxes);
 el.inspectHeatmap.addEventListener("change", renderInspect);
+wireFind();
 
 // Pan drags (viewport.js) come first; everything else goes to the prompt tools.
 el.prompt.addEventListener("pointerdown", (e) => panDown(e) || onPointerDown(e));
@@ -174,7 +180,7 @@ wireViewport();
 wireSession();
 renderQueue();
 updateControls();
-loadModels();
+loadModels().then(setupFind);
 
 // A small read-only handle for tests and debugging.
 window.vprompt = {
@@ -205,6 +211,10 @@ window.vprompt = {
    * rank}]}) or null. */
   inspect() {
     return inspectSummary();
+  },
+  /** Find mode: the open image's example boxes and last result (find.js), or null. */
+  find() {
+    return findSummary();
   },
   labels() {
     return state.labels.map((l) => ({ ...l, active: l.id === state.activeLabel }));

@@ -9,8 +9,14 @@ import { activeRecord, current, displayed, image, labelName, lookOf, shownResult
 const POS_COLOR = "#1a9e3a";
 const NEG_COLOR = "#d62828";
 const INSPECT_COLOR = "#ff8c00";
+const EXAMPLE_COLOR = "#00b4d8";
 const MASK_ALPHA = 128; // ~0.5
 const EDGE_ALPHA = 235;
+
+/** More things drawn on the prompt canvas, in image pixels, after the objects' prompts:
+ * functions (ctx, u = one device pixel in image units, px = one CSS pixel in device pixels),
+ * added by the modules that own them (find.js). */
+export const promptLayers = [];
 
 let overlayKey = null;
 let overlaySource = null;
@@ -136,13 +142,19 @@ export function renderPrompts() {
     ctx.strokeStyle = INSPECT_COLOR;
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
   }
+  for (const draw of promptLayers) {
+    ctx.save();
+    draw(ctx, u, px);
+    ctx.restore();
+  }
   const drag = state.drag;
-  if (drag && (drag.kind === "box" || drag.kind === "inspect") && drag.end) {
+  if (drag && (drag.kind === "box" || drag.kind === "inspect" || drag.kind === "example") && drag.end) {
     const rec = activeRecord();
     const [x0, y0, x1, y1] = normBox(drag.start, drag.end);
     ctx.setLineDash([6 * px * u, 4 * px * u]);
     ctx.lineWidth = 2 * px * u;
-    ctx.strokeStyle = drag.kind === "inspect" ? INSPECT_COLOR : rec ? rgb(rec.color) : "#ffffff";
+    const marks = { inspect: INSPECT_COLOR, example: EXAMPLE_COLOR };
+    ctx.strokeStyle = marks[drag.kind] || (rec ? rgb(rec.color) : "#ffffff");
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     ctx.setLineDash([]);
   } else if (drag && (drag.kind === "scribble" || drag.kind === "brush")) {

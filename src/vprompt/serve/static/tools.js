@@ -1,11 +1,12 @@
 /* tools.js: the prompt tools (positive/negative point, box, scribble), the mask brush and
- * eraser (brush.js) and the pointer input
+ * eraser (brush.js), the inspect and find example boxes, and the pointer input
  * on the prompt canvas: clicks add points, drags draw a box or a scribble (state.drag while in
  * progress), each finished prompt is one undoable edit of the active object.
  */
 import { applyBrush } from "./brush.js";
 import { normBox, toImage, view } from "./canvas.js";
 import { el, setStatus } from "./dom.js";
+import { addExample } from "./find.js";
 import { editActive } from "./history.js";
 import { addInspectBox } from "./inspect.js";
 import { renderPrompts } from "./overlay.js";
@@ -48,8 +49,8 @@ export function onPointerDown(event) {
   }
   if (event.button !== 0) return;
   el.prompt.setPointerCapture(event.pointerId);
-  if (tool === "box" || tool === "inspect") {
-    state.drag = { kind: tool === "box" ? "box" : "inspect", pointerId: event.pointerId, start: p, end: null, client: [event.clientX, event.clientY] };
+  if (tool === "box" || tool === "inspect" || tool === "example") {
+    state.drag = { kind: tool, pointerId: event.pointerId, start: p, end: null, client: [event.clientX, event.clientY] };
   } else if (tool === "scribble") {
     state.drag = {
       kind: "scribble",
@@ -72,7 +73,7 @@ export function onPointerMove(event) {
   const drag = state.drag;
   if (!drag || event.pointerId !== drag.pointerId) return;
   const p = toImage(event);
-  if (drag.kind === "box" || drag.kind === "inspect") {
+  if (drag.kind === "box" || drag.kind === "inspect" || drag.kind === "example") {
     drag.end = p;
   } else {
     const pts = drag.scribble.points;
@@ -89,7 +90,7 @@ export function onPointerUp(event) {
   const finished = state.drag;
   state.drag = null;
   if (el.prompt.hasPointerCapture(event.pointerId)) el.prompt.releasePointerCapture(event.pointerId);
-  if (finished.kind === "box" || finished.kind === "inspect") {
+  if (finished.kind === "box" || finished.kind === "inspect" || finished.kind === "example") {
     const end = toImage(event);
     const moved = Math.hypot(event.clientX - finished.client[0], event.clientY - finished.client[1]);
     const box = normBox(finished.start, end);
@@ -100,6 +101,10 @@ export function onPointerUp(event) {
     }
     if (finished.kind === "inspect") {
       addInspectBox(box); // a defect mark for inspect mode, not a prompt
+      return;
+    }
+    if (finished.kind === "example") {
+      addExample(box); // an example object for find.js, not a prompt
       return;
     }
     editActive((rec) => {
