@@ -14,6 +14,7 @@ from vprompt.cli import (  # noqa: F401  (registers)
     detect_eval,
     export,
     features,
+    ground,
     pack,
     presets,
     protocol,

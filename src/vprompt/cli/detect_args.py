@@ -15,58 +15,78 @@ from vprompt.cli.common import device_option
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def detector_options(fn: F, *, model_required: bool = True) -> F:
-    """``--model``, ``--weights``, ``--masks``, the filter and the image-size limit."""
-    options = [
-        click.option(
-            "--model",
-            required=model_required,
-            default=None,
-            help="Detector as FAMILY:ARCH or a bare FAMILY for its default "
-            "(`vprompt detect --list` shows the detectors).",
-        ),
-        click.option(
-            "--weights",
-            default=None,
-            help="Hub id, local save_pretrained folder, or 'none' (random init). "
-            "Default: the architecture's hub id.",
-        ),
-        click.option(
-            "--masks",
-            "mask_model",
-            default=None,
-            metavar="sam:ARCH",
-            help="Turn every kept box into a mask with this segmenter (one batched decode).",
-        ),
-        click.option("--mask-weights", default=None, help="Weight source of --masks."),
-        click.option(
-            "--score-threshold",
-            type=float,
-            default=None,
-            help="Keep detections scoring at least this (default: the detector's reference).",
-        ),
-        click.option(
-            "--nms-iou",
-            type=float,
-            default=None,
-            help="Suppress boxes overlapping a better one above this IoU (1 = off; default: "
-            "the detector's).",
-        ),
-        click.option("--class-agnostic", is_flag=True, help="NMS across queries, not within."),
-        click.option(
-            "--top-k", type=click.IntRange(min=0), default=None, help="Keep at most K (0 = all)."
-        ),
-        click.option(
-            "--max-pixels",
-            default=None,
-            type=click.IntRange(min=1),
-            help="Refuse images with more pixels than this (default: Pillow's bomb limit).",
-        ),
-        device_option,
-    ]
+def _apply(fn: F, options: list[Callable[[F], F]]) -> F:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def model_options(fn: F, *, model_required: bool = False) -> F:
+    """``--model``, ``--weights``, ``--masks``, ``--mask-weights``, ``--max-pixels``, device."""
+    return _apply(
+        fn,
+        [
+            click.option(
+                "--model",
+                required=model_required,
+                default=None,
+                help="Detector as FAMILY:ARCH or a bare FAMILY for its default "
+                "(`vprompt detectors` lists them).",
+            ),
+            click.option(
+                "--weights",
+                default=None,
+                help="Hub id, local save_pretrained folder, or 'none' (random init). "
+                "Default: the architecture's hub id.",
+            ),
+            click.option(
+                "--masks",
+                "mask_model",
+                default=None,
+                metavar="sam:ARCH",
+                help="Turn kept boxes into masks with this segmenter (one batched decode).",
+            ),
+            click.option("--mask-weights", default=None, help="Weight source of --masks."),
+            click.option(
+                "--max-pixels",
+                default=None,
+                type=click.IntRange(min=1),
+                help="Refuse images with more pixels than this (default: Pillow's bomb limit).",
+            ),
+            device_option,
+        ],
+    )
+
+
+def detector_options(fn: F) -> F:
+    """:func:`model_options` with ``--model`` required, plus the post-processing filter."""
+    fn = _apply(
+        fn,
+        [
+            click.option(
+                "--score-threshold",
+                type=float,
+                default=None,
+                help="Keep detections scoring at least this (default: the detector's "
+                "reference value).",
+            ),
+            click.option(
+                "--nms-iou",
+                type=float,
+                default=None,
+                help="Suppress boxes overlapping a better one above this IoU (1 = off; "
+                "default: the detector's).",
+            ),
+            click.option("--class-agnostic", is_flag=True, help="NMS across queries, not within."),
+            click.option(
+                "--top-k",
+                type=click.IntRange(min=0),
+                default=None,
+                help="Keep at most K (0 = all).",
+            ),
+        ],
+    )
+    return model_options(fn, model_required=True)
 
 
 def build_finder(

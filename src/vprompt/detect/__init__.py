@@ -33,12 +33,31 @@ from vprompt.detect.find_all import (
     evaluate_find_all,
 )
 from vprompt.detect.finder import Finder
+from vprompt.detect.grounding import (
+    GROUNDING_METHODS,
+    CandidateSource,
+    GroundingOptions,
+    GroundingResult,
+    ground,
+    register_grounding_method,
+)
+from vprompt.detect.markers import MARKERS, Region, get_marker, with_params
 from vprompt.detect.refcoco import GroundingReport, Ref, check_refs, evaluate_grounding, read_refs
+from vprompt.detect.referring import (
+    RankResult,
+    rank_regions,
+    regions_from_boxes,
+    regions_from_detections,
+)
 from vprompt.detect.result import DetectionFilter, Detections, box_iou
+from vprompt.detect.set_of_mark import SetOfMarks, render_set_of_marks
 
 __all__ = [
     "DETECTORS",
     "EVAL_FILTER",
+    "GROUNDING_METHODS",
+    "MARKERS",
+    "CandidateSource",
     "CocoDataError",
     "CocoDetectionSet",
     "CocoMetrics",
@@ -51,8 +70,13 @@ __all__ = [
     "ExemplarChoice",
     "FindAllReport",
     "Finder",
+    "GroundingOptions",
     "GroundingReport",
+    "GroundingResult",
+    "RankResult",
     "Ref",
+    "Region",
+    "SetOfMarks",
     "box_iou",
     "check_coco_detection",
     "check_refs",
@@ -62,9 +86,17 @@ __all__ = [
     "evaluate_detection",
     "evaluate_find_all",
     "evaluate_grounding",
+    "get_marker",
+    "ground",
+    "rank_regions",
     "read_coco_detection",
     "read_refs",
+    "regions_from_boxes",
+    "regions_from_detections",
     "register_detector",
+    "register_grounding_method",
+    "render_set_of_marks",
     "run_cocoeval",
+    "with_params",
     "write_detections",
 ]
