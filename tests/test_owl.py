@@ -139,7 +139,9 @@ def test_owlv2_pads_bottom_right_and_boxes_map_back_to_the_image(
         return boxes
 
     monkeypatch.setattr(model, "box_predictor", fake)
+    backbone.clear_cache()
     boxes = backbone.embed(_image(w, h)).pixel_boxes
+    backbone.clear_cache()
     torch.testing.assert_close(boxes[0], torch.tensor([0.0, 0.0, w, h]), atol=1e-4, rtol=0)
     torch.testing.assert_close(boxes[1], torch.tensor([0.0, 0.0, w, h]), atol=1e-4, rtol=0)
 
@@ -159,7 +161,9 @@ def test_owlvit_stretches_and_boxes_scale_per_axis(
         return boxes
 
     monkeypatch.setattr(model, "box_predictor", fake)
+    backbone.clear_cache()
     boxes = backbone.embed(_image(w, h)).pixel_boxes
+    backbone.clear_cache()
     torch.testing.assert_close(boxes[0], torch.tensor([0.0, 0.0, 96.0, 64.0]), atol=1e-4, rtol=0)
     torch.testing.assert_close(boxes[1], torch.tensor([0.0, 32.0, 48.0, 64.0]), atol=1e-4, rtol=0)
 
@@ -335,6 +339,7 @@ def test_an_embedding_scores_many_query_sets_without_the_vision_tower(
 ) -> None:
     backbone = tiny["owlvit"]
     image = _image(64, 96, seed=7)
+    backbone.clear_cache()
     direct = backbone.detect(image, queries=QUERIES)
     calls: list[int] = []
     embedder = _model(backbone).image_embedder
@@ -344,12 +349,16 @@ def test_an_embedding_scores_many_query_sets_without_the_vision_tower(
         return embedder(**kwargs)
 
     monkeypatch.setattr(backbone.model, "image_embedder", counted)
-    emb = backbone.embed(image)
+    emb = backbone.embed(image.copy())  # same pixels, another object: the cached embedding
     again = backbone.detect(emb, queries=QUERIES)
     backbone.detect(emb, queries=["a cat"], exemplars=[Exemplar(image, (0, 0, 40, 40))])
-    assert len(calls) == 1  # the exemplar on the embedded image reused it too
+    backbone.detect(image, queries=["a dog"])
+    assert calls == []  # neither the embedding, the exemplar nor a new query set reran it
     assert torch.equal(direct.scores, again.scores)
     assert torch.equal(direct.boxes, again.boxes)
+    backbone.clear_cache()
+    backbone.detect(image, queries=["a dog"])
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("kind", KINDS)

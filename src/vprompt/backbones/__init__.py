@@ -6,6 +6,12 @@ module, with their detector entry), so ``load_backbone`` knows every name.
 
 from vprompt.backbones.classifier import ClassifierBackbone
 from vprompt.backbones.clip import CLIP_FAMILY, ClipBackbone
+from vprompt.backbones.clipseg import CLIPSEG_FAMILY, ClipSegBackbone
+from vprompt.backbones.grounding_dino import (
+    GROUNDING_DINO_FAMILY,
+    MM_GROUNDING_DINO_FAMILY,
+    GroundingDinoBackbone,
+)
 from vprompt.backbones.owl import OWLV2_FAMILY, OWLVIT_FAMILY, OwlBackbone
 from vprompt.backbones.preprocess import Preprocess, build_eval_transform
 from vprompt.backbones.protocols import (
@@ -38,7 +44,10 @@ register_family(SAM_FAMILY)
 register_family(SEGGPT_FAMILY)
 
 __all__ = [
+    "CLIPSEG_FAMILY",
     "FAMILIES",
+    "GROUNDING_DINO_FAMILY",
+    "MM_GROUNDING_DINO_FAMILY",
     "OWLV2_FAMILY",
     "OWLVIT_FAMILY",
     "RANDOM_INIT",
@@ -49,7 +58,9 @@ __all__ = [
     "BackboneFamily",
     "ClassifierBackbone",
     "ClipBackbone",
+    "ClipSegBackbone",
     "DeepPromptBackbone",
+    "GroundingDinoBackbone",
     "ImageTextBackbone",
     "NotAViTError",
     "OwlBackbone",

@@ -13,6 +13,7 @@ Coordinates: boxes are ``x0, y0, x1, y1`` floats in pixels of the image as given
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,15 @@ class Exemplar:
 
     def __post_init__(self) -> None:
         check_box(self.box, self.image.size, what="exemplar box")
+
+
+def pixel_key(image: Image.Image) -> str:
+    """A digest of an image's RGB pixels and size: the key of per-image embedding caches
+    (same pixels, same key, whatever PIL object holds them)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+    digest.update(f"{rgb.size}".encode())
+    return digest.hexdigest()
 
 
 def check_box(

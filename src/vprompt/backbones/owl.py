@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from vprompt.backbones.detection import (
     DetectorSpec,
     Exemplar,
     check_queries,
+    pixel_key,
     register_detector,
 )
 from vprompt.backbones.downloads import download_advice, offline_unless_reachable, unreachable
@@ -52,6 +54,7 @@ EXEMPLAR_IOU_FRACTION = 0.8
 # transformers' post_process_image_guided_detection suppresses overlaps above this IoU
 # (scenic's playground uses 0.7); text detection in both references applies no NMS.
 IMAGE_GUIDED_NMS_IOU = 0.3
+EMBEDDING_CACHE_SIZE = 4
 _TEXT_BATCH = 256  # text queries per pass of the text tower (LVIS has 1203 classes)
 _TEXT_CACHE_SIZE = 4096
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -173,6 +176,10 @@ class OwlBackbone(nn.Module):
         self.context = int(config.text_config.max_position_embeddings)
         self._fingerprint: str | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
+        # The last few images' embeddings by pixel content: a server or a CLI run asks many
+        # query sets of the same image, and exemplars come from a few reference images.
+        self._embeddings: OrderedDict[str, OwlImageEmbedding] = OrderedDict()
+        self.vision_runs = 0  # vision-tower runs, for tests and benchmarks
 
     @property
     def device(self) -> torch.device:
@@ -183,11 +190,30 @@ class OwlBackbone(nn.Module):
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
-    @torch.inference_mode()
     def embed(self, image: Image.Image) -> OwlImageEmbedding:
-        """Run the vision tower, box head and class embedding on one image."""
+        """The vision tower, box head and class embedding of one image (reused for the same
+        pixels among the last :data:`EMBEDDING_CACHE_SIZE` images)."""
+        rgb = image.convert("RGB")
+        key = pixel_key(rgb)
+        cached = self._embeddings.get(key)
+        if cached is not None:
+            self._embeddings.move_to_end(key)
+            return cached
+        embedding = self._embed(rgb)
+        self._embeddings[key] = embedding
+        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def clear_cache(self) -> None:
+        """Forget the cached image embeddings (the next call reruns the vision tower)."""
+        self._embeddings.clear()
+
+    @torch.inference_mode()
+    def _embed(self, image: Image.Image) -> OwlImageEmbedding:
+        self.vision_runs += 1
         model: Any = self.model
-        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, next(model.parameters()).dtype)
         feature_map = model.image_embedder(pixel_values=pixels)[0]  # 1 x h x w x D
         features = feature_map.reshape(1, -1, feature_map.shape[-1])  # 1 x P x D

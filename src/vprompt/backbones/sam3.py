@@ -27,7 +27,6 @@ folder saved by ``save_pretrained``, or ``none`` (deterministic random init from
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from vprompt.backbones.detection import (
     Exemplar,
     check_box,
     check_queries,
+    pixel_key,
     register_detector,
 )
 from vprompt.backbones.downloads import offline_unless_reachable
@@ -106,14 +106,6 @@ def boxes_from_model(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.
     return xyxy * torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
 
 
-def _pixel_key(image: Image.Image) -> str:
-    """A digest of an image's RGB pixels and size (same pixels ⇔ same key)."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
-    digest.update(f"{rgb.size}".encode())
-    return digest.hexdigest()
-
-
 class Sam3Backbone(nn.Module):
     """A frozen SAM 3 concept detector and segmenter.
 
@@ -170,7 +162,7 @@ class Sam3Backbone(nn.Module):
     def vision_features(self, image: Image.Image) -> Any:
         """The image's encoder features (``Sam3VisionEncoderOutput``, batch of 1), computed
         once per distinct image: the last image's features are kept for the next call."""
-        return self._vision_features(image, _pixel_key(image))
+        return self._vision_features(image, pixel_key(image))
 
     def _vision_features(self, image: Image.Image, key: str) -> Any:
         param = next(self.model.parameters())
@@ -225,7 +217,7 @@ class Sam3Backbone(nn.Module):
                 f"{self.name}: only negative exemplars and no text; a concept needs a text "
                 "query or at least one positive exemplar"
             )
-        key = _pixel_key(image)
+        key = pixel_key(image)
         geometry = self._exemplar_prompts(image, key, exemplars) if exemplars else None
         tokens = self._tokenize(texts or [EXEMPLAR_ONLY_TEXT])
         features = self._vision_features(image, key)
@@ -275,7 +267,7 @@ class Sam3Backbone(nn.Module):
         for i, ex in enumerate(exemplars):
             if ex.image is not image:
                 if id(ex.image) not in keys:  # hash each distinct reference image once
-                    keys[id(ex.image)] = _pixel_key(ex.image)
+                    keys[id(ex.image)] = pixel_key(ex.image)
                 if keys[id(ex.image)] != key:
                     w, h = ex.image.size
                     raise PromptError(
