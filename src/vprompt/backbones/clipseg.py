@@ -49,9 +49,13 @@ from vprompt.backbones.detection import (
     check_queries,
     register_detector,
 )
-from vprompt.backbones.fingerprint import weights_fingerprint
-from vprompt.backbones.grounding_dino import load_processor
-from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
+from vprompt.backbones.hf_loading import (
+    HubCatalogue,
+    load_pretrained,
+    load_pretrained_processor,
+    random_init,
+)
+from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import clip_tokenizer
 from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
 from vprompt.errors import PromptError
@@ -242,7 +246,7 @@ def map_instances(
     )
 
 
-class ClipSegBackbone(nn.Module):
+class ClipSegBackbone(HFBackbone):
     """A frozen text- and image-prompted segmenter, as a detector of connected regions.
 
     Shapes: N prompts (text queries, then exemplars), S the model's square input side,
@@ -267,22 +271,9 @@ class ClipSegBackbone(nn.Module):
         weights: str,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model=model, name=name, weights=weights)
         self.processor = processor
-        self.name = name
-        self.weights = weights
         self.mask_threshold = mask_threshold
-        self._fingerprint: str | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         """RGB image → 1 x 3 x S x S, as the model's processor squashes it."""
@@ -424,7 +415,7 @@ def build_clipseg(arch: str, weights: str, device: torch.device) -> ClipSegBackb
     if weights == RANDOM_INIT:
         processor = random_init_processor(ARCHS[arch].side)
     else:
-        processor = load_processor(name, weights, tf.CLIPSegProcessor)
+        processor = load_pretrained_processor(name, weights, tf.CLIPSegProcessor)
     backbone = ClipSegBackbone(model=model.eval(), processor=processor, name=name, weights=weights)
     return backbone.to(device)
 

@@ -28,9 +28,7 @@ with vprompt's offline WordPiece tokenizer). Only safetensors checkpoints are re
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +43,6 @@ from vprompt.backbones.detection import (
     check_queries,
     register_detector,
 )
-from vprompt.backbones.downloads import download_advice, offline_unless_reachable, unreachable
-from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.grounding_dino_configs import (
     GROUNDING_DINO_ARCHS,
     MAX_TEXT_LEN,
@@ -56,7 +52,13 @@ from vprompt.backbones.grounding_dino_configs import (
     GroundingArch,
     GroundingKind,
 )
-from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
+from vprompt.backbones.hf_loading import (
+    HubCatalogue,
+    load_pretrained,
+    load_pretrained_processor,
+    random_init,
+)
+from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import wordpiece_tokenizer, wordpiece_vocab_size
 from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
 from vprompt.errors import PromptError, WeightsError
@@ -94,43 +96,6 @@ def random_config(kind: GroundingKind, spec: GroundingArch) -> Any:
     overrides = dict(spec.config)
     overrides["text_config"] = {**overrides["text_config"], "vocab_size": wordpiece_vocab_size()}
     return config_cls(**overrides)
-
-
-def load_processor(name: str, weights: str, processor_cls: Any) -> Any:
-    """The processor saved with a hub repo or a local ``save_pretrained`` folder.
-
-    Call after the model loaded from the same source (that validated the source).
-
-    Raises:
-        WeightsError: The folder or repo has no processor files, or the hub is unreachable.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    source = weights.removeprefix("hf-hub:")
-    path = Path(source).expanduser()
-    local = path.is_dir()
-    where = str(path) if local else source
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        cached = local or isinstance(try_to_load_from_cache(source, "tokenizer_config.json"), str)
-        with offline_unless_reachable(not cached):
-            return processor_cls.from_pretrained(where, local_files_only=local)
-    except Exception as exc:  # hub, tokenizer and config errors come in many types
-        if not local and unreachable(exc):
-            raise download_advice(
-                f"{name} processor {weights!r}",
-                f"Hugging Face hub repository {source}",
-                f"{source} (preprocessor_config.json and the tokenizer files)",
-                "the hub cache (HF_HUB_CACHE)",
-            ) from exc
-        text = " ".join(str(exc).split())[:300]
-        raise WeightsError(
-            f"{weights}: no usable {processor_cls.__name__} for {name} (save the processor "
-            f"with save_pretrained next to the model): {text}"
-        ) from exc
-    finally:
-        logging.disable(previous)
 
 
 @functools.cache
@@ -229,7 +194,7 @@ def grounded_candidates(
     return DetectorOutput(boxes=boxes.cpu(), scores=scores.cpu(), labels=labels.cpu())
 
 
-class GroundingDinoBackbone(nn.Module):
+class GroundingDinoBackbone(HFBackbone):
     """A frozen text-grounded detector (Grounding DINO or MM-Grounding-DINO).
 
     Shapes: Q decoder queries (900 for released models), L = 256 caption tokens.
@@ -244,11 +209,8 @@ class GroundingDinoBackbone(nn.Module):
     capabilities = CAPABILITIES
 
     def __init__(self, *, model: nn.Module, processor: Any, name: str, weights: str) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model=model, name=name, weights=weights)
         self.processor = processor
-        self.name = name
-        self.weights = weights
         config: Any = model.config
         self.max_text_len = int(config.max_text_len)
         ids = processor.tokenizer.convert_tokens_to_ids(list(DELIMITERS))
@@ -258,16 +220,6 @@ class GroundingDinoBackbone(nn.Module):
         inner: Any = model.model
         with torch.no_grad():
             inner.special_tokens.copy_(torch.tensor(ids, dtype=torch.long))
-        self._fingerprint: str | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
     def encode_caption(
         self, queries: Sequence[str]
@@ -370,7 +322,7 @@ def _family_parts(family: str, kind: GroundingKind, archs: dict[str, GroundingAr
         if weights == RANDOM_INIT:
             processor = random_init_processor(archs[arch].image_size)
         else:
-            processor = load_processor(name, weights, tf.GroundingDinoProcessor)
+            processor = load_pretrained_processor(name, weights, tf.GroundingDinoProcessor)
         backbone = GroundingDinoBackbone(
             model=model.eval(), processor=processor, name=name, weights=weights
         )

@@ -150,3 +150,62 @@ def load_pretrained(
             f"unexpected keys {unexpected[:5]}"
         )
     return model
+
+
+def load_pretrained_processor(
+    name: str,
+    weights: str,
+    processor_cls: Any,
+    *,
+    probe: str | tuple[str, ...] = "tokenizer_config.json",
+) -> Any:
+    """The processor saved with the weights (a hub repo or a local ``save_pretrained`` folder),
+    offline when the hub cannot be reached and ``probe`` is in the hub cache.
+
+    Call after the model loaded from the same source (that validated the source).
+
+    Args:
+        processor_cls: The class to load (``AutoProcessor`` or the model's own).
+        probe: Processor file name(s), any of which in a folder or the hub cache means the
+            processor is there.
+
+    Raises:
+        WeightsError: The folder has no processor files, the hub is unreachable, or the
+            files do not load as ``processor_cls``.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    source = weights.removeprefix("hf-hub:")
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    probes = (probe,) if isinstance(probe, str) else probe
+    if local and not any((path / name_).is_file() for name_ in probes):
+        raise WeightsError(
+            f"weights folder {path} has no {' or '.join(probes)} (save the processor there "
+            "with save_pretrained too)"
+        )
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        cached = local or any(
+            isinstance(try_to_load_from_cache(source, name_), str) for name_ in probes
+        )
+        with offline_unless_reachable(not cached):
+            return processor_cls.from_pretrained(
+                str(path) if local else source, local_files_only=local
+            )
+    except Exception as exc:  # hub, tokenizer and config errors come in many types
+        if not local and unreachable(exc):
+            raise download_advice(
+                f"{name} processor {weights!r}",
+                f"Hugging Face hub repository {source}",
+                f"{source} (preprocessor_config.json and the tokenizer files)",
+                "the hub cache (HF_HUB_CACHE)",
+            ) from exc
+        text = " ".join(str(exc).split())[:300]
+        raise WeightsError(
+            f"{weights}: no usable {processor_cls.__name__} for {name} (save the processor "
+            f"with save_pretrained next to the model): {text}"
+        ) from exc
+    finally:
+        logging.disable(previous)

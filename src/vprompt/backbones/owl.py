@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +39,13 @@ from vprompt.backbones.detection import (
     pixel_key,
     register_detector,
 )
-from vprompt.backbones.downloads import download_advice, offline_unless_reachable, unreachable
-from vprompt.backbones.fingerprint import weights_fingerprint
-from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
+from vprompt.backbones.hf_loading import (
+    HubCatalogue,
+    load_pretrained,
+    load_pretrained_processor,
+    random_init,
+)
+from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import clip_tokenizer
 from vprompt.backbones.owl_configs import ARCHS, MODEL_TYPES, TEXT_CONTEXT, TINY_ARCHS, OwlKind
 from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
@@ -145,7 +147,7 @@ def select_exemplar_box(
     return int(candidates[torch.argmin(similarity)])
 
 
-class OwlBackbone(nn.Module):
+class OwlBackbone(HFBackbone):
     """A frozen OWLv2 or OWL-ViT detector (:class:`~vprompt.backbones.detection.DetectorBackbone`).
 
     Shapes: P predicted boxes per image (``(S / patch)^2``: 3600 for OWLv2 B/16), Q queries.
@@ -162,11 +164,8 @@ class OwlBackbone(nn.Module):
     def __init__(
         self, *, model: nn.Module, processor: Any, name: str, weights: str, kind: OwlKind
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model=model, name=name, weights=weights)
         self.processor = processor
-        self.name = name
-        self.weights = weights
         self.kind: OwlKind = kind
         self.capabilities = CAPABILITIES
         self.pads_to_square = kind == "owlv2" and bool(
@@ -174,21 +173,11 @@ class OwlBackbone(nn.Module):
         )
         config: Any = model.config
         self.context = int(config.text_config.max_position_embeddings)
-        self._fingerprint: str | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
         # The last few images' embeddings by pixel content: a server or a CLI run asks many
         # query sets of the same image, and exemplars come from a few reference images.
         self._embeddings: OrderedDict[str, OwlImageEmbedding] = OrderedDict()
         self.vision_runs = 0  # vision-tower runs, for tests and benchmarks
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
     def embed(self, image: Image.Image) -> OwlImageEmbedding:
         """The vision tower, box head and class embedding of one image (reused for the same
@@ -409,37 +398,9 @@ def load_processor(kind: OwlKind, name: str, weights: str) -> Any:
     Raises:
         WeightsError: No processor files, an unreachable hub, or a processor of another kind.
     """
-    source = weights.removeprefix("hf-hub:")
-    path = Path(source).expanduser()
-    local = path.is_dir()
-    if local and not any((path / f).is_file() for f in _PROCESSOR_FILES):
-        raise WeightsError(
-            f"weights folder {path} has no {' or '.join(_PROCESSOR_FILES)} (save the processor "
-            "there with save_pretrained too)"
-        )
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        import transformers as tf
-        from huggingface_hub import try_to_load_from_cache
+    import transformers as tf
 
-        cached = local or isinstance(try_to_load_from_cache(source, _PROCESSOR_FILES[1]), str)
-        with offline_unless_reachable(not cached):
-            processor = tf.AutoProcessor.from_pretrained(
-                str(path) if local else source, local_files_only=local
-            )
-    except Exception as exc:  # hub, tokenizer and config errors come in many types
-        if not local and unreachable(exc):
-            raise download_advice(
-                f"{name} processor {weights!r}",
-                f"Hugging Face hub repository {source}",
-                f"{source} (preprocessor_config.json and the tokenizer files)",
-                "the hub cache (HF_HUB_CACHE)",
-            ) from exc
-        text = " ".join(str(exc).split())[:500]
-        raise WeightsError(f"cannot load the {name} processor from {weights!r}: {text}") from exc
-    finally:
-        logging.disable(previous)
+    processor = load_pretrained_processor(name, weights, tf.AutoProcessor, probe=_PROCESSOR_FILES)
     expected = _classes(kind)[3]
     if not isinstance(processor, expected):
         raise WeightsError(

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
+from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.registry import (
     BackboneFamily,
 )
@@ -59,7 +59,7 @@ def _image_processor(kind: SamKind, side: int) -> Any:
     )
 
 
-class SamBackbone(nn.Module):
+class SamBackbone(HFBackbone):
     """A frozen promptable segmenter.
 
     Shapes: B objects, N points per object, K masks per object (3 with multimask output, else
@@ -73,10 +73,7 @@ class SamBackbone(nn.Module):
     """
 
     def __init__(self, *, model: nn.Module, name: str, weights: str, kind: SamKind) -> None:
-        super().__init__()
-        self.model = model
-        self.name = name
-        self.weights = weights
+        super().__init__(model=model, name=name, weights=weights)
         self.kind: SamKind = kind
         prompt_cfg: Any = model.config.prompt_encoder_config  # type: ignore[union-attr]
         side = int(prompt_cfg.image_size)
@@ -84,16 +81,6 @@ class SamBackbone(nn.Module):
         frame_cls = ResizeLongestSide if kind in ("sam", "sam-hq") else ResizeSquare
         self.frame: ResizeLongestSide = frame_cls(target=side, low_res=low)
         self.image_processor = _image_processor(kind, side)
-        self._fingerprint: str | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB images → B x 3 x S x S pixels, exactly as the model's processor prepares them.

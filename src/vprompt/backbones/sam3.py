@@ -46,9 +46,13 @@ from vprompt.backbones.detection import (
     pixel_key,
     register_detector,
 )
-from vprompt.backbones.downloads import offline_unless_reachable
-from vprompt.backbones.fingerprint import weights_fingerprint
-from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
+from vprompt.backbones.hf_loading import (
+    HubCatalogue,
+    load_pretrained,
+    load_pretrained_processor,
+    random_init,
+)
+from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import clip_tokenizer
 from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
 from vprompt.backbones.sam3_configs import (
@@ -106,7 +110,7 @@ def boxes_from_model(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.
     return xyxy * torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
 
 
-class Sam3Backbone(nn.Module):
+class Sam3Backbone(HFBackbone):
     """A frozen SAM 3 concept detector and segmenter.
 
     Shapes: T text queries, K exemplar boxes, Q DETR queries (200 for the released model),
@@ -137,26 +141,13 @@ class Sam3Backbone(nn.Module):
         mask_threshold: float = MASK_THRESHOLD,
         max_batch: int = 4,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model=model, name=name, weights=weights)
         self.processor = processor
-        self.name = name
-        self.weights = weights
         self.capabilities = CAPABILITIES
         self.score_floor = score_floor
         self.mask_threshold = mask_threshold
         self.max_batch = max_batch
-        self._fingerprint: str | None = None
         self._vision_cache: tuple[str, Any] | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
     @torch.inference_mode()
     def vision_features(self, image: Image.Image) -> Any:
@@ -361,24 +352,14 @@ def _pretrained_processor(weights: str, model: nn.Module) -> Any:
     """The checkpoint's own processor (hub repo or folder), or the offline one where the
     folder holds none or the hub's processor files cannot be fetched."""
     import transformers as tf
-    from huggingface_hub import try_to_load_from_cache
 
-    source = weights.removeprefix("hf-hub:")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "tokenizer_config.json").is_file():
-            return offline_processor(model)
-        try:
-            return tf.Sam3Processor.from_pretrained(str(path), local_files_only=True)
-        except Exception as exc:  # tokenizer and processor files fail in many ways
-            text = " ".join(str(exc).split())[:300]
-            raise WeightsError(f"{weights}: cannot read its SAM 3 processor files: {text}") from exc
-    cached = isinstance(try_to_load_from_cache(source, "tokenizer_config.json"), str)
+    folder = Path(weights).expanduser()
     try:
-        with offline_unless_reachable(not cached):
-            return tf.Sam3Processor.from_pretrained(source)
-    except Exception:  # the hub without these files here: the processor is rebuilt offline
-        return offline_processor(model)
+        return load_pretrained_processor("sam3", weights, tf.Sam3Processor)
+    except WeightsError:
+        if (folder / "tokenizer_config.json").is_file():
+            raise  # the folder has processor files, and they are broken: say so
+        return offline_processor(model)  # none saved, or the hub's cannot be fetched
 
 
 CATALOGUE = HubCatalogue(ARCHS)

@@ -27,8 +27,8 @@ from numpy.typing import ArrayLike
 from PIL import Image
 from torch import nn
 
-from vprompt.backbones.fingerprint import weights_fingerprint
 from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
+from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.registry import (
     BackboneFamily,
 )
@@ -95,7 +95,7 @@ def _image_processor(half: tuple[int, int]) -> Any:
     return tf.SegGptImageProcessor(size={"height": half[0], "width": half[1]})
 
 
-class SegGptBackbone(nn.Module):
+class SegGptBackbone(HFBackbone):
     """A frozen in-context segmenter.
 
     Shapes: P reference pairs, T targets, h x w one half of the model's painting (448 x 448
@@ -108,30 +108,17 @@ class SegGptBackbone(nn.Module):
     """
 
     def __init__(self, *, model: nn.Module, name: str, weights: str) -> None:
-        super().__init__()
-        self.model = model
-        self.name = name
-        self.weights = weights
+        super().__init__(model=model, name=name, weights=weights)
         config: Any = model.config
         size = config.image_size
         height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         # The painting stacks prompt over target, so each half is half the configured height.
         self.input_size = (height // 2, width)
         self.image_processor = _image_processor(self.input_size)
-        self._fingerprint: str | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
     def preprocess_prompts(
         self, prompt_images: Sequence[Image.Image], prompt_masks: Sequence[ArrayLike]
