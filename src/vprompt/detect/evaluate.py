@@ -129,7 +129,7 @@ def run_cocoeval(
         from pycocotools.cocoeval import COCOeval
     except ImportError:
         raise ConfigError(
-            "COCO AP needs pycocotools, which is not installed (pip install pycocotools)"
+            "COCO AP needs pycocotools, which is not installed (pip install 'vprompt[detect]')"
         ) from None
 
     entries = [
