@@ -218,3 +218,18 @@ def test_grounded_masks_are_one_batched_decode_equal_to_each_box_alone() -> None
         )
         np.testing.assert_array_equal(found.masks[i], alone.masks[0, 0])
     assert finder.segmenter.encodes == 1  # the embedding was cached
+
+
+def test_exemplar_only_calls_take_the_image_guided_defaults() -> None:
+    import vprompt.backbones  # noqa: F401  (registers owlv2)
+    from vprompt.backbones.detection import DETECTORS
+
+    spec = DETECTORS.get("owlv2")
+    finder = Finder(detector=Finder.load("fake-detector:exact", device="cpu").detector, spec=spec)
+    assert finder.default_filter().nms_iou == 1.0  # OWL's text path has no NMS
+    assert finder.default_filter(exemplars_only=True).nms_iou == 0.3  # its image-guided one
+    assert finder.default_filter(exemplars_only=True, nms_iou=0.9).nms_iou == 0.9
+    image = Image.new("RGB", (100, 60))
+    # boxes 0 and 1 overlap at IoU 0.78 with one exemplar label: 0.3 keeps one of them
+    found = finder.find(image, exemplars=[Exemplar(image, (1, 1, 9, 9))])
+    assert len(found) == len(finder.find(image, queries=["x"])) - 1

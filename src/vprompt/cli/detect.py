@@ -130,6 +130,7 @@ def detect_cmd(
         nms_iou=nms_iou,
         class_agnostic=class_agnostic,
         top_k=top_k,
+        exemplars_only=not queries,
     )
     examples = parse_exemplars(
         exemplars, negatives, default_image=Path(images[0]), open_image=finder.open_image

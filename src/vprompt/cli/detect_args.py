@@ -118,8 +118,12 @@ def filter_from(
     nms_iou: float | None,
     class_agnostic: bool,
     top_k: int | None,
+    exemplars_only: bool = False,
 ) -> Any:
+    """The detector's defaults (image-guided ones for exemplar-only calls), overridden by
+    whichever options were given."""
     return finder.default_filter(
+        exemplars_only=exemplars_only,
         score_threshold=score_threshold,
         nms_iou=nms_iou,
         class_agnostic=class_agnostic or None,

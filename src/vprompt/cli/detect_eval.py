@@ -93,6 +93,7 @@ def eval_detect_cmd(
         max_pixels=max_pixels,
     )
     options = finder.default_filter(
+        exemplars_only=protocol == "find-all-similar",
         score_threshold=0.0 if score_threshold is None else score_threshold,
         nms_iou=nms_iou,
         class_agnostic=class_agnostic or None,

@@ -126,6 +126,7 @@ def _build(
         source = CandidateSource(kind="boxes", boxes=boxes, limit=max_candidates)
     else:
         raise ConfigError(f"--candidates {candidates!r}: expected detector or automatic here")
+
     def load_clip() -> ClipBackbone:
         clip = load_backbone(clip_model, clip_weights, device=device)
         if not isinstance(clip, ClipBackbone):

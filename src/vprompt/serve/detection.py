@@ -212,6 +212,7 @@ class DetectorHost:
                     "masks per request",
                 )
         options = self.finder.default_filter(
+            exemplars_only=not queries,
             score_threshold=body.score_threshold,
             nms_iou=body.nms_iou,
             top_k=top_k,
