@@ -49,8 +49,8 @@ def create_app(settings: ServeSettings | None = None, *, service: Service | None
     app = FastAPI(
         title="vprompt",
         version=_version(),
-        description="Promptable segmentation and zero-shot classification with frozen models "
-        "(see docs/serve-api.md).",
+        description="Promptable segmentation, open-vocabulary detection, defect search and "
+        "zero-shot classification with frozen models (see docs/serve-api.md).",
         # FastAPI's own /docs and /redoc load their scripts from a CDN: blank offline.
         docs_url=None,
         redoc_url=None,
