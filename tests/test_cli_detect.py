@@ -8,12 +8,19 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from detect_helpers import register_fake_detectors
 from PIL import Image
 
+from detect_helpers import register_fake_detectors
 from vprompt.cli import main
 
-register_fake_detectors()
+
+@pytest.fixture(autouse=True, scope="module")
+def _fake_detectors() -> None:
+    # Registered when the tests run, not on import: collection must not see test-only
+    # families (other files parametrize over the registries).
+    register_fake_detectors()
+
+
 FAKE = ("--model", "fake-detector:exact", "--device", "cpu")
 
 

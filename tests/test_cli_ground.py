@@ -16,7 +16,14 @@ from vprompt.detect import CandidateSource, Finder
 from vprompt.errors import PromptError
 from vprompt.segment.automatic import AutomaticMaskConfig
 
-register_fake_detectors()
+
+@pytest.fixture(autouse=True, scope="module")
+def _fake_detectors() -> None:
+    # Registered when the tests run, not on import: collection must not see test-only
+    # families (other files parametrize over the registries).
+    register_fake_detectors()
+
+
 CLIP = ("--clip", "clip:tiny", "--clip-weights", "none", "--device", "cpu")
 BOXES = "4,4,40,30;50,10,90,50;10,35,60,58"
 

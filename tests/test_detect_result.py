@@ -19,7 +19,12 @@ from vprompt.detect.export import draw_detections, label_color, write_detections
 from vprompt.errors import PromptError, UnknownNameError
 from vprompt.segment.outputs import decode_rle
 
-register_fake_detectors()
+
+@pytest.fixture(autouse=True, scope="module")
+def _fake_detectors() -> None:
+    # Registered when the tests run, not on import: collection must not see test-only
+    # families (other files parametrize over the registries).
+    register_fake_detectors()
 
 
 def _dets(boxes, scores, labels, queries=("a", "b"), size=(100, 80), masks=None) -> Detections:

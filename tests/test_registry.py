@@ -36,6 +36,7 @@ from vprompt.backbones import (
     split_name,
 )
 from vprompt.backbones.clip import CLIP_FAMILY, TINY_ARCHS, list_archs
+from vprompt.backbones.detection import DETECTORS, DetectorBackbone
 from vprompt.errors import ConfigError, UnknownNameError, WeightsError
 from vprompt.utils.registry import Registry, close_matches
 
@@ -85,6 +86,11 @@ def test_tiny_builds_frozen_and_fits_the_protocol(name: str, photos_dir: Path) -
         mask[50:150, 100:250] = True
         (pred,) = backbone.segment([photo], [mask], [photo])
         assert pred.mask.shape == (photo.height, photo.width)
+        return
+    if name.split(":")[0] in DETECTORS:
+        # What a detector does is checked by tests/test_detector_contract.py.
+        assert isinstance(backbone, DetectorBackbone)
+        assert backbone.capabilities == DETECTORS.get(name.split(":")[0]).capabilities
         return
     assert isinstance(backbone, Backbone)
     assert isinstance(backbone.preprocess, Preprocess)
