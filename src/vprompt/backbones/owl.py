@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.ops import box_iou
 
 from vprompt.backbones.detection import (
     DetectorCapabilities,
@@ -138,6 +137,10 @@ def select_exemplar_box(
     Returns:
         The chosen box's index, or -1 when no predicted box overlaps ``box`` at all.
     """
+    # torchvision.ops is imported here, not at module level: it pulls in torch._dynamo
+    # (over a second), and every `vprompt` command imports the backbone registry.
+    from torchvision.ops import box_iou
+
     ious = box_iou(box.float().reshape(1, 4), corners(pred_boxes.float()))[0]  # P
     if not bool((ious > 0).any()):
         return -1
