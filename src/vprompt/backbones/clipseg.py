@@ -57,7 +57,7 @@ from vprompt.backbones.hf_loading import (
 )
 from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import clip_tokenizer
-from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
+from vprompt.backbones.registry import RANDOM_INIT, register_family
 from vprompt.errors import PromptError
 
 MODEL_TYPE = "clipseg"  # the model_type a loaded checkpoint's config must carry
@@ -421,12 +421,9 @@ def build_clipseg(arch: str, weights: str, device: torch.device) -> ClipSegBackb
 
 
 CLIPSEG_FAMILY = register_family(
-    BackboneFamily(
-        name="clipseg",
-        description="CLIPSeg text- and image-prompted segmenters from transformers (CIDAS)",
-        list_archs=CATALOGUE.list_archs,
-        list_tags=CATALOGUE.list_tags,
-        default_weights=CATALOGUE.default_weights,
+    CATALOGUE.family(
+        "clipseg",
+        "CLIPSeg text- and image-prompted segmenters from transformers (CIDAS)",
         build=build_clipseg,
         tiny=TINY_ARCHS,
     )

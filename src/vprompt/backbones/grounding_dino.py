@@ -60,7 +60,7 @@ from vprompt.backbones.hf_loading import (
 )
 from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import wordpiece_tokenizer, wordpiece_vocab_size
-from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
+from vprompt.backbones.registry import RANDOM_INIT, register_family
 from vprompt.errors import PromptError, WeightsError
 
 # The tokens the model splits a caption at ([CLS], [SEP], "." and "?"): transformers hard-codes
@@ -339,23 +339,17 @@ _MM_CATALOGUE, build_mm_grounding_dino = _family_parts(
 )
 
 GROUNDING_DINO_FAMILY = register_family(
-    BackboneFamily(
-        name="grounding-dino",
-        description="Grounding DINO text-grounded detectors from transformers (IDEA-Research)",
-        list_archs=_GD_CATALOGUE.list_archs,
-        list_tags=_GD_CATALOGUE.list_tags,
-        default_weights=_GD_CATALOGUE.default_weights,
+    _GD_CATALOGUE.family(
+        "grounding-dino",
+        "Grounding DINO text-grounded detectors from transformers (IDEA-Research)",
         build=build_grounding_dino,
         tiny=TINY_ARCHS,
     )
 )
 MM_GROUNDING_DINO_FAMILY = register_family(
-    BackboneFamily(
-        name="mm-grounding-dino",
-        description="MM-Grounding-DINO and LLMDet text-grounded detectors from transformers",
-        list_archs=_MM_CATALOGUE.list_archs,
-        list_tags=_MM_CATALOGUE.list_tags,
-        default_weights=_MM_CATALOGUE.default_weights,
+    _MM_CATALOGUE.family(
+        "mm-grounding-dino",
+        "MM-Grounding-DINO and LLMDet text-grounded detectors from transformers",
         build=build_mm_grounding_dino,
         tiny=TINY_ARCHS,
     )

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from vprompt.backbones.downloads import download_advice, offline_unless_reachable, unreachable
-from vprompt.backbones.registry import RANDOM_INIT, RANDOM_INIT_SEED, unknown_weights_error
+from vprompt.backbones.protocols import FrozenModel
+from vprompt.backbones.registry import (
+    RANDOM_INIT,
+    RANDOM_INIT_SEED,
+    BackboneFamily,
+    unknown_weights_error,
+)
 from vprompt.errors import WeightsError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -43,6 +49,25 @@ class HubCatalogue:
 
     def default_weights(self, arch: str) -> str:
         return str(self.archs[arch].hub_id or RANDOM_INIT)
+
+    def family(
+        self,
+        name: str,
+        description: str,
+        *,
+        build: Callable[[str, str, torch.device], FrozenModel],
+        tiny: tuple[str, ...],
+    ) -> BackboneFamily:
+        """The :class:`BackboneFamily` of these architectures."""
+        return BackboneFamily(
+            name=name,
+            description=description,
+            list_archs=self.list_archs,
+            list_tags=self.list_tags,
+            default_weights=self.default_weights,
+            build=build,
+            tiny=tiny,
+        )
 
     def model(
         self,

@@ -456,14 +456,8 @@ def build_owl(kind: OwlKind, arch: str, weights: str, device: torch.device) -> O
 
 def _family(kind: OwlKind, description: str) -> BackboneFamily:
     catalogue = CATALOGUES[kind]
-    return BackboneFamily(
-        name=kind,
-        description=description,
-        list_archs=catalogue.list_archs,
-        list_tags=catalogue.list_tags,
-        default_weights=catalogue.default_weights,
-        build=functools.partial(build_owl, kind),
-        tiny=TINY_ARCHS,
+    return catalogue.family(
+        kind, description, build=functools.partial(build_owl, kind), tiny=TINY_ARCHS
     )
 
 

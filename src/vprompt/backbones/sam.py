@@ -24,9 +24,6 @@ from torch import nn
 
 from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
 from vprompt.backbones.hf_module import HFBackbone
-from vprompt.backbones.registry import (
-    BackboneFamily,
-)
 from vprompt.backbones.sam_configs import ARCHS, MODEL_TYPES, TINY_ARCHS, SamKind
 from vprompt.backbones.sam_guidance import persam_guidance
 from vprompt.errors import PromptError
@@ -212,12 +209,9 @@ def build_sam(arch: str, weights: str, device: torch.device) -> SamBackbone:
     return backbone.to(device)
 
 
-SAM_FAMILY = BackboneFamily(
-    name="sam",
-    description="promptable segmenters from transformers (SAM, SAM-HQ, SAM 2, EdgeTAM)",
-    list_archs=CATALOGUE.list_archs,
-    list_tags=CATALOGUE.list_tags,
-    default_weights=CATALOGUE.default_weights,
+SAM_FAMILY = CATALOGUE.family(
+    "sam",
+    "promptable segmenters from transformers (SAM, SAM-HQ, SAM 2, EdgeTAM)",
     build=build_sam,
     tiny=TINY_ARCHS,
 )

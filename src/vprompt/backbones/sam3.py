@@ -54,7 +54,7 @@ from vprompt.backbones.hf_loading import (
 )
 from vprompt.backbones.hf_module import HFBackbone
 from vprompt.backbones.hf_tokenizers import clip_tokenizer
-from vprompt.backbones.registry import RANDOM_INIT, BackboneFamily, register_family
+from vprompt.backbones.registry import RANDOM_INIT, register_family
 from vprompt.backbones.sam3_configs import (
     ARCHS,
     MODEL_TYPE,
@@ -398,12 +398,9 @@ def build_sam3(arch: str, weights: str, device: torch.device) -> Sam3Backbone:
     return backbone.to(device)
 
 
-SAM3_FAMILY = BackboneFamily(
-    name="sam3",
-    description="SAM 3 concept segmentation from transformers (noun phrase and/or exemplar boxes)",
-    list_archs=CATALOGUE.list_archs,
-    list_tags=CATALOGUE.list_tags,
-    default_weights=CATALOGUE.default_weights,
+SAM3_FAMILY = CATALOGUE.family(
+    "sam3",
+    "SAM 3 concept segmentation from transformers (noun phrase and/or exemplar boxes)",
     build=build_sam3,
     tiny=TINY_ARCHS,
 )

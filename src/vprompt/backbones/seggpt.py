@@ -29,9 +29,6 @@ from torch import nn
 
 from vprompt.backbones.hf_loading import HubCatalogue, load_pretrained, random_init
 from vprompt.backbones.hf_module import HFBackbone
-from vprompt.backbones.registry import (
-    BackboneFamily,
-)
 from vprompt.errors import PromptError
 
 EmbeddingType = Literal["instance", "semantic"]
@@ -307,12 +304,9 @@ def build_seggpt(arch: str, weights: str, device: torch.device) -> SegGptBackbon
     return backbone.to(device)
 
 
-SEGGPT_FAMILY = BackboneFamily(
-    name="seggpt",
-    description="in-context segmentation from example image/mask pairs (SegGPT, transformers)",
-    list_archs=CATALOGUE.list_archs,
-    list_tags=CATALOGUE.list_tags,
-    default_weights=CATALOGUE.default_weights,
+SEGGPT_FAMILY = CATALOGUE.family(
+    "seggpt",
+    "in-context segmentation from example image/mask pairs (SegGPT, transformers)",
     build=build_seggpt,
     tiny=TINY_ARCHS,
 )
