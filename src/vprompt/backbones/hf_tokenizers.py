@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 from pathlib import Path
 from typing import Any
+
+from vprompt.errors import WeightsError
 
 # CLIP's BPE: 49152 - 256 - 2 merges after the header line (OpenAI's SimpleTokenizer).
 _N_MERGES = 49152 - 256 - 2
 
 
 def _bpe_file() -> Path:
-    import open_clip
-
-    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # Found without importing open_clip, whose import (torch, timm …) takes seconds.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError("CLIP's BPE vocabulary ships with open_clip, which is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
