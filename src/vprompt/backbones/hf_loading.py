@@ -1,5 +1,5 @@
-"""Building transformers models from a vprompt weight source (shared by ``sam:`` and
-``seggpt:``).
+"""Building transformers models and their processors from a vprompt weight source (shared
+by ``sam:``, ``seggpt:`` and the detector families).
 
 A source is a Hugging Face repo id (``ORG/REPO``, also ``hf-hub:ORG/REPO``), a local folder
 written by ``save_pretrained``, or ``none`` (a seeded random init from a config). Only
