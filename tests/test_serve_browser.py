@@ -11,10 +11,6 @@ import base64
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -25,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
+from serve_process import CHROMIUM, chromium, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +38,6 @@ _NO_SERVE = "the serve extra is not installed (pip install -e '.[serve]')"
 pytest.importorskip("fastapi", reason=_NO_SERVE)
 pytest.importorskip("uvicorn", reason=_NO_SERVE)
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 180.0
 
 # Non-transparent pixels on the mask overlay canvas (the live segmentation display).
 OVERLAY_COUNT = """() => {
@@ -54,17 +48,6 @@ OVERLAY_COUNT = """() => {
   return n;
 }"""
 IDLE = "document.querySelector('[data-testid=app]').dataset.pending === '0'"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 def _post_file(url: str, name: str, data: bytes, content_type: str) -> tuple[int, dict]:
@@ -91,61 +74,20 @@ def _post_file(url: str, name: str, data: bytes, content_type: str) -> tuple[int
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vprompt serve` on a free loopback port (tiny random SAM and CLIP); yields its URL."""
-    workdir = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONUNBUFFERED="1",
-        VPROMPT_CACHE=str(workdir / "cache"),
-    )
-    log_path = workdir / "server.log"
-    cmd = [
-        sys.executable, "-m", "vprompt", "serve",
+    args = [
+        "-m", "vprompt", "serve",
         "--model", "sam:tiny", "--weights", "none", "--device", "cpu",
         "--classifier", "clip:tiny", "--classifier-weights", "none",
         "--inspect-model", "torchvision:tiny", "--inspect-weights", "none", "--inspect-size", "128",
-        "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                log_tail = log_path.read_text()[-4000:]
-                pytest.fail(f"`vprompt serve` exited with {proc.returncode}:\n{log_tail}")
-            try:
-                if _get_json(f"{base}/api/health", timeout=2).get("status") == "ok":
-                    break
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"`vprompt serve` not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n"
-                    f"{log_path.read_text()[-4000:]}"
-                )
-            time.sleep(0.25)
+    with running_server(args, tmp_path_factory.mktemp("serve")) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium(sync_api) as launched:
+        yield launched
 
 
 @pytest.fixture

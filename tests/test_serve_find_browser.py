@@ -8,11 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
+from serve_process import CHROMIUM, REPO, chromium, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +33,6 @@ _NO_SERVE = "the serve extra is not installed (pip install -e '.[serve]')"
 pytest.importorskip("fastapi", reason=_NO_SERVE)
 pytest.importorskip("uvicorn", reason=_NO_SERVE)
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 180.0
 IDLE = "document.querySelector('[data-testid=app]').dataset.pending === '0'"
 W, H = 192, 128
 # The server process registers the fake detector, then runs the real CLI.
@@ -57,66 +50,22 @@ PROMPT_PIXELS = """() => {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(json.loads(response.read()).get("status") == "ok")
-    except (OSError, ValueError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vprompt serve --detector fakedet --detector-masks` on a free loopback port."""
-    workdir = tmp_path_factory.mktemp("serve-find")
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONUNBUFFERED="1",
-        VPROMPT_CACHE=str(workdir / "cache"),
-    )
-    log_path = workdir / "server.log"
-    cmd = [
-        sys.executable, "-c", SERVE, str(REPO / "tests"), "serve",
+    args = [
+        "-c", SERVE, str(REPO / "tests"), "serve",
         "--model", "sam:tiny", "--weights", "none", "--device", "cpu",
         "--detector", "fakedet", "--detector-masks",
-        "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(f"{base}/api/health"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"`vprompt serve` did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.25)
+    with running_server(args, tmp_path_factory.mktemp("serve-find")) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium(sync_api) as launched:
+        yield launched
 
 
 @pytest.fixture
