@@ -37,6 +37,7 @@ Coordinates: boxes are ``x0, y0, x1, y1`` float pixels of the image (``W x H``);
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -238,8 +239,8 @@ class Marker(Protocol):
 
 
 @dataclass(frozen=True)
-class EllipseMarker:
-    """An ellipse line inscribed in the region's box (Shtedritski et al.'s red circle).
+class _LineMarker(abc.ABC):
+    """A line of one colour drawn over the region (the outline markers' shared part).
 
     Attributes:
         color: RGB of the line.
@@ -248,69 +249,54 @@ class EllipseMarker:
 
     color: tuple[int, int, int] = RED
     width: float = LINE_WIDTH
+    name: str = ""
+    stage: ClassVar[int] = OUTLINE
+
+    def __post_init__(self) -> None:
+        _check_color(self.color, self.name)
+        _check_fraction(self.width, f"{self.name} width")
+
+    @abc.abstractmethod
+    def lines(self, region: Region, image_size: tuple[int, int], width: int) -> NDArray[np.bool_]:
+        """H x W: the pixels of a ``width``-pixel line for ``region``."""
+
+    def render(self, image: Image.Image, region: Region) -> Image.Image:
+        img = _rgb(image)
+        region.check(img.size)
+        return _paint(
+            img, self.lines(region, img.size, line_pixels(self.width, img.size)), self.color
+        )
+
+
+@dataclass(frozen=True)
+class EllipseMarker(_LineMarker):
+    """An ellipse line inscribed in the region's box (Shtedritski et al.'s red circle)."""
+
     name: str = "red-circle"
-    stage: ClassVar[int] = OUTLINE
 
-    def __post_init__(self) -> None:
-        _check_color(self.color, self.name)
-        _check_fraction(self.width, f"{self.name} width")
-
-    def render(self, image: Image.Image, region: Region) -> Image.Image:
-        img = _rgb(image)
-        region.check(img.size)
-        ring = ellipse_band(region.pixel_rect(), line_pixels(self.width, img.size), img.size)
-        return _paint(img, ring, self.color)
+    def lines(self, region: Region, image_size: tuple[int, int], width: int) -> NDArray[np.bool_]:
+        return ellipse_band(region.pixel_rect(), width, image_size)
 
 
 @dataclass(frozen=True)
-class BoxMarker:
-    """The region's box outline, drawn just inside its pixel rectangle.
+class BoxMarker(_LineMarker):
+    """The region's box outline, drawn just inside its pixel rectangle."""
 
-    Attributes:
-        color: RGB of the line.
-        width: Line width as a fraction of the image's longer side (at least 1 pixel).
-    """
-
-    color: tuple[int, int, int] = RED
-    width: float = LINE_WIDTH
     name: str = "box"
-    stage: ClassVar[int] = OUTLINE
 
-    def __post_init__(self) -> None:
-        _check_color(self.color, self.name)
-        _check_fraction(self.width, f"{self.name} width")
-
-    def render(self, image: Image.Image, region: Region) -> Image.Image:
-        img = _rgb(image)
-        region.check(img.size)
-        rect = Region(box=region.box).pixels(img.size)
-        return _paint(img, band(rect, line_pixels(self.width, img.size)), self.color)
+    def lines(self, region: Region, image_size: tuple[int, int], width: int) -> NDArray[np.bool_]:
+        return band(Region(box=region.box).pixels(image_size), width)
 
 
 @dataclass(frozen=True)
-class ContourMarker:
-    """The mask's contour (FGVP's "contour"), drawn just inside the mask; the box outline
-    when the region has no mask.
+class ContourMarker(_LineMarker):
+    """The mask's contour (FGVP's "contour"; its default ``color_line`` is red), drawn just
+    inside the mask; the box outline when the region has no mask."""
 
-    Attributes:
-        color: RGB of the line (FGVP's default ``color_line`` is red).
-        width: Line width as a fraction of the image's longer side (at least 1 pixel).
-    """
-
-    color: tuple[int, int, int] = RED
-    width: float = LINE_WIDTH
     name: str = "contour"
-    stage: ClassVar[int] = OUTLINE
 
-    def __post_init__(self) -> None:
-        _check_color(self.color, self.name)
-        _check_fraction(self.width, f"{self.name} width")
-
-    def render(self, image: Image.Image, region: Region) -> Image.Image:
-        img = _rgb(image)
-        region.check(img.size)
-        lines = band(region.pixels(img.size), line_pixels(self.width, img.size))
-        return _paint(img, lines, self.color)
+    def lines(self, region: Region, image_size: tuple[int, int], width: int) -> NDArray[np.bool_]:
+        return band(region.pixels(image_size), width)
 
 
 @dataclass(frozen=True)
