@@ -235,8 +235,23 @@ def detector_spec(model: str) -> DetectorSpec:
     return DETECTORS.get(family)
 
 
-def as_detector(backbone: Any, model: str) -> DetectorBackbone:
-    """Narrow a built backbone to the detector protocol, or say what it is instead."""
+def load_detector(
+    model: str, weights: str | None = None, *, device: Any = "auto"
+) -> tuple[DetectorBackbone, DetectorSpec]:
+    """Build a registered detector and return it with its registry entry.
+
+    Args:
+        model: ``family:arch``, or a bare family for its default architecture.
+        weights: Its weight source (None: the architecture's default).
+
+    Raises:
+        UnknownNameError: The family is not a detector.
+    """
+    from vprompt.backbones.registry import load_backbone
+
+    spec = detector_spec(model)
+    name = model if ":" in model else spec.default_model
+    backbone = load_backbone(name, weights, device=device)
     if not isinstance(backbone, DetectorBackbone):
-        raise UnknownNameError(f"model {model!r} is not a detector ({type(backbone).__name__})")
-    return backbone
+        raise UnknownNameError(f"model {name!r} is not a detector ({type(backbone).__name__})")
+    return backbone, spec

@@ -23,11 +23,9 @@ from vprompt.backbones.detection import (
     DetectorBackbone,
     DetectorSpec,
     Exemplar,
-    as_detector,
     check_queries,
-    detector_spec,
+    load_detector,
 )
-from vprompt.backbones.registry import load_backbone
 from vprompt.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from vprompt.detect.result import DetectionFilter, Detections
 from vprompt.errors import ConfigError, PromptError
@@ -113,9 +111,7 @@ class Finder:
     ) -> Finder:
         """Build from names: ``model`` a detector (``owlv2:…`` or a bare family, which takes
         the family's default architecture), ``masks`` an optional ``sam:…`` segmenter."""
-        spec = detector_spec(model)
-        name = model if ":" in model else spec.default_model
-        detector = as_detector(load_backbone(name, weights, device=device), name)
+        detector, spec = load_detector(model, weights, device=device)
         segmenter = None
         if masks is not None:
             if not masks.startswith("sam:"):

@@ -22,11 +22,9 @@ from vprompt.backbones.detection import (
     DETECTORS,
     DetectorCapabilities,
     Exemplar,
-    as_detector,
     check_queries,
-    detector_spec,
+    load_detector,
 )
-from vprompt.backbones.registry import load_backbone
 from vprompt.detect.finder import Finder, query_names
 from vprompt.detect.result import DetectionFilter, Detections
 from vprompt.errors import PromptError
@@ -93,9 +91,7 @@ class DetectorHost:
         max_exemplars: int,
         max_masks: int,
     ) -> None:
-        spec = detector_spec(model)
-        name = model if ":" in model else spec.default_model
-        detector = as_detector(load_backbone(name, weights, device=device), name)
+        detector, spec = load_detector(model, weights, device=device)
         self.finder = Finder(
             detector=detector, spec=spec, segmenter=segmenter, max_pixels=max_pixels
         )
