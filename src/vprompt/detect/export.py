@@ -20,14 +20,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vprompt.detect.result import Detections
 from vprompt.errors import PromptError
+from vprompt.segment.export import write_mask_files
 from vprompt.segment.outputs import (
     PALETTE,
     encode_rle_compressed,
     mask_area,
     mask_to_polygons,
     overlay,
-    save_label_png,
-    save_mask_png,
 )
 from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text, atomic_write_with
@@ -128,13 +127,7 @@ def write_detections(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     masks = [] if detections.masks is None else list(detections.masks)
-    files = []
-    for i, mask in enumerate(masks):
-        path = out / f"mask_{i:03d}.png"
-        save_mask_png(mask, path)
-        files.append(path.name)
-    if masks:
-        save_label_png(masks, out / "labels.png")
+    files = write_mask_files(out, masks)
     shown = draw_detections(image, detections)
     atomic_write_with(out / "overlay.png", lambda tmp: shown.save(tmp, format="PNG"))
     coco = coco_detections(detections, file_name=file_name, image_id=image_id, form=form)

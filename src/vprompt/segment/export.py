@@ -32,6 +32,19 @@ from vprompt.utils import jsonio
 from vprompt.utils.io import atomic_write_text, atomic_write_with
 
 
+def write_mask_files(out: Path, masks: Sequence[NDArray[np.bool_]]) -> list[str]:
+    """``mask_000.png`` … (one 0/255 PNG per mask) and, with any mask, ``labels.png`` in
+    ``out``; returns the mask file names in order."""
+    files = []
+    for i, mask in enumerate(masks):
+        path = out / f"mask_{i:03d}.png"
+        save_mask_png(mask, path)
+        files.append(path.name)
+    if masks:
+        save_label_png(list(masks), out / "labels.png")
+    return files
+
+
 def write_image_results(
     out_dir: str | Path,
     image: Image.Image,
@@ -55,13 +68,8 @@ def write_image_results(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, mask in enumerate(masks):
-        path = out / f"mask_{i:03d}.png"
-        save_mask_png(mask, path)
-        files.append(path.name)
+    files = write_mask_files(out, masks)
     if masks:
-        save_label_png(list(masks), out / "labels.png")
         shown = overlay(image, list(masks))
         if objects is not None:  # the clicks and boxes that made each object, on top
             shown = mark_prompts(shown, objects)
